@@ -1,0 +1,102 @@
+"""Command line: `ppcompile demo | eval | fetch`."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+from . import data, models
+from .evaluate import MethodResult, evaluate
+from .methods import RATIO_FREE, build_method, parse_methods
+
+
+def _ratios(spec: str) -> list[float]:
+    try:
+        return [float(r) for r in spec.split(",") if r.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ratio takes numbers separated by commas, got {spec!r}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ppcompile", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("eval", help="perplexity, KL and top-1 agreement to dense, and speed")
+    ev.add_argument("--model", default="smollm2-135m", help="a known name or a local checkpoint folder")
+    ev.add_argument("--data", default="brown:a", help="brown[:genres] | pydoc | file:PATH | wikitext2 | c4")
+    ev.add_argument("--seq-len", type=int, default=512)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batches", type=int, default=4)
+    ev.add_argument("--methods", default="dense", help="comma-separated method names")
+    ev.add_argument("--ratio", type=_ratios, default=[0.4], help="pruning ratio(s), comma-separated")
+    ev.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
+    ev.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    demo = sub.add_parser("demo", help="a short evaluation of the packaged model")
+    demo.add_argument("--batches", type=int, default=2)
+
+    fetch = sub.add_parser("fetch", help="download a corpus into the cache")
+    fetch.add_argument("corpus", choices=["brown"])
+    return p
+
+
+def _run_eval(model_name: str, text: str, seq_len: int, batch_size: int, n_batches: int,
+              method_names: list[str], ratios: list[float], progress: bool) -> list[dict]:
+    model, tokenizer = models.load_model(model_name)
+    windows = data.token_windows(text, tokenizer, seq_len, n_windows=batch_size * n_batches)
+    methods = {}
+    for name in method_names:
+        for ratio in ([0.0] if name in RATIO_FREE else ratios):
+            label = name if name in RATIO_FREE else f"{name}@{ratio:g}"
+            methods[label] = (name, ratio, build_method(name, model, ratio))
+    reference = "dense" if "dense" in methods else None
+    results = evaluate({label: fn for label, (_, _, fn) in methods.items()},
+                       data.iter_batches(windows, batch_size), reference=reference, progress=progress)
+    context = {"model": model_name, "text": text, "seq_len": seq_len, "batch_size": batch_size,
+               "torch": torch.__version__, "device": _device_name()}
+    return [_row(r, *methods[r.method][:2], context) for r in results]
+
+
+def _row(result: MethodResult, method: str, ratio: float, context: dict) -> dict:
+    row = result.as_dict()
+    row.update(method=method, ratio=ratio, **context)
+    row.pop("extra")
+    return row
+
+
+def _device_name() -> str:
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _print_table(rows: list[dict]) -> None:
+    cols = ["method", "ratio", "ppl", "kl", "top1", "seconds_per_batch", "tokens_per_second"]
+    print(tabulate([[r[c] for c in cols] for r in rows], headers=cols, floatfmt=".4g"))
+    r = rows[0]
+    print(f"model {r['model']}, text {r['text']}, seq {r['seq_len']}, batch {r['batch_size']}, "
+          f"{r['batches']} batches, torch {r['torch']}, {r['device']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "fetch":
+            print(data.fetch_brown())
+            return 0
+        if args.command == "demo":
+            rows = _run_eval("smollm2-135m", "brown:a", 256, 4, args.batches, ["dense"], [0.4], True)
+        else:
+            rows = _run_eval(args.model, args.data, args.seq_len, args.batch_size, args.batches,
+                             parse_methods(args.methods), args.ratio, not args.quiet)
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        _print_table(rows)
+        return 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ppcompile: error: {e}", file=sys.stderr)
+        return 2
