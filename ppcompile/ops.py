@@ -1,0 +1,114 @@
+"""The tensor functions the rewrite inserts: probe selection, history fusion, scores, EMA.
+
+Each is a plain function of tensors and Python ints, so Inductor traces through it, and every
+output shape depends only on the ints (never on data): no host synchronization.
+"""
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-6
+
+
+def token_norms(x_res: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """N[b, t] = ||x_res[b, t]||_2 on the pre-norm residual; pad tokens get -1, below any norm."""
+    norms = x_res.float().norm(dim=-1)  # (B, L)
+    return norms if valid is None else torch.where(valid, norms, -1.0)
+
+
+def select_probe(x_res: torch.Tensor, valid: torch.Tensor | None, k_t: int, k_b: int,
+                 sequence_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probe rows and positions: (kept_b (k_b,), kept_t (k_t,)), each sorted ascending.
+
+    Sequence first (the paper's order): positions by the L2 norm over the batch of N[:, t],
+    then samples by the L2 norm of N[b, kept positions]. With k_t <= 10 the smallest kept
+    position is replaced by 0 (the attention-sink token).
+    """
+    norms = token_norms(x_res, valid)  # (B, L)
+    energy = norms.clamp(min=0)  # pads weigh nothing in either ranking
+    if sequence_first:
+        kept_t = _positions(energy, k_t)
+        kept_b = _top_sorted(energy.index_select(1, kept_t).norm(dim=1) + _pad_penalty(norms, 1), k_b)
+    else:
+        kept_b = _top_sorted(energy.norm(dim=1) + _pad_penalty(norms, 1), k_b)
+        kept_t = _positions(energy.index_select(0, kept_b), k_t)
+    return kept_b, kept_t
+
+
+def _positions(energy: torch.Tensor, k_t: int) -> torch.Tensor:
+    kept_t = _top_sorted(energy.norm(dim=0), k_t)
+    if k_t <= 10:  # static: k_t is a Python int
+        kept_t = torch.cat([kept_t.new_zeros(1), kept_t[1:]])
+    return kept_t
+
+
+def _pad_penalty(norms: torch.Tensor, dim: int) -> torch.Tensor:
+    # A sample made only of padding must lose to any real one even when all norms are zero.
+    return torch.where((norms >= 0).any(dim=dim), 0.0, -1.0)
+
+
+def _top_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(scores, k, sorted=False).indices.sort().values
+
+
+def probe_energy(act: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """P[t, j] = mean over probe samples of act[:, t, j]^2; pad tokens excluded."""
+    sq = act.float().pow(2)  # (k_b, k_t, C)
+    if valid is None:
+        return sq.mean(dim=0)
+    w = valid.unsqueeze(-1)  # (k_b, k_t, 1); where, not a product: a fully masked pad row may be NaN
+    return torch.where(w, sq, 0.0).sum(0) / w.sum(0).clamp(min=1)
+
+
+def fuse_history(probe: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    """Channel energy c_j = sum_t F[t, j], F = alpha*P + (1-alpha)*H, alpha = P / (P + H + eps)."""
+    alpha = probe / (probe + history + EPS)  # (k_t, C)
+    return (alpha * probe + (1 - alpha) * history).sum(0)  # (C,)
+
+
+def channel_scores(energy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """PPsp per input channel j of the final projection W (d_out, C): c_j * sqrt(sum_i W_ij^4)."""
+    return energy * weight.float().pow(4).sum(0).sqrt()
+
+
+def head_scores(energy: torch.Tensor, weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Per head: the Frobenius norm of {c_j W_ij^2 : i, j in the head}."""
+    per_channel = energy.pow(2) * weight.float().pow(4).sum(0)  # (C,) squared channel scores
+    return per_channel.view(n_heads, -1).sum(-1).sqrt()  # (H,)
+
+
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best indices, ascending (sorted indices keep memory access in order)."""
+    return _top_sorted(scores, k)
+
+
+def head_channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Kept heads (k,) -> their channel indices (k * head_dim,) in the projection's layout."""
+    offsets = torch.arange(head_dim, device=heads.device)
+    return (heads.unsqueeze(-1) * head_dim + offsets).flatten()
+
+
+def position_energy(x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over the batch of x^2 per position and channel, and which positions had a token.
+
+    x: (B, L, C) -> (mean (L, C), present (L,) bool)."""
+    sq = x.float().pow(2)
+    if valid is None:
+        return sq.mean(0), torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
+    w = valid.unsqueeze(-1)  # (B, L, 1)
+    count = w.sum(0)  # (L, 1)
+    return torch.where(w, sq, 0.0).sum(0) / count.clamp(min=1), count.squeeze(-1) > 0
+
+
+def ema_update_(history: torch.Tensor, kept: torch.Tensor, x: torch.Tensor,
+                valid: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """In place, for kept channels only: H[t, j] += weight * (mean_b x[b, t, j]^2 - H[t, j]).
+
+    history (L, C) is this call's rows of the table; x (B, L, k) the compact input of the final
+    projection; `weight` a 0-d tensor: 1 - momentum normally, 0 on the warm-up batch, 1 for the
+    first batch of an unseeded history. Positions with no real token are left alone.
+    """
+    new, present = position_energy(x, valid)  # (L, k), (L,)
+    old = history.index_select(1, kept)  # (L, k)
+    step = torch.where(present.unsqueeze(-1), weight * (new - old), 0.0)
+    return history.index_copy_(1, kept, old + step)
