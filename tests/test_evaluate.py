@@ -44,6 +44,7 @@ def test_dense_against_itself_has_zero_kl_and_full_agreement():
     dense, same = evaluate({"dense": bigram, "same": bigram}, BATCHES)
     assert same.kl == pytest.approx(0.0, abs=1e-7)
     assert same.top1 == 1.0
+    assert (dense.kl, dense.top1) == (0.0, 1.0)
     assert same.ppl == pytest.approx(dense.ppl)
 
 
