@@ -60,10 +60,12 @@ class PPConfig:
         return min(round(self.ratio * n_layers / n_pruned, 2), 1.0)
 
     def kept_heads(self, n_heads: int, n_layers: int) -> int:
-        return n_heads - math.floor(self.layer_ratio(n_layers) * n_heads)
+        """Heads pruned: floor(r_l * H); at least one head is kept."""
+        return max(1, n_heads - math.floor(self.layer_ratio(n_layers) * n_heads))
 
     def kept_channels(self, n_channels: int, n_layers: int) -> int:
-        kept = n_channels - math.floor(self.layer_ratio(n_layers) * n_channels)
+        """Channels pruned: floor(r_l * C); the kept count is rounded up to the multiple (>= 1)."""
+        kept = max(1, n_channels - math.floor(self.layer_ratio(n_layers) * n_channels))
         return min(n_channels, math.ceil(kept / self.mlp_multiple) * self.mlp_multiple)
 
     def probe_positions(self, seq_len: int) -> int:

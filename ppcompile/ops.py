@@ -112,3 +112,14 @@ def ema_update_(history: torch.Tensor, kept: torch.Tensor, x: torch.Tensor,
     old = history.index_select(1, kept)  # (L, k)
     step = torch.where(present.unsqueeze(-1), weight * (new - old), 0.0)
     return history.index_copy_(1, kept, old + step)
+
+
+def ema_weight(step: torch.Tensor, seeded: torch.Tensor, momentum: float) -> torch.Tensor:
+    """The EMA step size of this call: 0 on the warm-up call, 1 into an unseeded history."""
+    return torch.where(step == 0, 0.0, torch.where(seeded, 1.0 - momentum, 1.0))
+
+
+def advance_(step: torch.Tensor, seeded: torch.Tensor) -> torch.Tensor:
+    """After a call: the history is seeded once a non-warm-up call updated it; count the call."""
+    seeded.logical_or_(step > 0)
+    return step.add_(1)

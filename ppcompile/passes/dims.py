@@ -1,0 +1,267 @@
+"""Dimension labels: which dims of each tensor in a block are batch, sequence, heads or channels.
+
+Static graphs carry literal sizes (`view(2, 16, -1, 64)`, `expand(2, 3, 3, 16, 64)`). To run a
+block on a probe (fewer rows and positions) or with fewer heads/channels, every literal that
+means one of those dims must change, and no other. Labels follow each dim through the block's
+ops from the projections' outputs, *by position* (never by matching sizes, which collide: a
+sequence of 64 tokens and a head_dim of 64). Each dim is a tuple of atoms (a reshape merges and
+splits them); named atoms (b, s, h, kv, c) can be resized, anonymous ones (None) cannot.
+An op the rules do not cover raises Unsupported: the site then stays dense, with the reason.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .sites import SDPA, value
+
+
+class Unsupported(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Atom:
+    name: str | None  # b, s, h, kv, c; None: a size that never changes
+    size: int
+
+
+Dim = tuple[Atom, ...]
+Labels = tuple[Dim, ...]
+
+ELEMENTWISE = {
+    operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, operator.pow,
+    torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.pow, torch.tanh, torch.exp,
+    torch.sigmoid, torch.rsqrt, torch.sqrt, torch.where, torch.erf,
+    F.silu, F.gelu, F.relu, F.dropout, F.softplus, F.mish, torch.relu, F.sigmoid, F.tanh,
+    "mul", "add", "sub", "div", "neg", "pow", "tanh", "exp", "sigmoid", "rsqrt", "sqrt",
+    "float", "to", "type_as", "contiguous", "clone", "half", "bfloat16", "relu", "silu",
+}
+RESHAPE = {"view", "reshape", torch.reshape}
+REDUCE = {"mean", "sum", torch.mean, torch.sum}
+
+
+def size_of(dim: Dim, new: dict[str, int]) -> int:
+    return math.prod(new.get(a.name, a.size) if a.name else a.size for a in dim)
+
+
+def anon(n: int) -> Dim:
+    return () if n == 1 else (Atom(None, n),)
+
+
+class Labeler:
+    """Label every node of `region` derived from the `start` nodes."""
+
+    def __init__(self, start: dict[fx.Node, Labels]):
+        self.labels: dict[fx.Node, Labels] = dict(start)
+        # side inputs that must be gathered: (node, arg position or kwarg name) -> {dim: atom name}
+        self.side: dict[tuple[fx.Node, int | str], dict[int, str]] = {}
+
+    def run(self, region: list[fx.Node]) -> "Labeler":
+        for n in region:
+            if n in self.labels or not any(a in self.labels for a in n.all_input_nodes):
+                continue
+            self.labels[n] = self._rule(n)
+        return self
+
+    # ---- rules ----
+    def _rule(self, n: fx.Node) -> Labels:
+        t = n.target
+        if n.op == "call_method" and t in RESHAPE or t is torch.reshape:
+            return self._reshape(n)
+        if t == "transpose" or t is torch.transpose:
+            lab = list(self._in(n))
+            i, j = (d % len(lab) for d in n.args[1:3])
+            lab[i], lab[j] = lab[j], lab[i]
+            return tuple(lab)
+        if t == "permute" or t is torch.permute:
+            order = n.args[1] if isinstance(n.args[1], (tuple, list)) else n.args[1:]
+            lab = self._in(n)
+            return tuple(lab[d] for d in order)
+        if t == "unsqueeze" or t is torch.unsqueeze:
+            lab = list(self._in(n))
+            d = n.args[1] % (len(lab) + 1)
+            return tuple(lab[:d] + [()] + lab[d:])
+        if t == "expand":
+            return self._expand(n)
+        if t is operator.getitem:
+            return self._getitem(n)
+        if t in REDUCE:
+            return self._reduce(n)
+        if t in SDPA:
+            return self._sdpa(n)
+        if t is torch.cat:
+            return self._cat(n)
+        if t in ELEMENTWISE or t is F.layer_norm:
+            return self._broadcast(n)
+        raise Unsupported(f"op {getattr(t, '__name__', t)!s} ({n.name}) has no dimension rule")
+
+    def _in(self, n: fx.Node) -> Labels:
+        return self.labels[n.args[0]]
+
+    def _out_shape(self, n: fx.Node) -> tuple[int, ...]:
+        v = value(n)
+        if v is None:
+            raise Unsupported(f"{n.name} has no shape")
+        return tuple(v.shape)
+
+    def _reshape(self, n: fx.Node) -> Labels:
+        atoms = [a for d in self._in(n) for a in d]
+        out, i = [], 0
+        for size in self._out_shape(n):
+            dim, prod = [], 1
+            while prod < size and i < len(atoms):
+                dim.append(atoms[i])
+                prod *= atoms[i].size
+                i += 1
+            if prod != size:
+                if len(dim) == 1 and dim[0].name is None:  # splitting an anonymous size: fine
+                    atoms.insert(i, Atom(None, prod // size))
+                    dim = [Atom(None, size)]
+                else:
+                    raise Unsupported(f"{n.name}: reshape splits a batch/sequence/head dimension")
+            out.append(tuple(dim))
+        if any(a.size != 1 for a in atoms[i:]):
+            raise Unsupported(f"{n.name}: reshape does not line up")
+        return tuple(out)
+
+    def _expand(self, n: fx.Node) -> Labels:
+        lab = self._in(n)
+        shape = self._out_shape(n)
+        pad = len(shape) - len(lab)
+        out = []
+        for i, size in enumerate(shape):
+            j = i - pad
+            if j >= 0 and size_of(lab[j], {}) == size:
+                out.append(lab[j])
+            elif j < 0 or lab[j] == ():
+                out.append(anon(size))
+            else:
+                raise Unsupported(f"{n.name}: expand of a labelled dimension")
+        return tuple(out)
+
+    def _getitem(self, n: fx.Node) -> Labels:
+        lab = list(self._in(n))
+        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in idx):
+            raise Unsupported(f"{n.name}: indexing with tensors")
+        n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+        out, d = [], 0
+        for i in idx:
+            if i is Ellipsis:
+                out.extend(lab[d:d + len(lab) - n_real])
+                d += len(lab) - n_real
+            elif i is None:
+                out.append(())
+            elif isinstance(i, int):
+                self._fixed(lab[d], n)
+                d += 1
+            elif isinstance(i, slice):
+                if i == slice(None):
+                    out.append(lab[d])
+                else:
+                    self._fixed(lab[d], n)
+                    out.append(None)  # filled from the shape below
+                d += 1
+        out.extend(lab[d:])
+        shape = self._out_shape(n)
+        return tuple(anon(shape[k]) if dim is None else dim for k, dim in enumerate(out))
+
+    def _reduce(self, n: fx.Node) -> Labels:
+        lab = list(self._in(n))
+        dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        if dims is None:
+            raise Unsupported(f"{n.name}: full reduction")
+        dims = [d % len(lab) for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+        for d in dims:
+            self._fixed(lab[d], n)
+        keep = n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False)
+        return tuple(() if i in dims else x for i, x in enumerate(lab) if keep or i not in dims)
+
+    def _sdpa(self, n: fx.Node) -> Labels:
+        q, k, v = (n.args[i] if i < len(n.args) else n.kwargs[("query", "key", "value")[i]] for i in range(3))
+        lq = self.labels.get(q)
+        lk, lv = self.labels.get(k), self.labels.get(v)
+        if lq is None or lk is None or lv is None or len(lq) != 4:
+            raise Unsupported(f"{n.name}: attention inputs are not all derived from the block input")
+        mask = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
+        if isinstance(mask, fx.Node) and mask not in self.labels:
+            shape = value(mask).shape
+            need = {}
+            for dim, ref in zip(range(len(shape) - 4, len(shape)), (lq[0], lq[1], lq[2], lk[2])):
+                if dim >= 0 and shape[dim] != 1 and ref:
+                    need[dim] = self._atom_name(ref, n)
+            key = "attn_mask" if "attn_mask" in n.kwargs else 3
+            self.side[(n, key)] = {d: a for d, a in need.items() if a}
+        return lq[:-1] + (lv[-1],)
+
+    def _cat(self, n: fx.Node) -> Labels:
+        tensors = n.args[0]
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+        labs = [self.labels.get(t) for t in tensors]
+        if any(lab is None for lab in labs):
+            raise Unsupported(f"{n.name}: cat of a tensor not derived from the block input")
+        dim %= len(labs[0])
+        for lab in labs:
+            self._fixed(lab[dim], n)
+        return tuple(anon(self._out_shape(n)[dim]) if i == dim else x for i, x in enumerate(labs[0]))
+
+    def _broadcast(self, n: fx.Node) -> Labels:
+        shape = self._out_shape(n)
+        out: list[Dim | None] = [None] * len(shape)
+        sides = []
+        for key, a in list(enumerate(n.args)) + list(n.kwargs.items()):
+            if not isinstance(a, fx.Node) or value(a) is None:
+                continue
+            if a not in self.labels:
+                sides.append((key, a))
+                continue
+            lab = self.labels[a]
+            for j, dim in enumerate(lab):
+                k = j + len(shape) - len(lab)
+                if size_of(dim, {}) == shape[k]:
+                    if out[k] is not None and out[k] != dim and dim and out[k]:
+                        raise Unsupported(f"{n.name}: operands disagree on a dimension")
+                    out[k] = dim if dim or out[k] is None else out[k]
+        labels = tuple(anon(shape[k]) if d is None else d for k, d in enumerate(out))
+        for key, a in sides:
+            side_shape = value(a).shape
+            need = {}
+            for j, size in enumerate(side_shape):
+                k = j + len(shape) - len(side_shape)
+                if size != 1 and labels[k]:
+                    name = self._atom_name(labels[k], n)
+                    if name:
+                        need[j] = name
+            if need:
+                self.side[(n, key)] = need
+        return labels
+
+    @staticmethod
+    def _atom_name(dim: Dim, n: fx.Node) -> str | None:
+        named = [a.name for a in dim if a.name]
+        if len(dim) > 1 and named:
+            raise Unsupported(f"{n.name}: a side input spans merged batch/sequence/head dims")
+        return named[0] if named else None
+
+    @staticmethod
+    def _fixed(dim: Dim, n: fx.Node) -> None:
+        if any(a.name for a in dim):
+            raise Unsupported(f"{n.name}: slices or reduces a batch/sequence/head dimension")
+
+
+def resized_args(n: fx.Node, labels: Labels, new: dict[str, int]):
+    """Arguments of a shape op (view/reshape/expand) with every labelled literal resized."""
+    if n.target not in RESHAPE and n.target != "expand" and n.target is not torch.reshape:
+        return n.args
+    shape_args = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else n.args[1:]
+    sizes = tuple(a if a == -1 or not isinstance(a, int) else size_of(labels[i], new)
+                  for i, a in enumerate(shape_args))
+    if any(isinstance(a, fx.Node) for a in sizes):
+        raise Unsupported(f"{n.name}: symbolic sizes")
+    return (n.args[0], sizes)

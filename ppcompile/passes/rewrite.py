@@ -1,0 +1,116 @@
+"""Rewrite one site: probe -> score -> select -> gather -> compact matmuls (-> history update).
+
+Invariants every rewrite keeps:
+- kept counts are Python ints, so every new node has a static shape;
+- no new node reads a tensor's value on the host (no .item(), nonzero, data-dependent shapes);
+- state (history, step) enters as placeholders and is updated in place inside the graph;
+- a site whose ops the dimension rules do not cover is left untouched (raises Unsupported first,
+  before any node is changed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .. import ops
+from .dims import Atom, Labeler, Labels, Unsupported, anon, resized_args
+from .sites import SDPA, Site, _sdpa_qkv, value
+
+
+@dataclass
+class GraphInputs:
+    """Per-graph nodes every site shares."""
+    valid: fx.Node | None  # (B, L) bool: real tokens
+    batch: int
+    seq_len: int
+
+
+def _call(g: fx.Graph, fn, *args, name: str, **kwargs) -> fx.Node:
+    node = g.call_function(fn, args, kwargs)
+    node.name = g._graph_namespace.create_name(name, None)
+    return node
+
+
+def label_site(site: Site, kv_whole: bool) -> Labeler:
+    """Label the block's dims from its input x: b, s from x; h/kv/c on the projections' outputs."""
+    xv = value(site.x)
+    B_L = xv.shape[:-1]
+    x_lab: Labels = ((Atom("b", B_L[0]),), (Atom("s", B_L[1]),), anon(xv.shape[-1])) if len(B_L) == 2 \
+        else ((Atom("b", site.info["B"]), Atom("s", site.info["L"])), anon(xv.shape[-1]))
+    lab = Labeler({site.x: x_lab})
+    for p in site.projections:
+        out = value(p).shape[-1]
+        if site.kind == "mlp":
+            dim = (Atom("c", out),)
+        else:
+            role = next(r for r, n in site.info["qkv"].items() if n is p)
+            heads = out // site.head_dim
+            name = "h" if role == "q" or not kv_whole else "kv"
+            dim = (Atom(name, heads), Atom(None, site.head_dim))
+        lab.labels[p] = x_lab[:-1] + (dim,)
+    lab.run(site.region)
+    return lab
+
+
+def escapes(site: Site) -> set[fx.Node]:
+    """Region nodes read by anything outside the block (e.g. K/V returned as a cache)."""
+    inside = set(site.region) | {site.final}
+    return {n for n in site.region + site.projections for u in n.users if u not in inside}
+
+
+def probe_activation(g: fx.Graph, site: Site, lab: Labeler, p: fx.Node, kept_b: fx.Node,
+                     kept_t: fx.Node, k_b: int, k_t: int, tag: str) -> fx.Node:
+    """Copy the block from x to the final projection's input, run on the probe p (k_b, k_t, d)."""
+    new = {"b": k_b, "s": k_t}
+    env: dict[fx.Node, fx.Node] = {site.x: p}
+    index = {"b": kept_b, "s": kept_t}
+    for n in site.projections + site.region:  # side nodes of the region are copied as they are
+        args = resized_args(n, lab.labels[n], new) if n in lab.labels else n.args
+
+        def remap(a):
+            return env.get(a, a) if isinstance(a, fx.Node) else a
+
+        args = list(fx.node.map_arg(args, remap))
+        kwargs = dict(fx.node.map_arg(n.kwargs, remap))
+        for (node, key), need in lab.side.items():
+            if node is not n:
+                continue
+            side = args[key] if isinstance(key, int) else kwargs[key]
+            for dim, atom in sorted(need.items()):
+                if atom in index:
+                    side = _call(g, torch.index_select, side, dim, index[atom], name=f"{tag}_probe_side")
+            if isinstance(key, int):
+                args[key] = side
+            else:
+                kwargs[key] = side
+        copy = g.create_node(n.op, n.target, tuple(args), kwargs, name=f"{tag}_probe_{n.name}")
+        copy.meta = {k: v for k, v in n.meta.items() if k != "example_value" and k != "val"}
+        env[n] = copy
+    return env[site.final.args[0]]
+
+
+def compact(g: fx.Graph, site: Site, lab: Labeler, weights: dict[fx.Node, tuple], new: dict[str, int],
+            kv_index: fx.Node | None, tag: str) -> None:
+    """Run the whole batch on compact weights: swap the projections' weights, resize literals."""
+    for proj, (w, b) in weights.items():
+        args = list(proj.args) + [None] * (3 - len(proj.args))
+        args[1] = w
+        if b is not None:
+            args[2] = b
+        proj.args = tuple(args)
+    for n in site.region:
+        if n in lab.labels:
+            n.args = resized_args(n, lab.labels[n], new)
+    if kv_index is not None:  # query heads pruned, K/V whole: each kept head reads its own K/V
+        q, k, v = _sdpa_qkv(site.sdpa)
+        with g.inserting_before(site.sdpa):
+            k2 = _call(g, torch.index_select, k, 1, kv_index, name=f"{tag}_gather_k")
+            v2 = _call(g, torch.index_select, v, 1, kv_index, name=f"{tag}_gather_v")
+        site.sdpa.args = (q, k2, v2) + tuple(site.sdpa.args[3:])
+        kwargs = dict(site.sdpa.kwargs)
+        kwargs.pop("key", None), kwargs.pop("value", None), kwargs.pop("query", None)
+        if kwargs.get("enable_gqa"):
+            kwargs["enable_gqa"] = False
+        site.sdpa.kwargs = kwargs

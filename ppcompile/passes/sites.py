@@ -1,0 +1,203 @@
+"""Find the attention and MLP blocks of a Dynamo graph, by op pattern and module path.
+
+A *site* is one block: its first projections (q/k/v, gate/up, fc1), the ops between them and the
+input of its final projection (o_proj, down_proj, fc2), and the residual its input norm reads.
+Nothing here is model-specific: a block is whatever lies between a set of linears that read one
+normed input and the linear that closes it; attention is the block whose region holds an sdpa.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+LINEAR = {torch._C._nn.linear, F.linear}
+SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
+_ROOT = re.compile(r"^L\['(?:self|args)'\](?:\[\d+\])?\.?")
+_LAYER = re.compile(r"^(.*?\.(\d+))(?:\.|$)")
+
+
+@dataclass
+class Site:
+    name: str  # "<layer path>.attention" / "<layer path>.mlp"
+    kind: str  # "attention" | "mlp"
+    layer: int
+    final: fx.Node  # the final projection (linear)
+    projections: list[fx.Node]  # first projections, all reading `x`
+    x: fx.Node  # the normed block input
+    x_res: fx.Node  # the pre-norm residual (ranks tokens for the probe)
+    region: list[fx.Node]  # nodes between the projections and the final projection, in graph order
+    channels: int  # C: input width of the final projection
+    sdpa: fx.Node | None = None
+    heads: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+    status: str = "pruned"  # or "dense: <why>"
+    kept: int = 0  # heads (attention) or channels (MLP) kept
+    info: dict = field(default_factory=dict)
+
+
+def module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    return _ROOT.sub("", list(stack.values())[-1][0]) if stack else ""
+
+
+def module_class(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    cls = list(stack.values())[-1][1]
+    return cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+
+
+def layer_of(node: fx.Node) -> tuple[str, int] | None:
+    m = _LAYER.match(module_path(node))
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def value(node) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node):
+        return None
+    v = node.meta.get("example_value", node.meta.get("val"))
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in LINEAR
+
+
+def _region(final: fx.Node, layer: str) -> tuple[list[fx.Node], list[fx.Node]]:
+    """Walk up from the final projection's input, inside its layer, to the first linears."""
+    seen: set[fx.Node] = set()
+    projections: list[fx.Node] = []
+    stack = [final.args[0]]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        if n.op in ("placeholder", "get_attr"):
+            continue  # weights and buffers are side inputs
+        seen.add(n)
+        info = layer_of(n)
+        if info is None or info[0] != layer:  # model-level inputs (rotary, mask): side inputs
+            seen.discard(n)
+            continue
+        if is_linear(n):
+            projections.append(n)
+            continue
+        stack.extend(a for a in n.all_input_nodes)
+    region = [n for n in final.graph.nodes if n in seen and n not in projections]
+    return projections, region
+
+
+def _residual(x: fx.Node) -> fx.Node:
+    """The tensor a pre-norm reads: the one input from outside the norm module that makes x."""
+    if "norm" not in module_class(x).lower():
+        return x
+    path, seen, stack, outside = module_path(x), set(), [x], []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for a in n.all_input_nodes:
+            if a.op == "placeholder" or value(a) is None:
+                continue  # the norm's own weights
+            (stack if module_path(a) == path else outside).append(a)
+    return outside[0] if len(set(outside)) == 1 else x
+
+
+def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str]]:
+    """All blocks the pass can rewrite, and a line for every decoder layer block it could not."""
+    sites: list[Site] = []
+    problems: list[str] = []
+    layers: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        info = layer_of(node)
+        if info:
+            layers.setdefault(*info)
+        if not is_linear(node) or info is None or value(node.args[0]) is None:
+            continue
+        projections, region = _region(node, info[0])
+        if not projections or not region:
+            continue
+        sdpas = [n for n in region if n.op == "call_function" and n.target in SDPA]
+        kind = "attention" if sdpas else "mlp"
+        if kind == "mlp" and any(_is_reduction(n) for n in region):
+            continue  # a norm between linears: not a block's final projection
+        xs = {p.args[0] for p in projections}
+        site = Site(name=f"{info[0]}.{kind}", kind=kind, layer=info[1], final=node,
+                    projections=projections, x=next(iter(xs)), x_res=next(iter(xs)),
+                    region=region, channels=value(node.args[0]).shape[-1],
+                    sdpa=sdpas[0] if sdpas else None)
+        if len(xs) != 1:
+            site.status = "dense: its first projections read different inputs"
+        elif len(sdpas) > 1:
+            site.status = "dense: more than one attention op in the block"
+        else:
+            site.x_res = _residual(site.x)
+        if kind == "attention" and site.status == "pruned":
+            _describe_attention(site)
+        sites.append(site)
+    found = {(s.layer, s.kind) for s in sites}
+    for path, idx in layers.items():
+        for kind in ("attention", "mlp"):
+            if (idx, kind) not in found:
+                problems.append(f"{path}.{kind}: no {kind} block matched in this layer")
+    return sites, problems
+
+
+def _is_reduction(node: fx.Node) -> bool:
+    return node.target in ("mean", "sum", "var", torch.mean, torch.sum, torch.var, F.layer_norm,
+                           torch.rsqrt, "rsqrt")
+
+
+def _describe_attention(site: Site) -> None:
+    q, k, v = (value(a) for a in _sdpa_qkv(site.sdpa))
+    site.head_dim = q.shape[-1]
+    site.heads = site.channels // site.head_dim
+    by_role = _qkv_projections(site)
+    if by_role is None:
+        site.status = "dense: q/k/v projections not identified"
+        return
+    site.info["projections"] = {r: module_path(p) for r, p in by_role.items()}
+    site.kv_heads = value(by_role["k"]).shape[-1] // site.head_dim
+    if q.shape[1] != site.heads or site.heads * site.head_dim != site.channels:
+        site.status = "dense: head layout of the attention op is not (B, H, L, D)"
+    elif site.heads % max(site.kv_heads, 1):
+        site.status = "dense: query heads are not a multiple of key/value heads"
+
+
+def _sdpa_qkv(sdpa: fx.Node) -> list[fx.Node]:
+    names = ("query", "key", "value")
+    return [sdpa.args[i] if i < len(sdpa.args) else sdpa.kwargs[names[i]] for i in range(3)]
+
+
+def _qkv_projections(site: Site) -> dict[str, fx.Node] | None:
+    """Which projection feeds which sdpa input: follow each input back to exactly one linear."""
+    out = {}
+    for role, start in zip("qkv", _sdpa_qkv(site.sdpa)):
+        hits = [p for p in site.projections if _reaches(p, start)]
+        if len(hits) != 1:
+            return None
+        out[role] = hits[0]
+    if len(set(out.values())) != 3 or len(site.projections) != 3:
+        return None
+    site.info["qkv"] = out
+    return out
+
+
+def _reaches(src: fx.Node, dst: fx.Node) -> bool:
+    stack, seen = [dst], set()
+    while stack:
+        n = stack.pop()
+        if n is src:
+            return True
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False

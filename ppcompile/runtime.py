@@ -1,0 +1,69 @@
+"""The runtime: the state Probe Pruning carries between calls, as tensors.
+
+History tables (one per site: absolute position x channel, mean of the final projection's input
+squared), the call count and whether the history is seeded. Compiled graphs take them as inputs
+and update them in place; nothing here is a Python counter the graph would specialize on.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Runtime:
+    def __init__(self, momentum: float = 0.99):
+        self.momentum = momentum
+        self.tables: dict[str, torch.Tensor] = {}
+        self.step = torch.zeros((), dtype=torch.long)  # calls so far; call 0 is the warm-up
+        self.seeded = torch.zeros((), dtype=torch.bool)  # the history holds real statistics
+        self._last: dict[str, torch.Tensor] = {}
+
+    def table(self, site: str, seq_len: int, channels: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The history rows [0, seq_len) of a site; a longer sequence grows the table (new rows 0)."""
+        t = self.tables.get(site)
+        if t is not None and t.shape[1] != channels:
+            raise ValueError(f"history of {site} has {t.shape[1]} channels, the graph {channels}: "
+                             "state from another model or config")
+        if t is None or t.shape[0] < seq_len:
+            grown = torch.zeros(seq_len, channels, dtype=torch.float32,
+                                device=like.device if like is not None else "cpu")
+            if t is not None:
+                grown[: t.shape[0]] = t
+            self.tables[site] = t = grown
+        return t[:seq_len]
+
+    def record(self, selections: dict[str, torch.Tensor]) -> None:
+        self._last.update(selections)
+
+    def last_selection(self) -> dict[str, torch.Tensor]:
+        """Site name -> kept head (attention) or channel (MLP) indices of the last call."""
+        return dict(self._last)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"history.{k}": v.clone() for k, v in self.tables.items()}
+        state.update(step=self.step.clone(), seeded=self.seeded.clone())
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = {"step", "seeded"} - set(state)
+        if missing:
+            raise ValueError(f"runtime state lacks {sorted(missing)}")
+        for name, t in state.items():
+            if name.startswith("history."):
+                site = name[len("history."):]
+                cur = self.tables.get(site)
+                if cur is not None and cur.shape[1] != t.shape[1]:
+                    raise ValueError(f"history of {site}: {t.shape[1]} channels in the state, "
+                                     f"{cur.shape[1]} in the model")
+                if cur is not None and cur.shape[0] >= t.shape[0]:
+                    cur.zero_()[: t.shape[0]] = t  # in place: compiled graphs hold views of it
+                else:
+                    self.tables[site] = t.clone().float()
+        self.step.copy_(state["step"])
+        self.seeded.copy_(state["seeded"])
+
+    def reset(self) -> None:
+        for t in self.tables.values():
+            t.zero_()
+        self.step.zero_()
+        self.seeded.zero_()
+        self._last.clear()
