@@ -1,2 +1,20 @@
 """ppcompile: Probe Pruning (ICLR 2025) as a torch.compile pass for Hugging Face causal LMs."""
+from .api import Handle, compile
+from .config import PPConfig
+from .runtime import Runtime
+
 __version__ = "0.1.0"
+__all__ = ["compile", "PPConfig", "Runtime", "Handle"]
+
+
+def _register_backend() -> None:
+    # `torch.compile(model, backend="ppcompile")` also works without the entry point installed.
+    from torch._dynamo import list_backends, register_backend
+
+    from .backend import ppcompile_backend
+
+    if "ppcompile" not in list_backends(exclude_tags=()):
+        register_backend(name="ppcompile")(ppcompile_backend)
+
+
+_register_backend()

@@ -115,6 +115,10 @@ class Labeler:
         out, i = [], 0
         for size in self._out_shape(n):
             dim, prod = [], 1
+            if size == 1 and i < len(atoms) and atoms[i].size == 1:  # a size-1 dim keeps its label
+                out.append((atoms[i],))
+                i += 1
+                continue
             while prod < size and i < len(atoms):
                 dim.append(atoms[i])
                 prod *= atoms[i].size
@@ -201,9 +205,12 @@ class Labeler:
         return lq[:-1] + (lv[-1],)
 
     def _cat(self, n: fx.Node) -> Labels:
-        tensors = n.args[0]
+        # an empty side operand (a fresh KV cache: cat([tensor([]), k])) changes nothing
+        tensors = [t for t in n.args[0] if t in self.labels or value(t) is None or value(t).numel()]
         dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
         labs = [self.labels.get(t) for t in tensors]
+        if len(labs) == 1 and labs[0] is not None:
+            return labs[0]
         if any(lab is None for lab in labs):
             raise Unsupported(f"{n.name}: cat of a tensor not derived from the block input")
         dim %= len(labs[0])

@@ -1,0 +1,168 @@
+"""pp.compile end to end on tiny random models (eager route, plus one Inductor check)."""
+import pytest
+import torch
+
+import ppcompile as pp
+from ppcompile.models import random_model
+
+ARCHS = ["llama-mha", "llama-gqa", "mistral", "qwen2", "opt"]
+# 5 layers: skip layer 0 only, so that 4 layers prune (3 skipped would prune 100% at ratio 0.4)
+TINY = dict(skip_layers=(0,), mlp_multiple=16)
+
+
+def _ids(b=3, L=20, seed=0):
+    return torch.randint(0, 128, (b, L), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("policy", ["pp", "full-batch", "dense"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ratio_zero_is_the_original_model(arch, policy):
+    model = random_model(arch)
+    ids, mask = _ids(), torch.ones(3, 20, dtype=torch.long)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        out = pp.compile(model, 0.0, policy=policy, backend="eager", strict=True, **TINY)(ids, attention_mask=mask).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    pruned = [r for r in model.pp.summary() if r["status"] == "pruned"]
+    assert len(pruned) == (0 if policy == "dense" else 8)  # attention + MLP of layers 1..4
+
+
+def _masked_dense_logits(model, ids, selection, head_dim):
+    """An independent pruned forward: zero the final projections' columns of pruned heads/channels."""
+    with torch.no_grad():
+        for site, kept in selection.items():
+            layer = model.get_submodule(site.rsplit(".", 1)[0])
+            attn = site.endswith("attention")
+            final = _final_projection(layer, attn)
+            cols = torch.ones(final.weight.shape[1], dtype=torch.bool)
+            idx = (kept[:, None] * head_dim + torch.arange(head_dim)).flatten() if attn else kept
+            cols[idx] = False
+            final.weight[:, cols] = 0.0
+        return model(ids).logits
+
+
+def _final_projection(layer, attn):
+    for name in (["self_attn.o_proj", "self_attn.out_proj"] if attn else ["mlp.down_proj", "fc2"]):
+        try:
+            return layer.get_submodule(name)
+        except AttributeError:
+            continue
+    raise AssertionError("no final projection")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("policy", ["pp", "full-batch"])
+def test_pruned_output_equals_dense_with_pruned_columns_zeroed(arch, policy):
+    model = random_model(arch)
+    ids = _ids()
+    compiled = pp.compile(model, 0.4, policy=policy, backend="eager", strict=True, **TINY)
+    with torch.no_grad():
+        out = compiled(ids).logits
+    sel = model.pp.runtime.last_selection()
+    cfg = model.pp.config
+    assert {len(v) for k, v in sel.items() if k.endswith("attention")} == {cfg.kept_heads(4, 5)}
+    assert {len(v) for k, v in sel.items() if k.endswith("mlp")} == {cfg.kept_channels(128, 5)}
+    ref = _masked_dense_logits(random_model(arch), ids, sel, head_dim=16)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("block", ["attention", "mlp"])
+def test_full_batch_keeps_what_a_direct_computation_gives(block):
+    # Only one block of the last layer prunes, so its input is the dense model's.
+    model = random_model("llama-gqa")
+    ids = _ids(b=2, L=12)
+    layer = model.model.layers[4]
+    final = layer.self_attn.o_proj if block == "attention" else layer.mlp.down_proj
+    acts = []
+    hook = final.register_forward_pre_hook(lambda m, a: acts.append(a[0]))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    # r_l = round(0.12 * 5 / 1, 2) = 0.6: 2 of 4 heads pruned; floor(0.6 * 128) = 76 channels
+    # pruned, 52 kept, rounded up to a multiple of 16: 64.
+    c = pp.compile(model, 0.12, policy="full-batch", backend="eager", skip_layers=(0, 1, 2, 3),
+                   mlp_multiple=16, blocks=block)
+    with torch.no_grad():
+        c(ids)
+    (kept,) = model.pp.runtime.last_selection().values()
+    energy = acts[0].pow(2).mean(0).sum(0)  # (C,): sum over positions of the batch mean of x^2
+    W = final.weight
+    if block == "attention":
+        scores = torch.stack([(energy[h * 16:(h + 1) * 16, None] ** 2 * W[:, h * 16:(h + 1) * 16].T ** 4).sum().sqrt()
+                              for h in range(4)])
+        k = 2
+    else:
+        scores, k = energy * W.pow(4).sum(0).sqrt(), 64
+    assert kept.tolist() == sorted(scores.topk(k).indices.tolist())
+
+
+def test_pad_tokens_never_enter_the_probe():
+    model = random_model("llama-gqa")
+    ids = _ids(b=4, L=16)
+    mask = torch.ones(4, 16, dtype=torch.long)
+    mask[1, :6] = 0  # left padding
+    mask[3, -5:] = 0  # right padding
+    other = ids.clone()
+    other[mask == 0] = (ids[mask == 0] + 7) % 128  # change what the pads hold
+    c = pp.compile(model, 0.4, backend="eager", **TINY)
+    with torch.no_grad():
+        c(ids, attention_mask=mask)
+        first = model.pp.runtime.last_selection()
+        model.pp.runtime.reset()
+        c(other, attention_mask=mask)
+        second = model.pp.runtime.last_selection()
+    for site in first:
+        assert first[site].tolist() == second[site].tolist(), site
+
+
+def test_history_warms_up_then_updates_and_state_round_trips():
+    model = random_model("llama-gqa")
+    c = pp.compile(model, 0.4, backend="eager", **TINY)
+    rt = model.pp.runtime
+    with torch.no_grad():
+        c(_ids(seed=1))
+        assert rt.step.item() == 1 and all(t.abs().sum() == 0 for t in rt.tables.values())  # warm-up
+        c(_ids(seed=2))
+        assert rt.seeded.item() and all(t.abs().sum() > 0 for t in rt.tables.values())
+        state = rt.state_dict()
+        nxt = c(_ids(seed=3)).logits
+        c(_ids(seed=4))
+        rt.load_state_dict(state)
+        again = c(_ids(seed=3)).logits
+    assert torch.equal(nxt, again)
+
+
+def test_default_call_returns_a_usable_cache():
+    model = random_model("llama-mha")
+    ids = _ids(b=1, L=10)
+    c = pp.compile(model, 0.4, backend="eager", strict=True, **TINY)
+    with torch.no_grad():
+        out = c(ids, use_cache=True)
+        # MHA with a cache: K/V are kept whole, so the cache holds every head
+        k = out.past_key_values.layers[2].keys
+        assert k.shape[1] == 4
+        dense = random_model("llama-mha")(ids, use_cache=True).past_key_values.layers[2].keys
+    assert k.shape == dense.shape
+
+
+def test_strict_with_no_matchable_block_is_an_error():
+    from transformers import AutoConfig, AutoModelForCausalLM
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=64)).eval()
+    c = pp.compile(gpt2, 0.4, backend="eager", strict=True)
+    with pytest.raises(Exception, match="no attention or MLP block"):
+        c(torch.randint(0, 64, (1, 8)))
+
+
+@pytest.mark.inductor
+def test_inductor_and_eager_routes_agree():
+    ids = _ids(b=2, L=16)
+    outs, sels = [], []
+    for backend in ("eager", "inductor"):
+        model = random_model("llama-gqa")
+        c = pp.compile(model, 0.4, backend=backend, **TINY)
+        with torch.no_grad():
+            c(ids)
+            outs.append(c(ids).logits)
+        sels.append({k: v.tolist() for k, v in model.pp.runtime.last_selection().items()})
+    assert sels[0] == sels[1]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)

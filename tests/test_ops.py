@@ -1,0 +1,87 @@
+import torch
+
+from ppcompile import ops
+
+
+def _residual(norms):
+    """x_res whose token norms are exactly `norms` (B, L)."""
+    return torch.stack([norms, torch.zeros_like(norms)], dim=-1)
+
+
+def test_probe_is_sequence_first_with_the_sink_rule():
+    norms = torch.tensor([[1.0, 5.0, 1.0, 4.0, 1.0, 3.0],
+                          [1.0, 5.0, 1.0, 4.0, 1.0, 3.0],
+                          [1.0, 1.0, 9.0, 1.0, 1.0, 1.0]])
+    # position scores: L2 over b -> t2 = sqrt(83) largest, then t1 = sqrt(51), t3 = sqrt(33)
+    kept_b, kept_t = ops.select_probe(_residual(norms), None, k_t=3, k_b=1)
+    # k_t = 3 <= 10: the smallest kept position (1) is replaced by the sink token 0
+    assert kept_t.tolist() == [0, 2, 3]
+    # samples scored on positions {0, 2, 3}: row 2 has sqrt(1 + 81 + 1) > sqrt(1 + 1 + 16)
+    assert kept_b.tolist() == [2]
+
+
+def test_probe_without_sink_rule_when_many_positions():
+    norms = torch.arange(1.0, 25.0).repeat(2, 1)  # (2, 24): later positions larger
+    _, kept_t = ops.select_probe(_residual(norms), None, k_t=12, k_b=1)
+    assert kept_t.tolist() == list(range(12, 24))
+
+
+def test_samples_first_order_is_available():
+    norms = torch.tensor([[9.0, 0.0, 0.0, 0.0], [0.0, 3.0, 3.0, 3.0]])
+    kept_b, kept_t = ops.select_probe(_residual(norms), None, k_t=2, k_b=1, sequence_first=False)
+    assert kept_b.tolist() == [0]  # 9 > sqrt(27)
+
+
+def test_pad_tokens_rank_below_real_tokens():
+    norms = torch.tensor([[100.0, 100.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    kept_b, kept_t = ops.select_probe(_residual(norms), valid, k_t=2, k_b=1)
+    assert kept_t.tolist() == [0, 2] or kept_t.tolist() == [0, 3]  # sink rule keeps 0
+    assert kept_b.tolist() == [1]  # row 0's big norms are padding
+
+
+def test_probe_energy_excludes_pads():
+    act = torch.tensor([[[1.0, 2.0]], [[3.0, float("nan")]]])  # (k_b=2, k_t=1, C=2); a NaN pad
+    valid = torch.tensor([[True], [False]])
+    assert ops.probe_energy(act, valid).tolist() == [[1.0, 4.0]]
+    assert ops.probe_energy(act[:, :, :1], None).tolist() == [[5.0]]
+
+
+def test_fusion_and_scores_match_the_formulas():
+    P = torch.tensor([[1.0, 0.0], [3.0, 2.0]])
+    H = torch.tensor([[1.0, 2.0], [1.0, 0.0]])
+    c = ops.fuse_history(P, H)
+    expect = [sum((p / (p + h + 1e-6)) * p + (h / (p + h + 1e-6)) * h for p, h in zip(P[:, j].tolist(), H[:, j].tolist()))
+              for j in range(2)]
+    assert torch.allclose(c, torch.tensor(expect))
+    W = torch.tensor([[1.0, 2.0, 0.5, 1.0], [2.0, 1.0, 1.0, 3.0]])  # (d_out=2, C=4), 2 heads of 2
+    e = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    ch = ops.channel_scores(e, W)
+    assert torch.allclose(ch, torch.tensor([e[j] * (W[:, j] ** 4).sum().sqrt() for j in range(4)]))
+    hs = ops.head_scores(e, W, 2)
+    direct = [torch.stack([e[j] * W[i, j] ** 2 for i in range(2) for j in (2 * h, 2 * h + 1)]).norm() for h in range(2)]
+    assert torch.allclose(hs, torch.stack(direct))
+    assert ops.top_indices(torch.tensor([0.1, 5.0, 0.3, 2.0]), 2).tolist() == [1, 3]
+    assert ops.head_channels(torch.tensor([0, 2]), 3).tolist() == [0, 1, 2, 6, 7, 8]
+
+
+def test_ema_touches_kept_channels_only():
+    H = torch.ones(2, 4)
+    x = torch.tensor([[[2.0, 4.0], [0.0, 2.0]]])  # (B=1, L=2, k=2): compact input of channels 1, 3
+    ops.ema_update_(H, torch.tensor([1, 3]), x, None, torch.tensor(0.5))
+    # kept: 1 + 0.5 * (x^2 - 1); others untouched
+    assert H.tolist() == [[1.0, 2.5, 1.0, 8.5], [1.0, 0.5, 1.0, 2.5]]
+
+
+def test_ema_warmup_weight_is_zero_and_pads_do_not_count():
+    step, seeded = torch.tensor(0), torch.tensor(False)
+    assert ops.ema_weight(step, seeded, 0.99).item() == 0.0
+    ops.advance_(step, seeded)
+    assert ops.ema_weight(step, seeded, 0.99).item() == 1.0  # unseeded history: take the batch
+    ops.advance_(step, seeded)
+    assert abs(ops.ema_weight(step, seeded, 0.99).item() - 0.01) < 1e-7
+    H = torch.zeros(2, 1)
+    x = torch.tensor([[[2.0], [3.0]], [[4.0], [5.0]]])  # (B=2, L=2, 1)
+    valid = torch.tensor([[True, False], [True, False]])  # position 1 is padding everywhere
+    ops.ema_update_(H, torch.tensor([0]), x, valid, torch.tensor(1.0))
+    assert H.tolist() == [[10.0], [0.0]]  # mean of 4 and 16; position 1 untouched
