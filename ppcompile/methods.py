@@ -17,7 +17,16 @@ def _dense(model: torch.nn.Module, ratio: float) -> LogitsFn:
     return model_logits_fn(model)
 
 
-METHODS: dict[str, MethodBuilder] = {"dense": _dense}
+def _policy(policy: str) -> MethodBuilder:
+    def build(model: torch.nn.Module, ratio: float) -> LogitsFn:
+        from .api import compile as pp_compile  # late: the CLI starts faster without torch.compile
+        return model_logits_fn(pp_compile(model, ratio, policy=policy))
+
+    return build
+
+
+# pp here runs without calibration: its history starts empty and fills from the evaluated batches.
+METHODS: dict[str, MethodBuilder] = {"dense": _dense, "pp": _policy("pp"), "full-batch": _policy("full-batch")}
 RATIO_FREE = {"dense"}  # methods whose result does not depend on the ratio
 
 
