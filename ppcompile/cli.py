@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
     ev.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
-    demo = sub.add_parser("demo", help="a short evaluation of the packaged model")
+    demo = sub.add_parser("demo", help="dense vs Probe Pruning at 0.4 on the packaged model")
     demo.add_argument("--batches", type=int, default=2)
 
     fetch = sub.add_parser("fetch", help="download a corpus into the cache")
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             print(data.fetch_brown())
             return 0
         if args.command == "demo":
-            rows = _run_eval("smollm2-135m", "brown:a", 256, 4, args.batches, ["dense"], [0.4], True)
+            rows = _run_eval("smollm2-135m", "brown:a", 256, 4, args.batches, ["dense", "pp"], [0.4], True)
         else:
             rows = _run_eval(args.model, args.data, args.seq_len, args.batch_size, args.batches,
                              parse_methods(args.methods), args.ratio, not args.quiet)
