@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .sites import SDPA, value
+from .sites import SDPA, sdpa_qkv, value
 
 
 class Unsupported(Exception):
@@ -188,7 +188,7 @@ class Labeler:
         return tuple(() if i in dims else x for i, x in enumerate(lab) if keep or i not in dims)
 
     def _sdpa(self, n: fx.Node) -> Labels:
-        q, k, v = (n.args[i] if i < len(n.args) else n.kwargs[("query", "key", "value")[i]] for i in range(3))
+        q, k, v = sdpa_qkv(n)
         lq = self.labels.get(q)
         lk, lv = self.labels.get(k), self.labels.get(v)
         if lq is None or lk is None or lv is None or len(lq) != 4:

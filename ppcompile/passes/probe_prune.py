@@ -15,7 +15,7 @@ from .. import ops
 from ..config import PPConfig
 from .dims import Unsupported
 from .rewrite import GraphInputs, _call, compact, escapes, label_site, probe_activation
-from .sites import Site, find_sites, value
+from .sites import Site, find_sites, sdpa_qkv, value
 
 
 @dataclass
@@ -170,14 +170,12 @@ def _order(g: fx.Graph):
 def _labels(site: Site):
     kv_whole = False
     if site.kind == "attention":
-        qkv = site.info["qkv"]
         leaked = escapes(site)
         kv_whole = site.kv_heads != site.heads or bool(leaked)  # GQA, or K/V returned as a cache
         lab = label_site(site, kv_whole)
         q_leaks = [n for n in leaked if n in lab.labels and any(a.name == "h" for d in lab.labels[n] for a in d)]
         if q_leaks:
             raise Unsupported(f"{q_leaks[0].name} (per query head) is used outside the block")
-        del qkv
     else:
         lab = label_site(site, kv_whole)
         if escapes(site):
@@ -219,15 +217,10 @@ def _select(g, site: Site, lab, kv_whole: bool, config: PPConfig, static, valid,
     weights[site.final] = (wf, None)
     kv_index = None
     if kv_whole:
-        k_heads = value(_sdpa_k(site)).shape[1]
+        k_heads = value(sdpa_qkv(site.sdpa)[1]).shape[1]
         kv_index = kept if k_heads == site.heads else \
             _call(g, torch.floor_divide, kept, site.heads // site.kv_heads, name=f"{tag}_kv_heads")
     return chan, weights, kv_index, comp, kept
-
-
-def _sdpa_k(site: Site) -> fx.Node:
-    from .sites import _sdpa_qkv
-    return _sdpa_qkv(site.sdpa)[1]
 
 
 def _role(site: Site, p: fx.Node) -> str:

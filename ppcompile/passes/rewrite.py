@@ -16,7 +16,7 @@ from torch import fx
 
 from .. import ops
 from .dims import Atom, Labeler, Labels, Unsupported, anon, resized_args
-from .sites import SDPA, Site, _sdpa_qkv, value
+from .sites import SDPA, Site, sdpa_qkv, value
 
 
 @dataclass
@@ -104,7 +104,7 @@ def compact(g: fx.Graph, site: Site, lab: Labeler, weights: dict[fx.Node, tuple]
         if n in lab.labels:
             n.args = resized_args(n, lab.labels[n], new)
     if kv_index is not None:  # query heads pruned, K/V whole: each kept head reads its own K/V
-        q, k, v = _sdpa_qkv(site.sdpa)
+        q, k, v = sdpa_qkv(site.sdpa)
         with g.inserting_before(site.sdpa):
             k2 = _call(g, torch.index_select, k, 1, kv_index, name=f"{tag}_gather_k")
             v2 = _call(g, torch.index_select, v, 1, kv_index, name=f"{tag}_gather_v")

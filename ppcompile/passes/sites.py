@@ -156,7 +156,7 @@ def _is_reduction(node: fx.Node) -> bool:
 
 
 def _describe_attention(site: Site) -> None:
-    q, k, v = (value(a) for a in _sdpa_qkv(site.sdpa))
+    q, k, v = (value(a) for a in sdpa_qkv(site.sdpa))
     site.head_dim = q.shape[-1]
     site.heads = site.channels // site.head_dim
     by_role = _qkv_projections(site)
@@ -171,7 +171,7 @@ def _describe_attention(site: Site) -> None:
         site.status = "dense: query heads are not a multiple of key/value heads"
 
 
-def _sdpa_qkv(sdpa: fx.Node) -> list[fx.Node]:
+def sdpa_qkv(sdpa: fx.Node) -> list[fx.Node]:
     names = ("query", "key", "value")
     return [sdpa.args[i] if i < len(sdpa.args) else sdpa.kwargs[names[i]] for i in range(3)]
 
@@ -179,7 +179,7 @@ def _sdpa_qkv(sdpa: fx.Node) -> list[fx.Node]:
 def _qkv_projections(site: Site) -> dict[str, fx.Node] | None:
     """Which projection feeds which sdpa input: follow each input back to exactly one linear."""
     out = {}
-    for role, start in zip("qkv", _sdpa_qkv(site.sdpa)):
+    for role, start in zip("qkv", sdpa_qkv(site.sdpa)):
         hits = [p for p in site.projections if _reaches(p, start)]
         if len(hits) != 1:
             return None
