@@ -65,7 +65,6 @@ def _run_eval(model_name: str, text: str, seq_len: int, batch_size: int, n_batch
 def _row(result: MethodResult, method: str, ratio: float, context: dict) -> dict:
     row = result.as_dict()
     row.update(method=method, ratio=ratio, **context)
-    row.pop("extra")
     return row
 
 

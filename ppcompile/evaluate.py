@@ -11,7 +11,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -31,7 +31,6 @@ class MethodResult:
     tokens_per_second: float
     batches: int
     tokens: int  # predicted tokens scored
-    extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)

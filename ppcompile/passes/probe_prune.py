@@ -62,7 +62,7 @@ def _kept(site: Site, config: PPConfig, n_layers: int) -> int:
 def _plan(sites: list[Site], config: PPConfig, n_layers: int, gi: GraphInputs) -> None:
     for s in sites:
         s.info["B"], s.info["L"] = gi.batch, gi.seq_len
-        if not s.status.startswith("pruned"):
+        if s.status != "pruned":
             continue
         if s.layer in config.skip_layers:
             s.status = "dense: skipped layer"
@@ -84,8 +84,7 @@ def run_pass(gm: fx.GraphModule, config: PPConfig,
              static: dict[str, StaticChoice] | None = None) -> PassResult:
     gm = _copy(gm)
     g = gm.graph
-    sites, problems = find_sites(gm)
-    n_layers = len({s.layer for s in sites} | {int(p.split(".")[-2]) for p in problems})
+    sites, problems, n_layers = find_sites(gm)
     out_node = next(n for n in g.nodes if n.op == "output")
     outputs = out_node.args[0]
     result = PassResult(gm, sites, problems, n_layers, 0, 0,

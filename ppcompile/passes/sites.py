@@ -110,8 +110,9 @@ def _residual(x: fx.Node) -> fx.Node:
     return outside[0] if len(set(outside)) == 1 else x
 
 
-def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str]]:
-    """All blocks the pass can rewrite, and a line for every decoder layer block it could not."""
+def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str], int]:
+    """All blocks the pass can rewrite, a line for every decoder layer block it could not, and
+    the number of decoder layers in the graph."""
     sites: list[Site] = []
     problems: list[str] = []
     layers: dict[str, int] = {}
@@ -147,7 +148,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str]]:
         for kind in ("attention", "mlp"):
             if (idx, kind) not in found:
                 problems.append(f"{path}.{kind}: no {kind} block matched in this layer")
-    return sites, problems
+    return sites, problems, len(layers)
 
 
 def _is_reduction(node: fx.Node) -> bool:
