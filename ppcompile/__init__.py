@@ -1,10 +1,11 @@
 """ppcompile: Probe Pruning (ICLR 2025) as a torch.compile pass for Hugging Face causal LMs."""
-from .api import Handle, compile
+from .api import Handle, calibrate, compile
+from .calibration import Calibration
 from .config import PPConfig
 from .runtime import Runtime
 
 __version__ = "0.1.0"
-__all__ = ["compile", "PPConfig", "Runtime", "Handle"]
+__all__ = ["compile", "calibrate", "Calibration", "PPConfig", "Runtime", "Handle"]
 
 
 def _register_backend() -> None:

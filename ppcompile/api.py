@@ -3,21 +3,36 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .backend import make_backend
-from .config import PPConfig
+from .calibration import Calibration, collect, fingerprint
+from .config import STATIC_POLICIES, PPConfig
 from .passes.probe_prune import PassResult
 from .runtime import Runtime
 
 
 @dataclass
 class Handle:
-    """`model.pp`: the config, the runtime (history between calls) and what the pass did."""
+    """`model.pp`: the config, the runtime (history between calls), the calibration and what the
+    pass did."""
     config: PPConfig
     runtime: Runtime
+    model_fingerprint: str
+    calibration: Calibration | None = None
     passes: list[PassResult] = field(default_factory=list)
+
+    def use_calibration(self, cal: Calibration) -> None:
+        """Seed the history from `cal` (pp); static policies score with it when they compile."""
+        cal.check(self.model_fingerprint)
+        if self.config.policy in STATIC_POLICIES and self.passes:
+            raise ValueError(f"policy {self.config.policy!r} already chose its heads and channels when the "
+                             "model was compiled; pass the calibration to pp.compile(..., calibration=...)")
+        self.calibration = cal
+        if self.config.policy == "pp":
+            self.runtime.seed({site: cal.history(site) for site in cal.stats})
 
     def summary(self) -> list[dict]:
         """One row per site of the last compiled graph: layer, kind, kept/total, status."""
@@ -29,19 +44,41 @@ class Handle:
         return rows + [{"site": p.split(":")[0], "status": "dense: " + p.split(": ", 1)[-1]} for p in r.problems]
 
 
+def calibrate(model: torch.nn.Module, batches, *, meta: dict | None = None,
+              progress: bool = False) -> Calibration:
+    """Dense passes over `batches` (token tensors (B, L) or dicts with `input_ids` and
+    `attention_mask`): the statistics Probe Pruning's history starts from and the static baselines
+    score with. A model compiled by pp.compile takes them in at once (its history is seeded)."""
+    cal = collect(model, batches, meta=meta, progress=progress)
+    handle = getattr(model, "pp", None)
+    if isinstance(handle, Handle):
+        handle.use_calibration(cal)
+    return cal
+
+
 def compile(model: torch.nn.Module, ratio: float = 0.4, *, calibration=None, policy: str = "pp",
             backend: str = "inductor", **options) -> torch.nn.Module:
     """Compile `model` so that every call runs the Probe Pruning pass with the given policy.
 
+    calibration: a Calibration (see pp.calibrate), the path of a saved one, or an iterable of
+        token batches to calibrate on now. pp starts from its history; wanda-sp and flap need it.
     backend: "inductor" (C++ on CPU, Triton on GPU) or "eager" (the rewritten graph, run as is).
     options: any other PPConfig field (position_ratio, sample_ratio, skip_layers, blocks, ...).
     """
     if backend not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
     config = PPConfig(ratio=ratio, policy=policy, **options)
-    if calibration is not None or policy in ("wanda-sp", "flap"):
-        raise NotImplementedError("calibration and the static baselines (wanda-sp, flap) are not built yet")
-    handle = Handle(config, Runtime(config.momentum))
+    if config.policy in STATIC_POLICIES and calibration is None:
+        raise ValueError(f"policy {policy!r} is static: it needs calibration=<token batches or a "
+                         "Calibration from pp.calibrate>")
+    model_fp = fingerprint(model)
+    handle = Handle(config, Runtime(config.momentum, key={"model": model_fp, "config": config.as_dict()}), model_fp)
+    if calibration is not None:
+        if isinstance(calibration, (str, Path)):
+            calibration = Calibration.load(calibration)
+        elif not isinstance(calibration, Calibration):
+            calibration = collect(model, calibration)
+        handle.use_calibration(calibration)
 
     def on_pass(result: PassResult) -> None:
         handle.passes.append(result)
@@ -55,6 +92,7 @@ def compile(model: torch.nn.Module, ratio: float = 0.4, *, calibration=None, pol
         if unmatched:
             warnings.warn("ppcompile: blocks left dense:\n  " + "\n  ".join(unmatched), stacklevel=2)
 
-    fn = make_backend(config, handle.runtime, inductor=backend == "inductor", on_pass=on_pass)
+    fn = make_backend(config, handle.runtime, calibration=lambda: handle.calibration,
+                      inductor=backend == "inductor", on_pass=on_pass)
     model.pp = handle
     return torch.compile(model, backend=fn, dynamic=False)

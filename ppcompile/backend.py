@@ -6,22 +6,43 @@ from typing import Callable
 import torch
 from torch import fx
 
+from .calibration import Calibration
 from .config import PPConfig
-from .passes.probe_prune import PassResult, StaticChoice, run_pass
+from .passes.probe_prune import PassResult, run_pass
 from .runtime import Runtime
 
 
-def make_backend(config: PPConfig, runtime: Runtime, *, static: dict[str, StaticChoice] | None = None,
+def _real_tensors(gm: fx.GraphModule, example_inputs: list) -> Callable[[fx.Node], torch.Tensor | None]:
+    """A graph node -> the real tensor behind it (a placeholder's example input, a get_attr's attribute)."""
+    index = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+
+    def real(node: fx.Node) -> torch.Tensor | None:
+        if node.op == "placeholder" and node.name in index:
+            t = example_inputs[index[node.name]]
+        elif node.op == "get_attr":
+            t = getattr(gm, node.target, None)
+        else:
+            return None
+        real_tensor = isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor)
+        return t if real_tensor else None
+
+    return real
+
+
+def make_backend(config: PPConfig, runtime: Runtime, *,
+                 calibration: Callable[[], Calibration | None] = lambda: None,
                  inductor: bool = True, on_pass: Callable[[PassResult], None] | None = None):
+    """`calibration` is read when a graph is compiled (a static policy scores its weights then)."""
     def backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
-        result = run_pass(gm, config, static)
+        result = run_pass(gm, config, calibration=calibration(), real=_real_tensors(gm, example_inputs))
         if on_pass is not None:
             on_pass(result)
         channels = {s.name: s.channels for s in result.sites}
+        history = {name: channels[name] for name in result.history_sites}  # in input order
+        device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
         def state_inputs() -> list[torch.Tensor]:
-            tables = [runtime.table(name, result.seq_len, channels[name]) for name in result.history_sites]
-            return ([runtime.seeded, runtime.step] if result.uses_step else []) + tables
+            return runtime.inputs(history, result.seq_len, device, result.uses_step)
 
         n = result.n_outputs
         if inductor:
@@ -42,14 +63,21 @@ def make_backend(config: PPConfig, runtime: Runtime, *, static: dict[str, Static
 
 def ppcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None):
     """`torch.compile(model, backend="ppcompile", options={...})`: every PPConfig field, plus
-    `runtime` (a Runtime to keep the history in; by default a new one, see `last_runtime()`)."""
+    `runtime` (a Runtime to keep the history in; by default a new one, see `last_runtime()`),
+    `calibration` (a Calibration or the path of a saved one: seeds the history, and the static
+    policies score with it) and `inductor` (False: run the rewritten graph without Inductor)."""
     options = dict(options or {})
     runtime = options.pop("runtime", None)
     inductor = options.pop("inductor", True)
+    cal = options.pop("calibration", None)
     config = PPConfig.from_options(options)
+    if cal is not None and not isinstance(cal, Calibration):
+        cal = Calibration.load(cal)
     global _LAST_RUNTIME
     _LAST_RUNTIME = runtime = runtime or Runtime(config.momentum)
-    return make_backend(config, runtime, inductor=inductor)(gm, example_inputs)
+    if cal is not None and config.policy == "pp" and not bool(runtime.seeded):
+        runtime.seed({site: cal.history(site) for site in cal.stats})
+    return make_backend(config, runtime, calibration=lambda: cal, inductor=inductor)(gm, example_inputs)
 
 
 _LAST_RUNTIME: Runtime | None = None

@@ -5,12 +5,15 @@ import argparse
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
 from . import data, models
+from .calibration import collect
+from .config import STATIC_POLICIES
 from .evaluate import MethodResult, evaluate
 from .methods import RATIO_FREE, build_method, parse_methods
 
@@ -34,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batches", type=int, default=4)
     ev.add_argument("--methods", default="dense", help="comma-separated method names")
     ev.add_argument("--ratio", type=_ratios, default=[0.4], help="pruning ratio(s), comma-separated")
+    ev.add_argument("--calibration", metavar="SOURCE",
+                    help="calibration text (a data source, kept disjoint from --data): seeds pp's "
+                         "history; wanda-sp and flap need it")
+    ev.add_argument("--calibration-windows", type=int, default=64,
+                    help="seeded-random windows of --seq-len tokens drawn from the calibration text")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    ev.add_argument("--backend", choices=["inductor", "eager"], default="inductor",
+                    help="how the pruned methods run the rewritten graph")
     ev.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
     ev.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -46,19 +57,38 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_eval(model_name: str, text: str, seq_len: int, batch_size: int, n_batches: int,
-              method_names: list[str], ratios: list[float], progress: bool) -> list[dict]:
+              method_names: list[str], ratios: list[float], progress: bool, *,
+              calibration: str | None = None, calibration_windows: int = 64, seed: int = 0,
+              backend: str = "inductor") -> list[dict]:
+    static = [m for m in method_names if m in STATIC_POLICIES]
+    if static and not calibration:
+        raise ValueError(f"method(s) {', '.join(static)} need calibration text: add --calibration SOURCE "
+                         "(e.g. --calibration brown:fgh)")
     model, tokenizer = models.load_model(model_name)
-    windows = data.token_windows(text, tokenizer, seq_len, n_windows=batch_size * n_batches)
+    eval_docs, cal, cal_seconds = data.load_documents(text), None, 0.0
+    if calibration:
+        eval_docs, cal_docs = data.split_disjoint(eval_docs, data.load_documents(calibration))
+        cal_windows = data.token_windows(cal_docs, tokenizer, seq_len, n_windows=calibration_windows,
+                                         mode="random", seed=seed)
+        start = time.perf_counter()
+        cal = collect(model, data.iter_batches(cal_windows, batch_size), progress=progress,
+                      meta={"text": calibration, "windows": calibration_windows, "seq_len": seq_len, "seed": seed})
+        cal_seconds = time.perf_counter() - start
+    windows = data.token_windows(eval_docs, tokenizer, seq_len, n_windows=batch_size * n_batches)
+    # one compiled model per method and ratio, all of the same forward: let Dynamo keep them all
+    n_compiled = len(method_names) * len(ratios) + 2
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_compiled)
     methods = {}
     for name in method_names:
         for ratio in ([0.0] if name in RATIO_FREE else ratios):
             label = name if name in RATIO_FREE else f"{name}@{ratio:g}"
-            methods[label] = (name, ratio, build_method(name, model, ratio))
+            methods[label] = (name, ratio, build_method(name, model, ratio, cal, backend))
     reference = "dense" if "dense" in methods else None
     results = evaluate({label: fn for label, (_, _, fn) in methods.items()},
                        data.iter_batches(windows, batch_size), reference=reference, progress=progress)
     context = {"model": model_name, "text": text, "seq_len": seq_len, "batch_size": batch_size,
-               "torch": torch.__version__, "device": _device_name()}
+               "calibration": cal.meta if cal else None, "calibration_seconds": round(cal_seconds, 2),
+               "backend": backend, "torch": torch.__version__, "device": _device_name()}
     return [_row(r, *methods[r.method][:2], context) for r in results]
 
 
@@ -76,8 +106,10 @@ def _print_table(rows: list[dict]) -> None:
     cols = ["method", "ratio", "ppl", "kl", "top1", "seconds_per_batch", "tokens_per_second"]
     print(tabulate([[r[c] for c in cols] for r in rows], headers=cols, floatfmt=".4g"))
     r = rows[0]
+    cal = r["calibration"]
+    cal_line = f", calibration {cal['windows']} windows of {cal['text']} ({r['calibration_seconds']:.0f} s)" if cal else ""
     print(f"model {r['model']}, text {r['text']}, seq {r['seq_len']}, batch {r['batch_size']}, "
-          f"{r['batches']} batches, torch {r['torch']}, {r['device']}")
+          f"{r['batches']} batches{cal_line}, torch {r['torch']}, {r['device']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = _run_eval("smollm2-135m", "brown:a", 256, 4, args.batches, ["dense", "pp"], [0.4], True)
         else:
             rows = _run_eval(args.model, args.data, args.seq_len, args.batch_size, args.batches,
-                             parse_methods(args.methods), args.ratio, not args.quiet)
+                             parse_methods(args.methods), args.ratio, not args.quiet,
+                             calibration=args.calibration, calibration_windows=args.calibration_windows,
+                             seed=args.seed, backend=args.backend)
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps(rows, indent=2) + "\n")

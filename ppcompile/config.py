@@ -5,6 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 POLICIES = ("pp", "full-batch", "wanda-sp", "flap", "dense")
+STATIC_POLICIES = ("wanda-sp", "flap")  # indices fixed once from calibration statistics
 BLOCKS = ("both", "attention", "mlp")
 
 

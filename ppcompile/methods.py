@@ -1,6 +1,6 @@
 """The methods `ppcompile eval` can compare, by name.
 
-A method turns (model, ratio) into a logits function. New methods register here as they land.
+A method turns (model, ratio, calibration) into a logits function. New methods register here.
 """
 from __future__ import annotations
 
@@ -8,25 +8,34 @@ from typing import Callable
 
 import torch
 
+from .calibration import Calibration
+from .config import STATIC_POLICIES
 from .evaluate import LogitsFn, model_logits_fn
 
-MethodBuilder = Callable[[torch.nn.Module, float], LogitsFn]
+MethodBuilder = Callable[[torch.nn.Module, float, "Calibration | None", str], LogitsFn]
 
 
-def _dense(model: torch.nn.Module, ratio: float) -> LogitsFn:
-    return model_logits_fn(model)
+def _dense(model: torch.nn.Module, ratio: float, calibration: Calibration | None, backend: str) -> LogitsFn:
+    return model_logits_fn(model)  # the model as it is, eager
 
 
 def _policy(policy: str) -> MethodBuilder:
-    def build(model: torch.nn.Module, ratio: float) -> LogitsFn:
+    def build(model: torch.nn.Module, ratio: float, calibration: Calibration | None, backend: str) -> LogitsFn:
         from .api import compile as pp_compile  # late: the CLI starts faster without torch.compile
-        return model_logits_fn(pp_compile(model, ratio, policy=policy))
+        if policy == "full-batch":
+            calibration = None  # the oracle has no history and no use for one
+        elif policy in STATIC_POLICIES and calibration is None:
+            raise ValueError(f"method {policy!r} needs calibration text: add --calibration SOURCE")
+        return model_logits_fn(pp_compile(model, ratio, policy=policy, calibration=calibration, backend=backend))
 
     return build
 
 
-# pp here runs without calibration: its history starts empty and fills from the evaluated batches.
-METHODS: dict[str, MethodBuilder] = {"dense": _dense, "pp": _policy("pp"), "full-batch": _policy("full-batch")}
+# pp without calibration starts with an empty history that fills from the evaluated batches.
+METHODS: dict[str, MethodBuilder] = {
+    "dense": _dense, "pp": _policy("pp"), "full-batch": _policy("full-batch"),
+    "wanda-sp": _policy("wanda-sp"), "flap": _policy("flap"),
+}
 RATIO_FREE = {"dense"}  # methods whose result does not depend on the ratio
 
 
@@ -39,5 +48,6 @@ def parse_methods(spec: str) -> list[str]:
     return names
 
 
-def build_method(name: str, model: torch.nn.Module, ratio: float) -> LogitsFn:
-    return METHODS[name](model, ratio)
+def build_method(name: str, model: torch.nn.Module, ratio: float, calibration: Calibration | None = None,
+                 backend: str = "inductor") -> LogitsFn:
+    return METHODS[name](model, ratio, calibration, backend)

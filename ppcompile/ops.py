@@ -123,3 +123,21 @@ def advance_(step: torch.Tensor, seeded: torch.Tensor) -> torch.Tensor:
     """After a call: the history is seeded once a non-warm-up call updated it; count the call."""
     seeded.logical_or_(step > 0)
     return step.add_(1)
+
+
+def accumulate_stats_(sq: torch.Tensor, count: torch.Tensor, total: torch.Tensor, total_sq: torch.Tensor,
+                      x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Calibration sums of the final projection's input x (B, L, C), in place, over real tokens:
+    sq (L, C) += sum_b x^2, count (L,) += tokens per position, total / total_sq (C,) += sum of x / x^2.
+    """
+    x = x.float()
+    if valid is not None:
+        x = torch.where(valid.unsqueeze(-1), x, 0.0)
+        tokens = valid.sum(0)  # (L,)
+    else:
+        tokens = torch.full((x.shape[1],), x.shape[0], device=x.device)
+    x_sq = x.pow(2)
+    sq.add_(x_sq.sum(0))
+    count.add_(tokens.to(count.dtype))
+    total.add_(x.sum((0, 1)).to(total.dtype))
+    return total_sq.add_(x_sq.sum((0, 1)).to(total_sq.dtype))

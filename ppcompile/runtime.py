@@ -10,26 +10,46 @@ import torch
 
 
 class Runtime:
-    def __init__(self, momentum: float = 0.99):
+    def __init__(self, momentum: float = 0.99, key: dict | None = None):
         self.momentum = momentum
+        self.key = key  # what the state belongs to ({"model": fingerprint, "config": {...}}); checked on load
         self.tables: dict[str, torch.Tensor] = {}
         self.step = torch.zeros((), dtype=torch.long)  # calls so far; call 0 is the warm-up
         self.seeded = torch.zeros((), dtype=torch.bool)  # the history holds real statistics
         self._last: dict[str, torch.Tensor] = {}
 
-    def table(self, site: str, seq_len: int, channels: int, like: torch.Tensor | None = None) -> torch.Tensor:
+    def inputs(self, sites: dict[str, int], seq_len: int, device, with_step: bool) -> list[torch.Tensor]:
+        """What a compiled graph takes after its own inputs: [seeded, step] and the history rows
+        [0, seq_len) of each site (site -> channels), on the graph's device."""
+        if self.step.device != torch.device(device):
+            self.step, self.seeded = self.step.to(device), self.seeded.to(device)
+        tables = [self.table(site, seq_len, channels, device) for site, channels in sites.items()]
+        return ([self.seeded, self.step] if with_step else []) + tables
+
+    def table(self, site: str, seq_len: int, channels: int, device="cpu") -> torch.Tensor:
         """The history rows [0, seq_len) of a site; a longer sequence grows the table (new rows 0)."""
         t = self.tables.get(site)
         if t is not None and t.shape[1] != channels:
             raise ValueError(f"history of {site} has {t.shape[1]} channels, the graph {channels}: "
                              "state from another model or config")
+        if t is not None and t.device != torch.device(device):
+            self.tables[site] = t = t.to(device)
         if t is None or t.shape[0] < seq_len:
-            grown = torch.zeros(seq_len, channels, dtype=torch.float32,
-                                device=like.device if like is not None else "cpu")
+            grown = torch.zeros(seq_len, channels, dtype=torch.float32, device=device)
             if t is not None:
                 grown[: t.shape[0]] = t
             self.tables[site] = t = grown
         return t[:seq_len]
+
+    def seed(self, histories: dict[str, torch.Tensor]) -> None:
+        """Start from calibration: site -> (L, C) mean of x^2 per position; the history is seeded."""
+        for site, h in histories.items():
+            cur = self.tables.get(site)
+            if cur is not None and cur.shape == h.shape:
+                cur.copy_(h)  # in place: compiled graphs hold views of it
+            else:
+                self.tables[site] = h.float().clone()
+        self.seeded.fill_(True)
 
     def record(self, selections: dict[str, torch.Tensor]) -> None:
         self._last.update(selections)
@@ -38,15 +58,20 @@ class Runtime:
         """Site name -> kept head (attention) or channel (MLP) indices of the last call."""
         return dict(self._last)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict:
         state = {f"history.{k}": v.clone() for k, v in self.tables.items()}
-        state.update(step=self.step.clone(), seeded=self.seeded.clone())
+        state.update(step=self.step.clone(), seeded=self.seeded.clone(), key=self.key)
         return state
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         missing = {"step", "seeded"} - set(state)
         if missing:
             raise ValueError(f"runtime state lacks {sorted(missing)}")
+        theirs = state.get("key")
+        if self.key is not None and theirs is not None and theirs != self.key:
+            what = [k for k in self.key if self.key.get(k) != theirs.get(k)]
+            raise ValueError(f"this runtime state belongs to another {' and '.join(what)} "
+                             f"(saved {theirs}, here {self.key})")
         for name, t in state.items():
             if name.startswith("history."):
                 site = name[len("history."):]

@@ -14,21 +14,28 @@ def _ids(b=3, L=20, seed=0):
     return torch.randint(0, 128, (b, L), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("policy", ["pp", "full-batch", "dense"])
+def _calibration_batches():
+    return [_ids(b=2, L=24, seed=10 + i) for i in range(2)]
+
+
+@pytest.mark.parametrize("policy", ["pp", "full-batch", "wanda-sp", "flap", "dense"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_ratio_zero_is_the_original_model(arch, policy):
     model = random_model(arch)
     ids, mask = _ids(), torch.ones(3, 20, dtype=torch.long)
+    cal = _calibration_batches() if policy in ("wanda-sp", "flap") else None
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
-        out = pp.compile(model, 0.0, policy=policy, backend="eager", strict=True, **TINY)(ids, attention_mask=mask).logits
+        out = pp.compile(model, 0.0, policy=policy, backend="eager", strict=True, calibration=cal,
+                         **TINY)(ids, attention_mask=mask).logits
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     pruned = [r for r in model.pp.summary() if r["status"] == "pruned"]
     assert len(pruned) == (0 if policy == "dense" else 8)  # attention + MLP of layers 1..4
 
 
-def _masked_dense_logits(model, ids, selection, head_dim):
-    """An independent pruned forward: zero the final projections' columns of pruned heads/channels."""
+def _masked_dense_logits(model, ids, selection, head_dim, mean=None):
+    """An independent pruned forward: zero the final projections' columns of pruned heads/channels
+    (with `mean` (site -> mean input), add back the pruned columns' mean contribution, as FLAP)."""
     with torch.no_grad():
         for site, kept in selection.items():
             layer = model.get_submodule(site.rsplit(".", 1)[0])
@@ -37,6 +44,9 @@ def _masked_dense_logits(model, ids, selection, head_dim):
             cols = torch.ones(final.weight.shape[1], dtype=torch.bool)
             idx = (kept[:, None] * head_dim + torch.arange(head_dim)).flatten() if attn else kept
             cols[idx] = False
+            if mean is not None:
+                comp = final.weight[:, cols].double() @ mean[site][cols]
+                final.register_forward_hook(lambda m, a, out, comp=comp: out + comp.to(out.dtype))
             final.weight[:, cols] = 0.0
         return model(ids).logits
 
@@ -64,6 +74,40 @@ def test_pruned_output_equals_dense_with_pruned_columns_zeroed(arch, policy):
     assert {len(v) for k, v in sel.items() if k.endswith("mlp")} == {cfg.kept_channels(128, 5)}
     ref = _masked_dense_logits(random_model(arch), ids, sel, head_dim=16)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("policy", ["wanda-sp", "flap"])
+def test_static_policies_equal_dense_with_pruned_columns_zeroed(arch, policy):
+    model = random_model(arch)
+    ids = _ids()
+    compiled = pp.compile(model, 0.4, policy=policy, backend="eager", strict=True,
+                          calibration=_calibration_batches(), **TINY)
+    with torch.no_grad():
+        out = compiled(ids).logits
+    sel = model.pp.runtime.last_selection()
+    cal = model.pp.calibration
+    if policy == "wanda-sp":
+        assert {len(v) for k, v in sel.items() if k.endswith("mlp")} == {model.pp.config.kept_channels(128, 5)}
+    mean = {site: cal.mean(site) for site in sel} if policy == "flap" else None
+    ref = _masked_dense_logits(random_model(arch), ids, sel, head_dim=16, mean=mean)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    # indices fixed once: the weights were sliced at compile time, the graph gathers none
+    gm = model.pp.passes[-1].gm
+    assert not [n for n in gm.graph.nodes if n.target is torch.index_select and "_w" in n.name]
+
+
+def test_flap_allocation_matches_the_uniform_flops():
+    model = random_model("llama-gqa")
+    pp.compile(model, 0.4, policy="flap", backend="eager", calibration=_calibration_batches(), **TINY)(_ids())
+    rows = [r for r in model.pp.summary() if r["status"] == "pruned"]
+    d = 64
+    # GQA: a head costs its Q rows and O columns (2 * 16 * d), a channel gate + up + down (3 * d)
+    pruned = sum((r["total"] - r["kept"]) * (2 * 16 * d if r["kind"] == "attention" else 3 * d) for r in rows)
+    cfg = model.pp.config
+    target = 4 * ((4 - cfg.kept_heads(4, 5)) * 2 * 16 * d + (128 - cfg.kept_channels(128, 5)) * 3 * d)
+    assert target <= pruned < target + 2 * 16 * d  # reached, overshooting by less than one head
+    assert len({r["kept"] for r in rows if r["kind"] == "mlp"}) > 1  # not uniform across layers
 
 
 @pytest.mark.parametrize("block", ["attention", "mlp"])

@@ -9,28 +9,12 @@ Invariants every rewrite keeps:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import fx
 
-from .. import ops
-from .dims import Atom, Labeler, Labels, Unsupported, anon, resized_args
-from .sites import SDPA, Site, sdpa_qkv, value
-
-
-@dataclass
-class GraphInputs:
-    """Per-graph nodes every site shares."""
-    valid: fx.Node | None  # (B, L) bool: real tokens
-    batch: int
-    seq_len: int
-
-
-def _call(g: fx.Graph, fn, *args, name: str, **kwargs) -> fx.Node:
-    node = g.call_function(fn, args, kwargs)
-    node.name = g._graph_namespace.create_name(name, None)
-    return node
+from .graph import call
+from .dims import Atom, Labeler, Labels, anon, resized_args
+from .sites import Site, sdpa_qkv, value
 
 
 def label_site(site: Site, kv_whole: bool) -> Labeler:
@@ -80,7 +64,7 @@ def probe_activation(g: fx.Graph, site: Site, lab: Labeler, p: fx.Node, kept_b: 
             side = args[key] if isinstance(key, int) else kwargs[key]
             for dim, atom in sorted(need.items()):
                 if atom in index:
-                    side = _call(g, torch.index_select, side, dim, index[atom], name=f"{tag}_probe_side")
+                    side = call(g, torch.index_select, side, dim, index[atom], name=f"{tag}_probe_side")
             if isinstance(key, int):
                 args[key] = side
             else:
@@ -106,8 +90,8 @@ def compact(g: fx.Graph, site: Site, lab: Labeler, weights: dict[fx.Node, tuple]
     if kv_index is not None:  # query heads pruned, K/V whole: each kept head reads its own K/V
         q, k, v = sdpa_qkv(site.sdpa)
         with g.inserting_before(site.sdpa):
-            k2 = _call(g, torch.index_select, k, 1, kv_index, name=f"{tag}_gather_k")
-            v2 = _call(g, torch.index_select, v, 1, kv_index, name=f"{tag}_gather_v")
+            k2 = call(g, torch.index_select, k, 1, kv_index, name=f"{tag}_gather_k")
+            v2 = call(g, torch.index_select, v, 1, kv_index, name=f"{tag}_gather_v")
         site.sdpa.args = (q, k2, v2) + tuple(site.sdpa.args[3:])
         kwargs = dict(site.sdpa.kwargs)
         kwargs.pop("key", None), kwargs.pop("value", None), kwargs.pop("query", None)

@@ -1,0 +1,77 @@
+"""Wanda-sp and FLAP decisions on hand-made statistics, checked against the formulas by hand."""
+import math
+
+import torch
+
+from ppcompile.baselines import choose, flap_allocation, unit_scores
+from ppcompile.calibration import Calibration
+from ppcompile.passes.sites import Site
+
+
+def _site(name, kind, channels, heads=0, head_dim=0, kept=0):
+    return Site(name=name, kind=kind, layer=1, final=None, projections=[], x=None, x_res=None, region=[],
+                channels=channels, heads=heads, head_dim=head_dim, kept=kept)
+
+
+def _calibration(site, x):
+    """Statistics of x (N, L, C), all tokens real."""
+    cal = Calibration("fp")
+    cal.stats[site] = {"sq": x.pow(2).sum(0), "count": torch.full((x.shape[1],), float(x.shape[0])),
+                       "total": x.double().sum((0, 1)), "total_sq": x.double().pow(2).sum((0, 1))}
+    return cal
+
+
+X = torch.tensor([[[1.0, -2.0, 0.5, 3.0], [2.0, 0.0, -1.0, 1.0]],
+                  [[3.0, 2.0, 0.5, -1.0], [0.0, 4.0, 1.0, 1.0]]])  # (N=2, L=2, C=4)
+W = torch.tensor([[1.0, -1.0, 2.0, 0.5], [-3.0, 0.5, 1.0, 1.0]])  # (d_out=2, C=4)
+
+
+def test_wanda_sp_scores_by_hand():
+    cal = _calibration("s", X)
+    # S_j = sum over positions of the mean of x^2: position 0 (1+9)/2, (4+4)/2, (.25+.25)/2, (9+1)/2;
+    # position 1 (4+0)/2, (0+16)/2, (1+1)/2, (1+1)/2
+    S = torch.tensor([5 + 2, 4 + 8, 0.25 + 1, 5 + 1], dtype=torch.float64)
+    col_abs = torch.tensor([4.0, 1.5, 3.0, 1.5], dtype=torch.float64)
+    expected = col_abs * S.sqrt()
+    got = unit_scores("wanda-sp", _site("s", "mlp", 4), W, cal)
+    torch.testing.assert_close(got, expected)
+    heads = unit_scores("wanda-sp", _site("s", "attention", 4, heads=2, head_dim=2), W, cal)
+    torch.testing.assert_close(heads, torch.stack([expected[:2].sum(), expected[2:].sum()]))
+
+
+def test_flap_scores_by_hand():
+    cal = _calibration("s", X)
+    tokens = X.reshape(-1, 4).double()
+    V = tokens.var(0, unbiased=False)  # e.g. channel 0: values 1, 2, 3, 0 -> mean 1.5, var 1.25
+    assert math.isclose(V[0].item(), 1.25)
+    expected = V * torch.tensor([10.0, 1.25, 5.0, 1.25], dtype=torch.float64)  # sum_i W_ij^2
+    torch.testing.assert_close(unit_scores("flap", _site("s", "mlp", 4), W, cal), expected)
+
+
+def test_flap_allocation_prunes_the_globally_lowest_standardized_units():
+    scores = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([10.0, 20.0, 30.0, 40.0])}
+    cost = {"a": 1.0, "b": 2.0}
+    # standardized: a -> [-1.22, 0, 1.22], b -> [-1.34, -0.45, 0.45, 1.34]; ascending: b0, a0, b1, a1, ...
+    assert flap_allocation(scores, cost, target=3) == {"a": 2, "b": 3}  # b0 (2) + a0 (1) reach 3
+    assert flap_allocation(scores, cost, target=5) == {"a": 2, "b": 2}  # + b1 (2)
+    assert flap_allocation(scores, cost, target=0) == {"a": 3, "b": 4}
+    assert flap_allocation(scores, cost, target=100) == {"a": 1, "b": 1}  # every site keeps one unit
+
+
+def test_flap_bias_compensation_is_the_pruned_columns_times_their_mean():
+    cal = _calibration("s", X)
+    site = _site("s", "mlp", 4, kept=2)
+    (choice,) = choose("flap", [site], {"s": W}, {"s": 1.0}, cal).values()
+    mu = X.reshape(-1, 4).mean(0)
+    pruned = [j for j in range(4) if j not in choice.kept.tolist()]
+    assert len(choice.kept) == 2 and len(pruned) == 2
+    expected = sum(W[:, j] * mu[j] for j in pruned)
+    torch.testing.assert_close(choice.bias, expected)
+
+
+def test_wanda_sp_keeps_the_uniform_count_of_best_heads():
+    cal = _calibration("s", X)
+    site = _site("s", "attention", 4, heads=2, head_dim=2, kept=1)
+    (choice,) = choose("wanda-sp", [site], {"s": W}, {"s": 1.0}, cal).values()
+    scores = unit_scores("wanda-sp", site, W, cal)
+    assert choice.kept.tolist() == [int(scores.argmax())] and choice.bias is None
