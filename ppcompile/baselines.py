@@ -3,10 +3,13 @@
 Both score the units (heads, MLP channels) of each site once, from the final projection's weight W
 (d_out, C) and the calibration statistics of its input, and keep the best ones for good:
   wanda-sp  channel score sum_i |W_ij| * sqrt(S_j); the same kept count as the uniform rules
-  flap      channel score V_j * sum_i W_ij^2, standardized per site; one global threshold sets
-            how many units each site keeps, so that the pruned FLOPs match the uniform rules';
-            the pruned channels' mean contribution W[:, pruned] @ mu[pruned] is added back as a bias
-A head's score is the sum of its channels' scores.
+  flap      channel score V_j * sum_i W_ij^2, standardized over the channels of each block of
+            each layer; a head scores the mean of its channels' standardized scores; one global
+            threshold over all blocks sets how many units each keeps, so that the pruned FLOPs
+            reach the layer ratio r_l of the pruned layers' prunable FLOPs (FLAP's own allocation,
+            no rounding to multiples); the pruned channels' mean contribution
+            W[:, pruned] @ mu[pruned] is added back as a bias
+A Wanda-sp head scores the sum of its channels' scores.
 """
 from __future__ import annotations
 
@@ -30,25 +33,28 @@ def unit_scores(policy: str, site: Site, weight: torch.Tensor, cal: Calibration)
     w = weight.detach().double()  # (d_out, C)
     if policy == "wanda-sp":
         per_channel = w.abs().sum(0) * cal.energy(site.name).sqrt().to(w.device)
-    elif policy == "flap":
-        per_channel = cal.variance(site.name).to(w.device) * w.pow(2).sum(0)
-    else:
-        raise ValueError(f"{policy!r} is not a static policy")
-    return per_channel.view(site.heads, -1).sum(-1) if site.kind == "attention" else per_channel
+        return per_channel.view(site.heads, -1).sum(-1) if site.kind == "attention" else per_channel
+    if policy == "flap":
+        per_channel = _standardized(cal.variance(site.name).to(w.device) * w.pow(2).sum(0))
+        return per_channel.view(site.heads, -1).mean(-1) if site.kind == "attention" else per_channel
+    raise ValueError(f"{policy!r} is not a static policy")
+
+
+def _standardized(s: torch.Tensor) -> torch.Tensor:
+    std = s.std(unbiased=False)
+    return (s - s.mean()) / std if std > 0 else torch.zeros_like(s)
 
 
 def flap_allocation(scores: dict[str, torch.Tensor], cost: dict[str, float], target: float) -> dict[str, int]:
-    """Units kept per site: standardize each site's scores, then prune the globally lowest units
-    until their summed cost reaches `target`; every site keeps at least one unit."""
-    z, owner, unit_cost = [], [], []
+    """Units kept per site: prune the globally lowest-scoring units until their summed cost reaches
+    `target`; every site keeps at least one unit."""
+    owner, unit_cost = [], []
     for name, s in scores.items():
-        std = s.std(unbiased=False)
-        z.append((s - s.mean()) / std if std > 0 else torch.zeros_like(s))
         owner += [name] * len(s)
         unit_cost += [cost[name]] * len(s)
     kept = {name: len(s) for name, s in scores.items()}
     pruned = 0.0
-    for i in torch.cat(z).argsort().tolist():
+    for i in torch.cat(list(scores.values())).argsort().tolist():
         if pruned >= target:
             break
         if kept[owner[i]] > 1:
@@ -58,13 +64,14 @@ def flap_allocation(scores: dict[str, torch.Tensor], cost: dict[str, float], tar
 
 
 def choose(policy: str, sites: list[Site], weights: dict[str, torch.Tensor], cost: dict[str, float],
-           cal: Calibration) -> dict[str, StaticChoice]:
+           cal: Calibration, layer_ratio: float) -> dict[str, StaticChoice]:
     """The static decision for every site. `sites` carry the uniform kept counts (`site.kept`),
-    `weights` the final projections' weights, `cost` the FLOPs per token of one unit of each site."""
+    `weights` the final projections' weights, `cost` the FLOPs per token of one unit of each site;
+    `layer_ratio` is r_l, the fraction FLAP prunes of the sites' prunable FLOPs."""
     scores = {s.name: unit_scores(policy, s, weights[s.name], cal) for s in sites}
     counts = {s.name: s.kept for s in sites}
     if policy == "flap":
-        target = sum((len(scores[s.name]) - s.kept) * cost[s.name] for s in sites)
+        target = layer_ratio * sum(len(scores[s.name]) * cost[s.name] for s in sites)
         counts = flap_allocation(scores, cost, target)
     choices = {}
     for s in sites:

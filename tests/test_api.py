@@ -97,16 +97,16 @@ def test_static_policies_equal_dense_with_pruned_columns_zeroed(arch, policy):
     assert not [n for n in gm.graph.nodes if n.target is torch.index_select and "_w" in n.name]
 
 
-def test_flap_allocation_matches_the_uniform_flops():
+def test_flap_prunes_the_layer_ratio_of_the_prunable_flops():
     model = random_model("llama-gqa")
     pp.compile(model, 0.4, policy="flap", backend="eager", calibration=_calibration_batches(), **TINY)(_ids())
     rows = [r for r in model.pp.summary() if r["status"] == "pruned"]
     d = 64
     # GQA: a head costs its Q rows and O columns (2 * 16 * d), a channel gate + up + down (3 * d)
-    pruned = sum((r["total"] - r["kept"]) * (2 * 16 * d if r["kind"] == "attention" else 3 * d) for r in rows)
-    cfg = model.pp.config
-    target = 4 * ((4 - cfg.kept_heads(4, 5)) * 2 * 16 * d + (128 - cfg.kept_channels(128, 5)) * 3 * d)
-    assert target <= pruned < target + 2 * 16 * d  # reached, overshooting by less than one head
+    cost = {"attention": 2 * 16 * d, "mlp": 3 * d}
+    pruned = sum((r["total"] - r["kept"]) * cost[r["kind"]] for r in rows)
+    target = model.pp.config.layer_ratio(5) * 4 * (4 * cost["attention"] + 128 * cost["mlp"])
+    assert target <= pruned < target + cost["attention"]  # reached, overshooting by less than one head
     assert len({r["kept"] for r in rows if r["kind"] == "mlp"}) > 1  # not uniform across layers
 
 
@@ -210,3 +210,33 @@ def test_inductor_and_eager_routes_agree():
         sels.append({k: v.tolist() for k, v in model.pp.runtime.last_selection().items()})
     assert sels[0] == sels[1]
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_pp_keeps_what_probe_and_history_give_by_hand():
+    # Only the MLP of the last layer prunes, so its input is the dense model's.
+    model = random_model("llama-gqa")
+    ids = _ids(b=4, L=12)
+    mlp = model.model.layers[4].mlp
+    cap = {}
+    hook = model.model.layers[4].post_attention_layernorm.register_forward_hook(
+        lambda m, a, o: cap.update(x_res=a[0], x=o))
+    c = pp.compile(model, 0.12, backend="eager", skip_layers=(0, 1, 2, 3), mlp_multiple=16, blocks="mlp",
+                   sample_ratio=0.5)
+    history = torch.rand(12, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        c(ids)  # warm-up
+        model.pp.runtime.seed({"model.layers.4.mlp": history.clone()})
+        c(ids)
+    hook.remove()
+    (kept,) = model.pp.runtime.last_selection().values()
+    # probe by hand: positions by the L2 norm over the batch of the residual norms, then samples
+    norms = cap["x_res"].norm(dim=-1)  # (4, 12)
+    kept_t = norms.norm(dim=0).topk(6).indices.sort().values
+    kept_b = norms[:, kept_t].norm(dim=1).topk(2).indices.sort().values
+    p = cap["x"][kept_b][:, kept_t]
+    act = mlp.act_fn(mlp.gate_proj(p)) * mlp.up_proj(p)  # (2, 6, 128)
+    P, H = act.pow(2).mean(0), history[kept_t]
+    alpha = P / (P + H + 1e-6)
+    energy = (alpha * P + (1 - alpha) * H).sum(0)
+    scores = energy * mlp.down_proj.weight.pow(4).sum(0).sqrt()
+    assert kept.tolist() == sorted(scores.topk(64).indices.tolist())

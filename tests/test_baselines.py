@@ -44,14 +44,17 @@ def test_flap_scores_by_hand():
     tokens = X.reshape(-1, 4).double()
     V = tokens.var(0, unbiased=False)  # e.g. channel 0: values 1, 2, 3, 0 -> mean 1.5, var 1.25
     assert math.isclose(V[0].item(), 1.25)
-    expected = V * torch.tensor([10.0, 1.25, 5.0, 1.25], dtype=torch.float64)  # sum_i W_ij^2
-    torch.testing.assert_close(unit_scores("flap", _site("s", "mlp", 4), W, cal), expected)
+    raw = V * torch.tensor([10.0, 1.25, 5.0, 1.25], dtype=torch.float64)  # V_j * sum_i W_ij^2
+    z = (raw - raw.mean()) / raw.std(unbiased=False)  # standardized over the block's channels
+    torch.testing.assert_close(unit_scores("flap", _site("s", "mlp", 4), W, cal), z)
+    heads = unit_scores("flap", _site("s", "attention", 4, heads=2, head_dim=2), W, cal)
+    torch.testing.assert_close(heads, torch.stack([z[:2].mean(), z[2:].mean()]))
 
 
-def test_flap_allocation_prunes_the_globally_lowest_standardized_units():
-    scores = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([10.0, 20.0, 30.0, 40.0])}
+def test_flap_allocation_prunes_the_globally_lowest_units():
+    scores = {"a": torch.tensor([-1.2, 0.0, 1.2]), "b": torch.tensor([-1.3, -0.4, 0.4, 1.3])}
     cost = {"a": 1.0, "b": 2.0}
-    # standardized: a -> [-1.22, 0, 1.22], b -> [-1.34, -0.45, 0.45, 1.34]; ascending: b0, a0, b1, a1, ...
+    # ascending: b0, a0, b1, a1, b2, ...
     assert flap_allocation(scores, cost, target=3) == {"a": 2, "b": 3}  # b0 (2) + a0 (1) reach 3
     assert flap_allocation(scores, cost, target=5) == {"a": 2, "b": 2}  # + b1 (2)
     assert flap_allocation(scores, cost, target=0) == {"a": 3, "b": 4}
@@ -60,8 +63,8 @@ def test_flap_allocation_prunes_the_globally_lowest_standardized_units():
 
 def test_flap_bias_compensation_is_the_pruned_columns_times_their_mean():
     cal = _calibration("s", X)
-    site = _site("s", "mlp", 4, kept=2)
-    (choice,) = choose("flap", [site], {"s": W}, {"s": 1.0}, cal).values()
+    site = _site("s", "mlp", 4)
+    (choice,) = choose("flap", [site], {"s": W}, {"s": 1.0}, cal, layer_ratio=0.5).values()
     mu = X.reshape(-1, 4).mean(0)
     pruned = [j for j in range(4) if j not in choice.kept.tolist()]
     assert len(choice.kept) == 2 and len(pruned) == 2
@@ -72,6 +75,6 @@ def test_flap_bias_compensation_is_the_pruned_columns_times_their_mean():
 def test_wanda_sp_keeps_the_uniform_count_of_best_heads():
     cal = _calibration("s", X)
     site = _site("s", "attention", 4, heads=2, head_dim=2, kept=1)
-    (choice,) = choose("wanda-sp", [site], {"s": W}, {"s": 1.0}, cal).values()
+    (choice,) = choose("wanda-sp", [site], {"s": W}, {"s": 1.0}, cal, layer_ratio=0.5).values()
     scores = unit_scores("wanda-sp", site, W, cal)
     assert choice.kept.tolist() == [int(scores.argmax())] and choice.bias is None

@@ -83,7 +83,8 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
                 site.status = f"dense: {e}"
     static = None
     if config.policy in STATIC_POLICIES:
-        static = _static_choices(config.policy, [s for s in sites if s.name in labels], labels, calibration, real)
+        static = _static_choices(config.policy, [s for s in sites if s.name in labels], labels, calibration, real,
+                                 config.layer_ratio(n_layers))
 
     inputs = Placeholders(g)
     state_nodes: list[fx.Node] = []
@@ -135,7 +136,7 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
 
 
 def _static_choices(policy: str, sites: list[Site], labels: dict, calibration: Calibration | None,
-                    real: RealTensor | None) -> dict[str, StaticChoice]:
+                    real: RealTensor | None, layer_ratio: float) -> dict[str, StaticChoice]:
     if calibration is None:
         raise ValueError(f"policy {policy!r} is static: it needs calibration statistics; pass "
                          "calibration=<token batches or a saved Calibration> to pp.compile")
@@ -149,7 +150,7 @@ def _static_choices(policy: str, sites: list[Site], labels: dict, calibration: C
                              f"here, so policy {policy!r} cannot score it")
         weights[s.name] = w
         cost[s.name] = _unit_cost(s, labels[s.name][1])
-    choices = baselines.choose(policy, sites, weights, cost, calibration)
+    choices = baselines.choose(policy, sites, weights, cost, calibration, layer_ratio)
     for s in sites:
         s.kept = len(choices[s.name].kept)
     return choices
