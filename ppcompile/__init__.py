@@ -2,10 +2,11 @@
 from .api import Handle, calibrate, compile
 from .calibration import Calibration
 from .config import PPConfig
+from .explain import Explanation, explain
 from .runtime import Runtime
 
 __version__ = "0.1.0"
-__all__ = ["compile", "calibrate", "Calibration", "PPConfig", "Runtime", "Handle"]
+__all__ = ["compile", "calibrate", "explain", "Calibration", "Explanation", "PPConfig", "Runtime", "Handle"]
 
 
 def _register_backend() -> None:

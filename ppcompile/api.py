@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from . import dump
 from .backend import make_backend
-from .calibration import Calibration, collect, fingerprint
+from .calibration import Calibration, collect, fingerprint, resolve
 from .config import STATIC_POLICIES, PPConfig
 from .passes.probe_prune import PassResult
+from .report import site_rows
 from .runtime import Runtime
 
 
@@ -35,13 +37,8 @@ class Handle:
             self.runtime.seed({site: cal.history(site) for site in cal.stats})
 
     def summary(self) -> list[dict]:
-        """One row per site of the last compiled graph: layer, kind, kept/total, status."""
-        if not self.passes:
-            return []
-        r = self.passes[-1]
-        rows = [{"site": s.name, "layer": s.layer, "kind": s.kind, "total": s.heads or s.channels,
-                 "kept": s.kept, "status": s.status} for s in r.sites]
-        return rows + [{"site": p.split(":")[0], "status": "dense: " + p.split(": ", 1)[-1]} for p in r.problems]
+        """One row per site of the last compiled graph: layer, kind, module, kept/total, status."""
+        return site_rows(self.passes[-1]) if self.passes else []
 
 
 def calibrate(model: torch.nn.Module, batches, *, meta: dict | None = None,
@@ -57,13 +54,16 @@ def calibrate(model: torch.nn.Module, batches, *, meta: dict | None = None,
 
 
 def compile(model: torch.nn.Module, ratio: float = 0.4, *, calibration=None, policy: str = "pp",
-            backend: str = "inductor", **options) -> torch.nn.Module:
+            backend: str = "inductor", dump_dir: str | Path | None = None, **options) -> torch.nn.Module:
     """Compile `model` so that every call runs the Probe Pruning pass with the given policy.
 
     calibration: a Calibration (see pp.calibrate), the path of a saved one, or an iterable of
         token batches to calibrate on now. pp starts from its history; wanda-sp and flap need it.
     backend: "inductor" (C++ on CPU, Triton on GPU) or "eager" (the rewritten graph, run as is).
-    options: any other PPConfig field (position_ratio, sample_ratio, skip_layers, blocks, ...).
+    dump_dir: write, per compiled graph, the captured and rewritten graphs, the site table, the
+        Inductor code and a report.json there (also $PPCOMPILE_DUMP; see ppcompile.dump).
+    options: any other PPConfig field (position_ratio, sample_ratio, skip_layers, blocks,
+        telemetry, ...).
     """
     if backend not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
@@ -72,13 +72,10 @@ def compile(model: torch.nn.Module, ratio: float = 0.4, *, calibration=None, pol
         raise ValueError(f"policy {policy!r} is static: it needs calibration=<token batches or a "
                          "Calibration from pp.calibrate>")
     model_fp = fingerprint(model)
-    handle = Handle(config, Runtime(config.momentum, key={"model": model_fp, "config": config.as_dict()}), model_fp)
+    key = {"model": model_fp, "config": {k: v for k, v in config.as_dict().items() if k not in ("strict", "telemetry")}}
+    handle = Handle(config, Runtime(config.momentum, key=key, telemetry=config.telemetry), model_fp)
     if calibration is not None:
-        if isinstance(calibration, (str, Path)):
-            calibration = Calibration.load(calibration)
-        elif not isinstance(calibration, Calibration):
-            calibration = collect(model, calibration)
-        handle.use_calibration(calibration)
+        handle.use_calibration(resolve(calibration, model))
 
     def on_pass(result: PassResult) -> None:
         handle.passes.append(result)
@@ -92,7 +89,9 @@ def compile(model: torch.nn.Module, ratio: float = 0.4, *, calibration=None, pol
         if unmatched:
             warnings.warn("ppcompile: blocks left dense:\n  " + "\n  ".join(unmatched), stacklevel=2)
 
+    folder = dump.dump_dir(dump_dir)
     fn = make_backend(config, handle.runtime, calibration=lambda: handle.calibration,
-                      inductor=backend == "inductor", on_pass=on_pass)
+                      inductor=backend == "inductor", on_pass=on_pass,
+                      dumper=dump.Dumper(folder) if folder else None)
     model.pp = handle
     return torch.compile(model, backend=fn, dynamic=False)

@@ -141,3 +141,14 @@ def collect(model: torch.nn.Module, batches: Iterable, *, meta: dict | None = No
     if not cal.stats:
         raise ValueError("calibration found no attention or MLP block to record in this model")
     return cal
+
+
+def resolve(calibration, model: torch.nn.Module) -> Calibration:
+    """A Calibration from what a user may pass: a Calibration, the path of a saved one, or token
+    batches to calibrate `model` on now; checked against the model."""
+    if isinstance(calibration, (str, Path)):
+        calibration = Calibration.load(calibration)
+    elif not isinstance(calibration, Calibration):
+        calibration = collect(model, calibration)
+    calibration.check(fingerprint(model))
+    return calibration

@@ -1,4 +1,4 @@
-"""Command line: `ppcompile demo | eval | fetch`."""
+"""Command line: `ppcompile demo | eval | inspect | fetch`."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +51,21 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="dense vs Probe Pruning at 0.4 on the packaged model")
     demo.add_argument("--batches", type=int, default=2)
 
+    ins = sub.add_parser("inspect", help="what the pass does: sites, kept counts, FLOPs; with --batches, "
+                                         "per-layer telemetry of what each batch kept")
+    ins.add_argument("--model", default="smollm2-135m")
+    ins.add_argument("--ratio", type=float, default=0.4)
+    ins.add_argument("--policy", default="pp")
+    ins.add_argument("--data", default="brown:a")
+    ins.add_argument("--seq-len", type=int, default=128)
+    ins.add_argument("--batch-size", type=int, default=8)
+    ins.add_argument("--batches", type=int, default=0, help="run this many batches and report telemetry")
+    ins.add_argument("--calibration", metavar="SOURCE", help="calibration text (disjoint from --data)")
+    ins.add_argument("--calibration-windows", type=int, default=16)
+    ins.add_argument("--backend", choices=["inductor", "eager"], default="inductor")
+    ins.add_argument("--plot", type=Path, help="draw how often each head/channel was kept (PNG)")
+    ins.add_argument("--dump-dir", type=Path, help="also dump the graphs, sites and Inductor code here")
+
     fetch = sub.add_parser("fetch", help="download a corpus into the cache")
     fetch.add_argument("corpus", choices=["brown"])
     return p
@@ -65,16 +80,10 @@ def _run_eval(model_name: str, text: str, seq_len: int, batch_size: int, n_batch
         raise ValueError(f"method(s) {', '.join(static)} need calibration text: add --calibration SOURCE "
                          "(e.g. --calibration brown:fgh)")
     model, tokenizer = models.load_model(model_name)
-    eval_docs, cal, cal_seconds = data.load_documents(text), None, 0.0
-    if calibration:
-        eval_docs, cal_docs = data.split_disjoint(eval_docs, data.load_documents(calibration))
-        cal_windows = data.token_windows(cal_docs, tokenizer, seq_len, n_windows=calibration_windows,
-                                         mode="random", seed=seed)
-        start = time.perf_counter()
-        cal = collect(model, data.iter_batches(cal_windows, batch_size), progress=progress,
-                      meta={"text": calibration, "windows": calibration_windows, "seq_len": seq_len, "seed": seed})
-        cal_seconds = time.perf_counter() - start
-    windows = data.token_windows(eval_docs, tokenizer, seq_len, n_windows=batch_size * n_batches)
+    start = time.perf_counter()
+    windows, cal = _windows_and_calibration(model, tokenizer, text, seq_len, batch_size * n_batches, batch_size,
+                                            calibration, calibration_windows, seed, progress)
+    cal_seconds = time.perf_counter() - start if cal else 0.0
     # one compiled model per method and ratio, all of the same forward: let Dynamo keep them all
     n_compiled = len(method_names) * len(ratios) + 2
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_compiled)
@@ -90,6 +99,49 @@ def _run_eval(model_name: str, text: str, seq_len: int, batch_size: int, n_batch
                "calibration": cal.meta if cal else None, "calibration_seconds": round(cal_seconds, 2),
                "backend": backend, "torch": torch.__version__, "device": _device_name()}
     return [_row(r, *methods[r.method][:2], context) for r in results]
+
+
+def _windows_and_calibration(model, tokenizer, text: str, seq_len: int, n_windows: int, batch_size: int,
+                             calibration: str | None, calibration_windows: int, seed: int, progress: bool):
+    """Evaluation windows of `text` and, with a calibration source, a Calibration from seeded-random
+    windows of it (documents shared with `text` are split between the two, never in both)."""
+    eval_docs, cal = data.load_documents(text), None
+    if calibration:
+        eval_docs, cal_docs = data.split_disjoint(eval_docs, data.load_documents(calibration))
+        cal_windows = data.token_windows(cal_docs, tokenizer, seq_len, n_windows=calibration_windows,
+                                         mode="random", seed=seed)
+        cal = collect(model, data.iter_batches(cal_windows, batch_size), progress=progress,
+                      meta={"text": calibration, "windows": calibration_windows, "seq_len": seq_len, "seed": seed})
+    return data.token_windows(eval_docs, tokenizer, seq_len, n_windows=n_windows), cal
+
+
+def _run_inspect(args) -> None:
+    from .api import compile as pp_compile
+    from .explain import explain
+    model, tokenizer = models.load_model(args.model)
+    windows, cal = _windows_and_calibration(model, tokenizer, args.data, args.seq_len,
+                                            args.batch_size * max(args.batches, 1), args.batch_size,
+                                            args.calibration, args.calibration_windows, 0, False)
+    batches = list(data.iter_batches(windows, args.batch_size))
+    print(explain(model, batches[0], args.ratio, policy=args.policy, calibration=cal))
+    if args.batches <= 0:
+        return
+    torch._dynamo.reset()  # explain compiled the same forward once
+    compiled = pp_compile(model, args.ratio, policy=args.policy, calibration=cal, backend=args.backend,
+                          dump_dir=args.dump_dir, telemetry=True)
+    with torch.no_grad():
+        for batch in batches:
+            compiled(batch)
+    rows = model.pp.runtime.stats()
+    print(f"\ntelemetry over {args.batches} batches of {args.batch_size} x {args.seq_len} tokens of {args.data} "
+          "(the first is the warm-up; jaccard: overlap of consecutive batches' kept sets; "
+          "probe share: the probe's part of the fused energy, the rest is history):")
+    cols = ["layer", "kind", "kept", "total", "jaccard", "probe_share", "pruned_flops"]
+    print(tabulate([[r[c] for c in cols] for r in rows], headers=cols, floatfmt=".3f"))
+    if args.plot:
+        from .plot import plot_kept
+        title = f"{args.model}, {args.policy} at ratio {args.ratio}, {args.batches} batches of {args.data}"
+        print(f"wrote {plot_kept(model.pp.runtime, args.plot, title)}")
 
 
 def _row(result: MethodResult, method: str, ratio: float, context: dict) -> dict:
@@ -117,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "fetch":
             print(data.fetch_brown())
+            return 0
+        if args.command == "inspect":
+            _run_inspect(args)
             return 0
         if args.command == "demo":
             rows = _run_eval("smollm2-135m", "brown:a", 256, 4, args.batches, ["dense", "pp"], [0.4], True)

@@ -21,6 +21,7 @@ class PPConfig:
     mlp_multiple: int = 64  # kept MLP channels rounded up to a multiple of this
     momentum: float = 0.99  # EMA momentum of the history
     strict: bool = False  # an unmatched block is an error instead of a warning
+    telemetry: bool = False  # record per call and site what was kept (runtime.stats())
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "skip_layers", tuple(sorted(set(int(i) for i in self.skip_layers))))

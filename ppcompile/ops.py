@@ -66,6 +66,13 @@ def fuse_history(probe: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
     return (alpha * probe + (1 - alpha) * history).sum(0)  # (C,)
 
 
+def probe_share(probe: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    """How much of the fused energy came from the probe: sum(alpha*P) / sum(F), a 0-d tensor."""
+    alpha = probe / (probe + history + EPS)
+    from_probe = (alpha * probe).sum()
+    return from_probe / (from_probe + ((1 - alpha) * history).sum() + EPS)
+
+
 def channel_scores(energy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """PPsp per input channel j of the final projection W (d_out, C): c_j * sqrt(sum_i W_ij^4)."""
     return energy * weight.float().pow(4).sum(0).sqrt()

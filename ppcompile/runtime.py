@@ -10,9 +10,12 @@ import torch
 
 
 class Runtime:
-    def __init__(self, momentum: float = 0.99, key: dict | None = None):
+    def __init__(self, momentum: float = 0.99, key: dict | None = None, telemetry: bool = False):
         self.momentum = momentum
         self.key = key  # what the state belongs to ({"model": fingerprint, "config": {...}}); checked on load
+        self.telemetry = telemetry  # keep every call's selections for stats()
+        self.calls: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = []  # site -> (kept, probe share)
+        self.sites: dict[str, dict] = {}  # site -> layer, kind, total units, pruned FLOPs fraction
         self.tables: dict[str, torch.Tensor] = {}
         self.step = torch.zeros((), dtype=torch.long)  # calls so far; call 0 is the warm-up
         self.seeded = torch.zeros((), dtype=torch.bool)  # the history holds real statistics
@@ -51,8 +54,41 @@ class Runtime:
                 self.tables[site] = h.float().clone()
         self.seeded.fill_(True)
 
-    def record(self, selections: dict[str, torch.Tensor]) -> None:
+    def record(self, selections: dict[str, torch.Tensor], shares: dict[str, torch.Tensor] | None = None) -> None:
+        """After a call: its kept indices (and probe shares). Only references are kept here, so
+        recording never waits for the device; stats() reads them later."""
         self._last.update(selections)
+        if self.telemetry:
+            self.calls.append({site: (kept, (shares or {}).get(site)) for site, kept in selections.items()})
+
+    def stats(self) -> list[dict]:
+        """Per site over the recorded calls: kept/total, the mean Jaccard overlap of consecutive
+        calls' kept sets, the probe's mean share of the fused energy (pp: the rest is history),
+        and the fraction of the block's projection FLOPs pruned."""
+        if not self.telemetry:
+            raise ValueError("telemetry is off: compile with telemetry=True to record every call")
+        rows = []
+        for site, info in self.sites.items():
+            seq = [call[site] for call in self.calls if site in call]
+            if not seq:
+                continue
+            kept = [k for k, _ in seq]
+            overlaps = [_jaccard(a, b) for a, b in zip(kept, kept[1:])]
+            shares = [float(s) for _, s in seq if s is not None]
+            rows.append({"site": site, **info, "calls": len(seq), "kept": len(kept[-1]),
+                         "jaccard": sum(overlaps) / len(overlaps) if overlaps else None,
+                         "probe_share": sum(shares) / len(shares) if shares else None})
+        return rows
+
+    def kept_frequency(self, site: str) -> torch.Tensor:
+        """(units,) the fraction of recorded calls that kept each head or channel of `site`."""
+        seq = [call[site][0] for call in self.calls if site in call]
+        if not seq:
+            raise ValueError(f"no recorded call selected at {site}")
+        counts = torch.zeros(self.sites[site]["total"])
+        for kept in seq:
+            counts[kept.cpu()] += 1
+        return counts / len(seq)
 
     def last_selection(self) -> dict[str, torch.Tensor]:
         """Site name -> kept head (attention) or channel (MLP) indices of the last call."""
@@ -92,3 +128,10 @@ class Runtime:
         self.step.zero_()
         self.seeded.zero_()
         self._last.clear()
+        self.calls.clear()
+
+
+def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.cpu(), b.cpu()
+    inter = int(torch.isin(a, b).sum())
+    return inter / (len(a) + len(b) - inter)

@@ -45,3 +45,16 @@ def test_eval_with_calibration_writes_every_method(tiny_checkpoint, tmp_path):
 def test_static_method_without_calibration_is_a_clear_error(capsys):
     code = cli.main(["eval", "--model", "smollm2-135m", "--methods", "wanda-sp", "--batches", "1", "--quiet"])
     assert code == 2 and "--calibration" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_inspect_prints_sites_telemetry_and_draws_the_plot(tiny_checkpoint, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "kept.png"
+    code = cli.main(["inspect", "--model", str(tiny_checkpoint), "--data", "pydoc", "--ratio", "0.4",
+                     "--seq-len", "32", "--batch-size", "4", "--batches", "3", "--backend", "eager",
+                     "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "model.layers.4.mlp" in out and "FLOPs per call" in out and "telemetry over 3 batches" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -34,6 +34,7 @@ class PassResult:
     history_sites: list[str] = field(default_factory=list)  # order of the history inputs
     selected_sites: list[str] = field(default_factory=list)  # order of the kept-index outputs
     uses_step: bool = False  # the graph takes (step, seeded) after the histories
+    shares: bool = False  # telemetry: after the kept indices, each selected site's probe share
     n_outputs: int = 0  # outputs of the original graph (extra outputs are state updates)
 
 
@@ -89,6 +90,7 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
     inputs = Placeholders(g)
     state_nodes: list[fx.Node] = []
     selections: list[fx.Node] = []
+    shares: list[fx.Node] = []
     step = seeded = weight = None
     for site in sites:
         if site.name not in labels or site.status != "pruned":
@@ -106,7 +108,8 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
         first = min(site.projections, key=_order(g))
         with g.inserting_before(first):
             if static is None:
-                kept = _dynamic_select(g, site, lab, config, gi.valid, history, gi, tag)
+                kept, share = _dynamic_select(g, site, lab, config, gi.valid, history, gi, tag)
+                shares.append(share)
                 kept_now = None
             else:
                 kept_now = static[site.name].kept
@@ -114,6 +117,8 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
             chan, new_weights, kv_index = _compact_weights(g, site, kept, kept_now, kv_whole, real, tag)
         selections.append(kept)
         result.selected_sites.append(site.name)
+        site.info["pruned_flops"] = (site.heads or site.channels) - site.kept
+        site.info["pruned_flops"] *= _unit_cost(site, kv_whole) / _block_cost(site)
         compact(g, site, lab, new_weights, {"h": site.kept, "c": site.kept}, kv_index, tag)
         if static is not None and static[site.name].bias is not None:
             _add_bias(g, site.final, static[site.name].bias, tag)
@@ -127,9 +132,10 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
         with g.inserting_before(next(n for n in g.nodes if n.op == "output")):
             state_nodes.append(call(g, ops.advance_, step, seeded, name="pp_advance"))
         result.uses_step = True
-    # Extra outputs: the kept indices (for inspection), then the state updates. The backend
-    # returns only the original outputs.
-    result.n_outputs = add_outputs(g, selections + state_nodes)
+    # Extra outputs: the kept indices (for inspection), the probe shares (telemetry), then the
+    # state updates. The backend returns only the original outputs.
+    result.shares = config.telemetry and bool(shares)
+    result.n_outputs = add_outputs(g, selections + (shares if result.shares else []) + state_nodes)
     g.lint()
     gm.recompile()
     return result
@@ -154,6 +160,11 @@ def _static_choices(policy: str, sites: list[Site], labels: dict, calibration: C
     for s in sites:
         s.kept = len(choices[s.name].kept)
     return choices
+
+
+def _block_cost(site: Site) -> float:
+    """Multiply-adds per token of the block's projections."""
+    return float(sum(value(p.args[1]).numel() for p in site.projections + [site.final]))
 
 
 def _unit_cost(site: Site, kv_whole: bool) -> float:
@@ -190,14 +201,15 @@ def _labels(site: Site):
     return lab, kv_whole
 
 
-def _dynamic_select(g, site: Site, lab, config: PPConfig, valid, history, gi: GraphInputs, tag: str) -> fx.Node:
-    """Probe -> (fuse with history) -> score -> top-k: the kept heads or channels of this batch."""
-    energy = _probe_energy(g, site, lab, config, valid, history, gi, tag)
+def _dynamic_select(g, site: Site, lab, config: PPConfig, valid, history, gi: GraphInputs, tag: str):
+    """Probe -> (fuse with history) -> score -> top-k: the kept heads or channels of this batch,
+    and the probe's share of the fused energy."""
+    energy, share = _probe_energy(g, site, lab, config, valid, history, gi, tag)
     if site.kind == "attention":
         scores = call(g, ops.head_scores, energy, site.final.args[1], site.heads, name=f"{tag}_score")
     else:
         scores = call(g, ops.channel_scores, energy, site.final.args[1], name=f"{tag}_score")
-    return call(g, ops.top_indices, scores, site.kept, name=f"{tag}_select")
+    return call(g, ops.top_indices, scores, site.kept, name=f"{tag}_select"), share
 
 
 def _compact_weights(g, site: Site, kept: fx.Node, kept_now: torch.Tensor | None, kv_whole: bool,
@@ -266,9 +278,11 @@ def _probe_energy(g, site: Site, lab, config: PPConfig, valid, history, gi: Grap
     pvalid = call(g, _gather_probe, valid, kept_b, kept_t, name=f"{tag}_probe_valid") if valid is not None else None
     energy = call(g, ops.probe_energy, act, pvalid, name=f"{tag}_probe_energy")
     if history is None:
-        return call(g, torch.sum, energy, 0, name=f"{tag}_energy")
+        share = call(g, torch.ones, (), name=f"{tag}_share") if config.telemetry else None
+        return call(g, torch.sum, energy, 0, name=f"{tag}_energy"), share
     hist = call(g, torch.index_select, history, 0, kept_t, name=f"{tag}_history_at_probe")
-    return call(g, ops.fuse_history, energy, hist, name=f"{tag}_fuse")
+    share = call(g, ops.probe_share, energy, hist, name=f"{tag}_share") if config.telemetry else None
+    return call(g, ops.fuse_history, energy, hist, name=f"{tag}_fuse"), share
 
 
 def _getitem(t, i):

@@ -1,0 +1,28 @@
+"""FLOPs of a graph, counted by torch's FlopCounterMode, with the probe's share apart.
+
+The probe's nodes are the ones the pass names `<site>_probe_*`; everything else (the compact
+matmuls, the dense blocks, the head) is the rest.
+"""
+from __future__ import annotations
+
+from torch import fx
+from torch.utils.flop_counter import FlopCounterMode
+
+
+class _Counting(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.flops = {"probe": 0, "rest": 0}
+
+    def run_node(self, n: fx.Node):
+        with FlopCounterMode(display=False) as counter:
+            out = super().run_node(n)
+        self.flops["probe" if "_probe_" in n.name else "rest"] += counter.get_total_flops()
+        return out
+
+
+def graph_flops(gm: fx.GraphModule, args: list) -> dict[str, int]:
+    """{"total", "probe"}: FLOPs of one call of `gm` on `args`."""
+    counting = _Counting(gm)
+    counting.run(*args)
+    return {"total": counting.flops["probe"] + counting.flops["rest"], "probe": counting.flops["probe"]}

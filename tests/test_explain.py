@@ -1,0 +1,35 @@
+"""pp.explain: the sites and FLOPs, the model untouched."""
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import ppcompile as pp
+from ppcompile.models import random_model
+
+TINY = dict(skip_layers=(0,), mlp_multiple=16)
+
+
+def test_explain_reports_sites_and_flops_and_leaves_the_model_alone():
+    model = random_model("llama-gqa")
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        with FlopCounterMode(display=False) as counter:
+            model(ids)
+        e = pp.explain(model, ids, 0.4, **TINY)
+        after = model(ids).logits
+    assert torch.equal(before, after) and not hasattr(model, "pp")
+    pruned = [r for r in e.rows if r["status"] == "pruned"]
+    assert len(pruned) == 8 and not e.unmatched
+    assert {r["kept"] for r in pruned if r["kind"] == "attention"} == {e.config.kept_heads(4, 5)}
+    assert {r["kept"] for r in pruned if r["kind"] == "mlp"} == {e.config.kept_channels(128, 5)}
+    assert e.flops["dense"] == counter.get_total_flops()
+    assert 0 < e.flops["probe"] < e.flops["pruned"] < e.flops["dense"]
+    assert "FLOPs per call" in str(e) and "model.layers.4.mlp" in str(e)
+
+
+def test_explain_at_ratio_zero_with_the_dense_policy_costs_the_dense_flops():
+    model = random_model("opt")
+    ids = torch.randint(0, 128, (2, 10))
+    e = pp.explain(model, {"input_ids": ids}, 0.0, policy="dense")
+    assert e.flops["pruned"] == e.flops["dense"] and e.flops["probe"] == 0
+    assert not [r for r in e.rows if r["status"] == "pruned"]
