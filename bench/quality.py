@@ -42,8 +42,8 @@ def context(rows: list[dict]) -> str:
     return (f"{r['model']} (fp32), evaluation text {r['text']} (first {r['batches'] * r['batch_size']} "
             f"non-overlapping {r['seq_len']}-token windows, batch {r['batch_size']}, first batch run once "
             f"as warm-up), calibration {cal['windows']} seeded-random {cal['seq_len']}-token windows of "
-            f"{cal['text']} (seed {cal['seed']}, {r['calibration_seconds']:.0f} s), pruned methods run "
-            f"with backend {r['backend']}; torch {r['torch']}, {r['device']}")
+            f"{cal['text']} (seed {cal['seed']}, {r['calibration_seconds']:.0f} s); dense runs eager (the model "
+            f"as loaded), the pruned methods with backend {r['backend']}; torch {r['torch']}, {r['device']}")
 
 
 def main() -> None:

@@ -1,0 +1,181 @@
+"""Speed benchmark: dense (Inductor) vs pp (Inductor) vs static flap (pre-sliced weights) vs pp
+run eagerly, all in one process and interleaved, so that the ratios are honest on a noisy machine.
+
+    python bench/speed.py                                   # the target: LLaMA-2B-shaped, batch 8, seq 512, r 0.4
+    python bench/speed.py --model smollm2-135m --batch 1,8 --seq 128,512 --ratio 0.2,0.4,0.6
+
+Per configuration: median seconds per batch over --reps timed rounds (after a compile/warm-up
+call per method), tokens/s, time relative to dense, the FLOPs ratio (pruned/dense, torch's
+FlopCounterMode; the probe also apart), `dense time x FLOPs ratio` (the FLOPs limit), the first
+call's time (compile included) and the peak memory the call adds (CUDA: max allocated; CPU: the
+process's peak RSS above its level before the call, Linux only). Token ids are random: speed does
+not depend on them, and flap is calibrated on two random batches for the same reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+import ppcompile as pp
+from ppcompile.calibration import collect
+from ppcompile.models import KNOWN_MODELS, RANDOM_ARCHS, load_model, random_model
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ["dense", "pp", "flap", "pp-eager"]
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory a block adds (MiB): CUDA max allocated, or on Linux CPU the peak RSS above the
+    level before the block (the kernel's high-water mark, reset through /proc/self/clear_refs)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mib = float("nan")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self.base = _rss_kib("VmRSS") * 1024
+            except OSError:
+                self.base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        elif self.base is not None:
+            self.mib = (_rss_kib("VmHWM") * 1024 - self.base) / 2**20
+
+
+def _model(name: str, device: torch.device):
+    if name in RANDOM_ARCHS:
+        return random_model(name).to(device), 32000 if "2b" in name else 128
+    model, tokenizer = load_model(name, device=device)
+    return model, len(tokenizer)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_config(model, vocab: int, batch: int, seq: int, ratio: float, methods: list[str], reps: int,
+               device: torch.device) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+    fns = {}
+    for m in methods:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        if m == "dense":
+            fns[m] = torch.compile(model, dynamic=False)
+        elif m == "flap":
+            cal = collect(model, [torch.randint(0, vocab, (2, seq), generator=gen).to(device) for _ in range(2)])
+            fns[m] = pp.compile(model, ratio, policy="flap", calibration=cal)
+        else:
+            fns[m] = pp.compile(model, ratio, backend="eager" if m == "pp-eager" else "inductor")
+    flops = {"dense": None}
+    for policy in ("pp", "flap"):
+        if policy in methods or f"{policy}-eager" in methods:
+            kw = {"calibration": [ids[:1]]} if policy == "flap" else {}
+            flops[policy] = pp.explain(model, ids, ratio, policy=policy, **kw).flops
+            torch._dynamo.reset()  # explain's capture is not one of the measured models
+    rows = {m: {"method": m, "times": []} for m in methods}
+    with torch.no_grad():
+        for m, fn in fns.items():  # compile + the warm-up call, then one steady call for memory
+            start = time.perf_counter()
+            fn(input_ids=ids, use_cache=False)
+            _sync(device)
+            rows[m]["first_call_s"] = time.perf_counter() - start
+            with PeakMemory(device) as mem:
+                fn(input_ids=ids, use_cache=False)
+            rows[m]["peak_mib"] = mem.mib
+        for _ in range(reps):
+            for m, fn in fns.items():
+                _sync(device)
+                start = time.perf_counter()
+                fn(input_ids=ids, use_cache=False)
+                _sync(device)
+                rows[m]["times"].append(time.perf_counter() - start)
+    dense_s = statistics.median(rows["dense"]["times"]) if "dense" in rows else None
+    out = []
+    for m, r in rows.items():
+        median = statistics.median(r["times"])
+        f = flops.get(m.replace("-eager", ""))
+        ratio_flops = f["pruned"] / f["dense"] if f else 1.0
+        out.append({"method": m, "batch": batch, "seq_len": seq, "ratio": ratio if m != "dense" else 0.0,
+                    "seconds": median, "spread": [min(r["times"]), max(r["times"])],
+                    "tokens_per_second": batch * seq / median,
+                    "vs_dense": median / dense_s if dense_s else None,
+                    "flops_ratio": ratio_flops,
+                    "probe_flops": f["probe"] / f["dense"] if f else 0.0,
+                    "vs_flops_limit": median / (dense_s * ratio_flops) if dense_s else None,
+                    "first_call_s": r["first_call_s"], "peak_mib": r["peak_mib"],
+                    "peak_vs_dense": None})
+    dense_mem = next((r["peak_mib"] for r in out if r["method"] == "dense"), None)
+    for r in out:
+        r["peak_vs_dense"] = r["peak_mib"] / dense_mem if dense_mem else None
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["model", "batch", "seq_len", "ratio", "method", "seconds", "tokens_per_second", "vs_dense",
+            "flops_ratio", "vs_flops_limit", "probe_flops", "first_call_s", "peak_mib", "peak_vs_dense"]
+    return tabulate([[r.get(c) for c in cols] for r in rows], headers=cols, floatfmt=".3g", tablefmt="github")
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",")]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-2b-shaped",
+                   help=f"a known model ({', '.join(KNOWN_MODELS)}) or a random arch ({', '.join(RANDOM_ARCHS)})")
+    p.add_argument("--batch", type=_ints, default=[8])
+    p.add_argument("--seq", type=_ints, default=[512])
+    p.add_argument("--ratio", type=lambda s: [float(x) for x in s.split(",")], default=[0.4])
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, help="JSON output (default bench/results/speed_<model>_<device>.json)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    model, vocab = _model(args.model, device)
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    rows = []
+    for batch in args.batch:
+        for seq in args.seq:
+            for ratio in args.ratio:
+                for r in run_config(model, vocab, batch, seq, ratio, args.methods.split(","), args.reps, device):
+                    rows.append({"model": args.model, **r, "machine": machine, "torch": torch.__version__})
+                    print(json.dumps(rows[-1]), flush=True)
+    out = args.out or ROOT / f"bench/results/speed_{args.model}_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    print(table(rows))
+    print(f"\n{args.model}, {machine}, torch {torch.__version__}, median of {args.reps} rounds; JSON: {out}")
+
+
+if __name__ == "__main__":
+    main()
