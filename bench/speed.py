@@ -80,7 +80,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run_config(model, vocab: int, batch: int, seq: int, ratio: float, methods: list[str], reps: int,
-               device: torch.device) -> list[dict]:
+               device: torch.device, profile: bool = False) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     fns = {}
@@ -109,6 +109,13 @@ def run_config(model, vocab: int, batch: int, seq: int, ratio: float, methods: l
             with PeakMemory(device) as mem:
                 fn(input_ids=ids, use_cache=False)
             rows[m]["peak_mib"] = mem.mib
+        if profile:  # where each method's time goes: torch's profiler, one steady call
+            for m, fn in fns.items():
+                with torch.profiler.profile() as prof:
+                    fn(input_ids=ids, use_cache=False)
+                    _sync(device)
+                print(f"\n# profile: {m}, batch {batch}, seq {seq}, ratio {ratio}\n"
+                      + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
         for _ in range(reps):
             for m, fn in fns.items():
                 _sync(device)
@@ -157,6 +164,7 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", action="store_true", help="also print a profile of one call per method")
     p.add_argument("--out", type=Path, help="JSON output (default bench/results/speed_<model>_<device>.json)")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -167,7 +175,8 @@ def main() -> None:
     for batch in args.batch:
         for seq in args.seq:
             for ratio in args.ratio:
-                for r in run_config(model, vocab, batch, seq, ratio, args.methods.split(","), args.reps, device):
+                for r in run_config(model, vocab, batch, seq, ratio, args.methods.split(","), args.reps, device,
+                                    args.profile):
                     rows.append({"model": args.model, **r, "machine": machine, "torch": torch.__version__})
                     print(json.dumps(rows[-1]), flush=True)
     out = args.out or ROOT / f"bench/results/speed_{args.model}_{device.type}.json"
