@@ -12,7 +12,7 @@ from .backend import make_backend
 from .calibration import Calibration, collect, fingerprint, resolve
 from .config import STATIC_POLICIES, PPConfig
 from .passes.probe_prune import PassResult
-from .report import site_rows
+from .report import left_dense_unmatched, site_rows
 from .runtime import Runtime
 
 
@@ -34,7 +34,7 @@ class Handle:
                              "model was compiled; pass the calibration to pp.compile(..., calibration=...)")
         self.calibration = cal
         if self.config.policy == "pp":
-            self.runtime.seed({site: cal.history(site) for site in cal.stats})
+            self.runtime.seed(cal.histories())
 
     def summary(self) -> list[dict]:
         """One row per site of the last compiled graph: layer, kind, module, kept/total, status."""
@@ -79,9 +79,7 @@ def compile(model: torch.nn.Module, ratio: float = 0.4, *, calibration=None, pol
 
     def on_pass(result: PassResult) -> None:
         handle.passes.append(result)
-        unmatched = result.problems + [f"{s.name}: {s.status}" for s in result.sites
-                                       if s.status.startswith("dense") and "skipped" not in s.status
-                                       and "policy" not in s.status and "blocks=" not in s.status]
+        unmatched = [f"{r['site']}: {r['status']}" for r in site_rows(result) if left_dense_unmatched(r["status"])]
         if not result.sites and config.strict:
             raise ValueError("ppcompile (strict): no attention or MLP block of this model could be matched")
         if unmatched and config.strict:

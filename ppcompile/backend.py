@@ -14,7 +14,7 @@ from .passes.probe_prune import PassResult, run_pass
 from .runtime import Runtime
 
 
-def _real_tensors(gm: fx.GraphModule, example_inputs: list) -> Callable[[fx.Node], torch.Tensor | None]:
+def real_tensors(gm: fx.GraphModule, example_inputs: list) -> Callable[[fx.Node], torch.Tensor | None]:
     """A graph node -> the real tensor behind it (a placeholder's example input, a get_attr's attribute)."""
     index = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
 
@@ -31,6 +31,10 @@ def _real_tensors(gm: fx.GraphModule, example_inputs: list) -> Callable[[fx.Node
     return real
 
 
+def input_device(example_inputs: list) -> torch.device:
+    return next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+
+
 def make_backend(config: PPConfig, runtime: Runtime, *,
                  calibration: Callable[[], Calibration | None] = lambda: None,
                  inductor: bool = True, on_pass: Callable[[PassResult], None] | None = None,
@@ -38,7 +42,7 @@ def make_backend(config: PPConfig, runtime: Runtime, *,
     """`calibration` is read when a graph is compiled (a static policy scores its weights then);
     `dumper` writes what the pass did (see ppcompile.dump)."""
     def backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
-        result = run_pass(gm, config, calibration=calibration(), real=_real_tensors(gm, example_inputs))
+        result = run_pass(gm, config, calibration=calibration(), real=real_tensors(gm, example_inputs))
         folder = dumper.next_graph() if dumper else None
         if folder:
             dumper.write_pass(folder, gm, result, config)
@@ -48,9 +52,7 @@ def make_backend(config: PPConfig, runtime: Runtime, *,
             if s.name in result.selected_sites:
                 runtime.sites[s.name] = {"layer": s.layer, "kind": s.kind, "total": s.heads or s.channels,
                                          "pruned_flops": s.info["pruned_flops"]}
-        channels = {s.name: s.channels for s in result.sites}
-        history = {name: channels[name] for name in result.history_sites}  # in input order
-        device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        history, device = result.history_channels(), input_device(example_inputs)
 
         def state_inputs() -> list[torch.Tensor]:
             return runtime.inputs(history, result.seq_len, device, result.uses_step)
@@ -94,7 +96,7 @@ def ppcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict | 
     global _LAST_RUNTIME
     _LAST_RUNTIME = runtime = runtime or Runtime(config.momentum, telemetry=config.telemetry)
     if cal is not None and config.policy == "pp" and not bool(runtime.seeded):
-        runtime.seed({site: cal.history(site) for site in cal.stats})
+        runtime.seed(cal.histories())
     dumper = Dumper(folder) if folder else None
     return make_backend(config, runtime, calibration=lambda: cal, inductor=inductor, dumper=dumper)(gm, example_inputs)
 

@@ -69,6 +69,10 @@ class Calibration:
         s = self._site(site)
         return (s["sq"] / s["count"].clamp(min=1).unsqueeze(-1)).float()
 
+    def histories(self) -> dict[str, torch.Tensor]:
+        """Every site's history: what Probe Pruning's runtime is seeded with."""
+        return {site: self.history(site) for site in self.stats}
+
     def energy(self, site: str) -> torch.Tensor:
         """(C,) S_j: the sum over positions of the mean of x^2."""
         return self.history(site).double().sum(0)

@@ -5,12 +5,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backend import _real_tensors
+from .backend import input_device, real_tensors
 from .calibration import resolve
 from .config import PPConfig
 from .flops import graph_flops
 from .passes.probe_prune import run_pass
-from .report import format_rows, site_rows
+from .report import format_rows, left_dense_unmatched, site_rows
 from .runtime import Runtime
 
 
@@ -23,8 +23,7 @@ class Explanation:
 
     @property
     def unmatched(self) -> list[dict]:
-        return [r for r in self.rows if r["status"].startswith("dense") and "skipped" not in r["status"]
-                and "policy" not in r["status"] and "blocks=" not in r["status"]]
+        return [r for r in self.rows if left_dense_unmatched(r["status"])]
 
     def __str__(self) -> str:
         f = self.flops
@@ -52,13 +51,12 @@ def explain(model: torch.nn.Module, inputs, ratio: float = 0.4, *, policy: str =
     explanation = Explanation(config)
 
     def backend(gm, example_inputs):
-        result = run_pass(gm, config, calibration=calibration, real=_real_tensors(gm, example_inputs))
+        result = run_pass(gm, config, calibration=calibration, real=real_tensors(gm, example_inputs))
         explanation.graphs += 1
         explanation.rows += site_rows(result)
         if result.sites:
-            history = {s.name: s.channels for s in result.sites if s.name in result.history_sites}
-            device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
-            state = Runtime(config.momentum).inputs(history, result.seq_len, device, result.uses_step)
+            state = Runtime(config.momentum).inputs(result.history_channels(), result.seq_len,
+                                                    input_device(example_inputs), result.uses_step)
             dense = graph_flops(gm, list(example_inputs))["total"]
             pruned = graph_flops(result.gm, list(example_inputs) + state)
             for key, v in (("dense", dense), ("pruned", pruned["total"]), ("probe", pruned["probe"])):

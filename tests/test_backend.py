@@ -51,3 +51,20 @@ def test_the_rewritten_graph_never_reads_tensor_values_on_the_host(policy):
         out = gm(*args)
     kept = out[result.n_outputs:result.n_outputs + len(result.selected_sites)]
     assert [tuple(k.shape) for k in kept] == [(2,) if s.endswith("attention") else (64,) for s in result.selected_sites]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.inductor
+def test_cuda_call_never_synchronizes():
+    model = random_model("llama-gqa").cuda()
+    c = pp.compile(model, 0.4, **TINY)
+    ids = _batch(4, 16, 0).cuda()
+    with torch.no_grad():
+        c(ids)  # compiles (compiling may synchronize)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            c(ids)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(k.is_cuda for k in model.pp.runtime.last_selection().values())

@@ -37,6 +37,11 @@ class PassResult:
     shares: bool = False  # telemetry: after the kept indices, each selected site's probe share
     n_outputs: int = 0  # outputs of the original graph (extra outputs are state updates)
 
+    def history_channels(self) -> dict[str, int]:
+        """Site -> channels of its history table, in the order the graph takes them."""
+        channels = {s.name: s.channels for s in self.sites}
+        return {name: channels[name] for name in self.history_sites}
+
 
 RealTensor = Callable[[fx.Node], "torch.Tensor | None"]  # a weight node -> its real tensor, if known
 
