@@ -73,7 +73,7 @@ def compile(model: torch.nn.Module, ratio: float = 0.4, *, calibration=None, pol
                          "Calibration from pp.calibrate>")
     model_fp = fingerprint(model)
     key = {"model": model_fp, "config": {k: v for k, v in config.as_dict().items() if k not in ("strict", "telemetry")}}
-    handle = Handle(config, Runtime(config.momentum, key=key, telemetry=config.telemetry), model_fp)
+    handle = Handle(config, Runtime(key=key, telemetry=config.telemetry), model_fp)
     if calibration is not None:
         handle.use_calibration(resolve(calibration, model))
 

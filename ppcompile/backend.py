@@ -94,7 +94,8 @@ def ppcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict | 
     if cal is not None and not isinstance(cal, Calibration):
         cal = Calibration.load(cal)
     global _LAST_RUNTIME
-    _LAST_RUNTIME = runtime = runtime or Runtime(config.momentum, telemetry=config.telemetry)
+    _LAST_RUNTIME = runtime = runtime or Runtime()
+    runtime.telemetry = runtime.telemetry or config.telemetry
     if cal is not None and config.policy == "pp" and not bool(runtime.seeded):
         runtime.seed(cal.histories())
     dumper = Dumper(folder) if folder else None

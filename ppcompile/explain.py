@@ -55,7 +55,7 @@ def explain(model: torch.nn.Module, inputs, ratio: float = 0.4, *, policy: str =
         explanation.graphs += 1
         explanation.rows += site_rows(result)
         if result.sites:
-            state = Runtime(config.momentum).inputs(result.history_channels(), result.seq_len,
+            state = Runtime().inputs(result.history_channels(), result.seq_len,
                                                     input_device(example_inputs), result.uses_step)
             dense = graph_flops(gm, list(example_inputs))["total"]
             pruned = graph_flops(result.gm, list(example_inputs) + state)

@@ -10,8 +10,7 @@ import torch
 
 
 class Runtime:
-    def __init__(self, momentum: float = 0.99, key: dict | None = None, telemetry: bool = False):
-        self.momentum = momentum
+    def __init__(self, key: dict | None = None, telemetry: bool = False):
         self.key = key  # what the state belongs to ({"model": fingerprint, "config": {...}}); checked on load
         self.telemetry = telemetry  # keep every call's selections for stats()
         self.calls: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = []  # site -> (kept, probe share)
