@@ -83,22 +83,25 @@ def run_config(model, vocab: int, batch: int, seq: int, ratio: float, methods: l
                device: torch.device, profile: bool = False) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
-    fns = {}
-    for m in methods:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        if m == "dense":
-            fns[m] = torch.compile(model, dynamic=False)
-        elif m == "flap":
-            cal = collect(model, [torch.randint(0, vocab, (2, seq), generator=gen).to(device) for _ in range(2)])
-            fns[m] = pp.compile(model, ratio, policy="flap", calibration=cal)
-        else:
-            fns[m] = pp.compile(model, ratio, backend="eager" if m == "pp-eager" else "inductor")
+    # flap's calibration (random batches: speed does not depend on them), shared by the timed
+    # model and its FLOPs count so that both prune the same heads and channels
+    cal = collect(model, [torch.randint(0, vocab, (2, seq), generator=gen).to(device) for _ in range(2)]) \
+        if "flap" in methods else None
     flops = {"dense": None}
     for policy in ("pp", "flap"):
         if policy in methods or f"{policy}-eager" in methods:
-            kw = {"calibration": [ids[:1]]} if policy == "flap" else {}
-            flops[policy] = pp.explain(model, ids, ratio, policy=policy, **kw).flops
-            torch._dynamo.reset()  # explain's capture is not one of the measured models
+            flops[policy] = pp.explain(model, ids, ratio, policy=policy,
+                                       calibration=cal if policy == "flap" else None).flops
+    torch._dynamo.reset()  # the captures above are not among the measured models
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    fns = {}
+    for m in methods:
+        if m == "dense":
+            fns[m] = torch.compile(model, dynamic=False)
+        elif m == "flap":
+            fns[m] = pp.compile(model, ratio, policy="flap", calibration=cal)
+        else:
+            fns[m] = pp.compile(model, ratio, backend="eager" if m == "pp-eager" else "inductor")
     rows = {m: {"method": m, "times": []} for m in methods}
     with torch.no_grad():
         for m, fn in fns.items():  # compile + the warm-up call, then one steady call for memory

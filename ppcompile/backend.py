@@ -10,6 +10,7 @@ from torch import fx
 from .calibration import Calibration
 from .config import PPConfig
 from .dump import Dumper, dump_dir, inductor_code
+from .passes.graph import input_device
 from .passes.probe_prune import PassResult, run_pass
 from .runtime import Runtime
 
@@ -29,10 +30,6 @@ def real_tensors(gm: fx.GraphModule, example_inputs: list) -> Callable[[fx.Node]
         return t if real_tensor else None
 
     return real
-
-
-def input_device(example_inputs: list) -> torch.device:
-    return next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
 
 def make_backend(config: PPConfig, runtime: Runtime, *,

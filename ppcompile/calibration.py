@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import sys
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from .evaluate import log_progress, unpack_batch
 from .passes.collect_stats import run_stats_pass
+from .passes.graph import input_device
 
 FORMAT = "ppcompile.calibration/1"
 
@@ -120,7 +121,7 @@ def collect(model: torch.nn.Module, batches: Iterable, *, meta: dict | None = No
 
     def backend(gm, example_inputs):
         r = run_stats_pass(gm)
-        device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
+        device = input_device(example_inputs)
 
         def run(*args):
             tables = [t for site, c in r.sites.items() for t in cal.tables(site, r.seq_len, c, device)]
@@ -132,14 +133,13 @@ def collect(model: torch.nn.Module, batches: Iterable, *, meta: dict | None = No
     takes_cache = "use_cache" in inspect.signature(base.forward).parameters
     with torch.no_grad():
         for i, batch in enumerate(batches):
-            ids, mask = (batch, None) if isinstance(batch, torch.Tensor) else (batch["input_ids"], batch.get("attention_mask"))
+            ids, mask = unpack_batch(batch)
             kwargs = {"attention_mask": mask} if mask is not None else {}
             if takes_cache:
                 kwargs["use_cache"] = False
             compiled(input_ids=ids, **kwargs)
             cal.batches += 1
-            if progress:
-                print(f"[ppcompile] calibration batch {i + 1}", file=sys.stderr, flush=True)
+            log_progress(progress, f"calibration batch {i + 1}")
     if cal.batches == 0:
         raise ValueError("calibration got no batches")
     if not cal.stats:

@@ -80,10 +80,8 @@ def _run_eval(model_name: str, text: str, seq_len: int, batch_size: int, n_batch
         raise ValueError(f"method(s) {', '.join(static)} need calibration text: add --calibration SOURCE "
                          "(e.g. --calibration brown:fgh)")
     model, tokenizer = models.load_model(model_name)
-    start = time.perf_counter()
-    windows, cal = _windows_and_calibration(model, tokenizer, text, seq_len, batch_size * n_batches, batch_size,
-                                            calibration, calibration_windows, seed, progress)
-    cal_seconds = time.perf_counter() - start if cal else 0.0
+    windows, cal, cal_seconds = _windows_and_calibration(model, tokenizer, text, seq_len, batch_size * n_batches,
+                                                         batch_size, calibration, calibration_windows, seed, progress)
     # one compiled model per method and ratio, all of the same forward: let Dynamo keep them all
     n_compiled = len(method_names) * len(ratios) + 2
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_compiled)
@@ -104,22 +102,25 @@ def _run_eval(model_name: str, text: str, seq_len: int, batch_size: int, n_batch
 def _windows_and_calibration(model, tokenizer, text: str, seq_len: int, n_windows: int, batch_size: int,
                              calibration: str | None, calibration_windows: int, seed: int, progress: bool):
     """Evaluation windows of `text` and, with a calibration source, a Calibration from seeded-random
-    windows of it (documents shared with `text` are split between the two, never in both)."""
-    eval_docs, cal = data.load_documents(text), None
+    windows of it (documents shared with `text` are split between the two, never in both) and the
+    seconds the calibration passes took."""
+    eval_docs, cal, seconds = data.load_documents(text), None, 0.0
     if calibration:
         eval_docs, cal_docs = data.split_disjoint(eval_docs, data.load_documents(calibration))
         cal_windows = data.token_windows(cal_docs, tokenizer, seq_len, n_windows=calibration_windows,
                                          mode="random", seed=seed)
+        start = time.perf_counter()
         cal = collect(model, data.iter_batches(cal_windows, batch_size), progress=progress,
                       meta={"text": calibration, "windows": calibration_windows, "seq_len": seq_len, "seed": seed})
-    return data.token_windows(eval_docs, tokenizer, seq_len, n_windows=n_windows), cal
+        seconds = time.perf_counter() - start
+    return data.token_windows(eval_docs, tokenizer, seq_len, n_windows=n_windows), cal, seconds
 
 
 def _run_inspect(args) -> None:
     from .api import compile as pp_compile
     from .explain import explain
     model, tokenizer = models.load_model(args.model)
-    windows, cal = _windows_and_calibration(model, tokenizer, args.data, args.seq_len,
+    windows, cal, _ = _windows_and_calibration(model, tokenizer, args.data, args.seq_len,
                                             args.batch_size * max(args.batches, 1), args.batch_size,
                                             args.calibration, args.calibration_windows, 0, False)
     batches = list(data.iter_batches(windows, args.batch_size))

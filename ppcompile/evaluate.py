@@ -46,7 +46,7 @@ def model_logits_fn(model: torch.nn.Module) -> LogitsFn:
     return run
 
 
-def _unpack(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+def unpack_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(batch, torch.Tensor):
         return batch, None
     return batch["input_ids"], batch.get("attention_mask")
@@ -100,10 +100,10 @@ def evaluate(methods: Mapping[str, LogitsFn], batches: Iterable[Batch], *,
     tallies = {name: _Tally() for name in order}
     with torch.no_grad():
         for i, batch in enumerate(batches):
-            ids, mask = _unpack(batch)
+            ids, mask = unpack_batch(batch)
             if i == 0 and warmup:
                 for name in order:
-                    _log(progress, f"warm-up: {name}")
+                    log_progress(progress, f"warm-up: {name}")
                     _timed(methods[name], ids, mask)
             ref_logprobs = None
             for name in order:
@@ -114,7 +114,7 @@ def evaluate(methods: Mapping[str, LogitsFn], batches: Iterable[Batch], *,
                 if name == reference:
                     ref_logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
                 del logits
-                _log(progress, f"batch {i + 1}: {name} {seconds:.2f}s")
+                log_progress(progress, f"batch {i + 1}: {name} {seconds:.2f}s")
             del ref_logprobs
     return [_result(name, tallies[name], ref=reference) for name in order]
 
@@ -139,6 +139,6 @@ def _result(name: str, t: _Tally, ref: str | None) -> MethodResult:
     )
 
 
-def _log(enabled: bool, message: str) -> None:
+def log_progress(enabled: bool, message: str) -> None:
     if enabled:
         print(f"[ppcompile] {message}", file=sys.stderr, flush=True)

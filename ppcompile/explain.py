@@ -5,10 +5,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backend import input_device, real_tensors
+from .backend import real_tensors
 from .calibration import resolve
 from .config import PPConfig
 from .flops import graph_flops
+from .passes.graph import input_device
 from .passes.probe_prune import run_pass
 from .report import format_rows, left_dense_unmatched, site_rows
 from .runtime import Runtime
@@ -43,7 +44,7 @@ def explain(model: torch.nn.Module, inputs, ratio: float = 0.4, *, policy: str =
     """Run `model` once on `inputs` (a token tensor or a dict of keyword arguments) as it is, and
     report what pp.compile with the same arguments would do: every site with its kept count or why
     it stays dense, and the FLOPs per call before and after (counted by torch's FlopCounterMode on
-    the rewritten graph, the probe apart). The model's outputs are returned unchanged."""
+    the rewritten graph, the probe apart). The model itself is not changed."""
     config = PPConfig(ratio=ratio, policy=policy, **options)
     base = getattr(model, "_orig_mod", model)
     if calibration is not None:
@@ -56,7 +57,7 @@ def explain(model: torch.nn.Module, inputs, ratio: float = 0.4, *, policy: str =
         explanation.rows += site_rows(result)
         if result.sites:
             state = Runtime().inputs(result.history_channels(), result.seq_len,
-                                                    input_device(example_inputs), result.uses_step)
+                                     input_device(example_inputs), result.uses_step)
             dense = graph_flops(gm, list(example_inputs))["total"]
             pruned = graph_flops(result.gm, list(example_inputs) + state)
             for key, v in (("dense", dense), ("pruned", pruned["total"]), ("probe", pruned["probe"])):

@@ -99,12 +99,8 @@ def position_energy(x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.
     """Mean over the batch of x^2 per position and channel, and which positions had a token.
 
     x: (B, L, C) -> (mean (L, C), present (L,) bool)."""
-    sq = x.float().pow(2)
-    if valid is None:
-        return sq.mean(0), torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
-    w = valid.unsqueeze(-1)  # (B, L, 1)
-    count = w.sum(0)  # (L, 1)
-    return torch.where(w, sq, 0.0).sum(0) / count.clamp(min=1), count.squeeze(-1) > 0
+    present = torch.ones(x.shape[1], dtype=torch.bool, device=x.device) if valid is None else valid.any(0)
+    return probe_energy(x, valid), present  # the same masked mean over dim 0
 
 
 def ema_update_(history: torch.Tensor, kept: torch.Tensor, x: torch.Tensor,

@@ -31,6 +31,11 @@ def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, g)
 
 
+def input_device(example_inputs: list) -> torch.device:
+    """The device a graph runs on: that of its first tensor input."""
+    return next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+
+
 def body_start(g: fx.Graph) -> fx.Node:
     """The first node after the placeholders: graph-wide nodes go before it."""
     return next(n for n in g.nodes if n.op != "placeholder")

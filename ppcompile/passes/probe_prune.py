@@ -122,8 +122,8 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
             chan, new_weights, kv_index = _compact_weights(g, site, kept, kept_now, kv_whole, real, tag)
         selections.append(kept)
         result.selected_sites.append(site.name)
-        site.info["pruned_flops"] = (site.heads or site.channels) - site.kept
-        site.info["pruned_flops"] *= _unit_cost(site, kv_whole) / _block_cost(site)
+        pruned_units = (site.heads or site.channels) - site.kept
+        site.info["pruned_flops"] = pruned_units * _unit_cost(site, kv_whole) / _block_cost(site)
         compact(g, site, lab, new_weights, {"h": site.kept, "c": site.kept}, kv_index, tag)
         if static is not None and static[site.name].bias is not None:
             _add_bias(g, site.final, static[site.name].bias, tag)
@@ -172,13 +172,17 @@ def _block_cost(site: Site) -> float:
     return float(sum(value(p.args[1]).numel() for p in site.projections + [site.final]))
 
 
+def _pruned_projections(site: Site, kv_whole: bool) -> list[fx.Node]:
+    """The first projections whose rows are pruned: all of them, but K and V when kept whole."""
+    qkv = site.info.get("qkv", {})
+    return [p for p in site.projections if not (kv_whole and p in (qkv.get("k"), qkv.get("v")))]
+
+
 def _unit_cost(site: Site, kv_whole: bool) -> float:
     """Multiply-adds per token of one unit (head or channel): its rows of the pruned first
     projections and its columns of the final projection."""
     per_unit = site.head_dim if site.kind == "attention" else 1
-    qkv = site.info.get("qkv", {})
-    rows = sum(value(p.args[1]).shape[1] for p in site.projections
-               if not (kv_whole and p in (qkv.get("k"), qkv.get("v"))))
+    rows = sum(value(p.args[1]).shape[1] for p in _pruned_projections(site, kv_whole))
     return float(per_unit * (rows + value(site.final.args[1]).shape[0]))
 
 
@@ -235,10 +239,7 @@ def _compact_weights(g, site: Site, kept: fx.Node, kept_now: torch.Tensor | None
         return call(g, torch.index_select, w, dim, chan, name=f"{tag}_gather_{name}")
 
     weights = {}
-    qkv = site.info.get("qkv", {})
-    for p in site.projections:
-        if kv_whole and p in (qkv.get("k"), qkv.get("v")):
-            continue
+    for p in _pruned_projections(site, kv_whole):
         bias = p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
         role = _role(site, p)
         weights[p] = (gather(p.args[1], 0, f"{role}_w"),
@@ -299,9 +300,8 @@ def _gather_probe(x: torch.Tensor, kept_b: torch.Tensor, kept_t: torch.Tensor) -
 
 
 def _const(g: fx.Graph, name: str, t: torch.Tensor) -> fx.Node:
-    gm = g.owning_module
-    gm.register_buffer(name, t)
-    with g.inserting_before(next(n for n in g.nodes if n.op != "placeholder")):
+    g.owning_module.register_buffer(name, t)
+    with g.inserting_before(body_start(g)):
         return g.get_attr(name)
 
 
