@@ -2,14 +2,16 @@
 run eagerly, all in one process and interleaved, so that the ratios are honest on a noisy machine.
 
     python bench/speed.py                                   # the target: LLaMA-2B-shaped, batch 8, seq 512, r 0.4
-    python bench/speed.py --model smollm2-135m --batch 1,8 --seq 128,512 --ratio 0.2,0.4,0.6
+    python bench/speed.py --model smollm2-135m --shapes 1x128,8x512 --ratio 0.2,0.4,0.6
 
-Per configuration: median seconds per batch over --reps timed rounds (after a compile/warm-up
-call per method), tokens/s, time relative to dense, the FLOPs ratio (pruned/dense, torch's
-FlopCounterMode; the probe also apart), `dense time x FLOPs ratio` (the FLOPs limit), the first
-call's time (compile included) and the peak memory the call adds (CUDA: max allocated; CPU: the
-process's peak RSS above its level before the call, Linux only). Token ids are random: speed does
-not depend on them, and flap is calibrated on two random batches for the same reason.
+Per shape, every method at every ratio is timed against one dense baseline. Per configuration:
+median seconds per batch over --reps timed rounds (after a compile/warm-up call), tokens/s, time
+relative to dense, the FLOPs ratio (pruned/dense, torch's FlopCounterMode; the probe also apart),
+`dense time x FLOPs ratio` (the FLOPs limit), the compile time (the first call minus a steady
+one; Inductor's on-disk caches are off unless --caches) and the peak memory a steady call adds
+(CUDA: max allocated; CPU: the process's peak RSS above its level before the call, Linux only).
+Token ids are random: speed does not depend on them, and flap is calibrated on two random
+batches for the same reason.
 """
 from __future__ import annotations
 
@@ -79,113 +81,144 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_config(model, vocab: int, batch: int, seq: int, ratio: float, methods: list[str], reps: int,
-               device: torch.device, profile: bool = False) -> list[dict]:
+def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], methods: list[str], reps: int,
+              device: torch.device, profile: bool = False) -> list[dict]:
+    """Every method at every ratio on one (batch, seq), against one dense baseline, interleaved."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     # flap's calibration (random batches: speed does not depend on them), shared by the timed
     # model and its FLOPs count so that both prune the same heads and channels
     cal = collect(model, [torch.randint(0, vocab, (2, seq), generator=gen).to(device) for _ in range(2)]) \
         if "flap" in methods else None
-    flops = {"dense": None}
-    for policy in ("pp", "flap"):
-        if policy in methods or f"{policy}-eager" in methods:
-            flops[policy] = pp.explain(model, ids, ratio, policy=policy,
-                                       calibration=cal if policy == "flap" else None).flops
-    torch._dynamo.reset()  # the captures above are not among the measured models
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    runs = [("dense", 0.0)] if "dense" in methods else []
+    runs += [(m, r) for r in ratios for m in methods if m != "dense"]
+    flops = {}
+    for m, r in runs:
+        policy = m.replace("-eager", "")
+        if m != "dense" and (policy, r) not in flops:
+            flops[policy, r] = pp.explain(model, ids, r, policy=policy,
+                                          calibration=cal if policy == "flap" else None).flops
+    torch._dynamo.reset()  # the captures above are not among the measured models
     fns = {}
-    for m in methods:
+    for m, r in runs:
         if m == "dense":
-            fns[m] = torch.compile(model, dynamic=False)
+            fns[m, r] = torch.compile(model, dynamic=False)
         elif m == "flap":
-            fns[m] = pp.compile(model, ratio, policy="flap", calibration=cal)
+            fns[m, r] = pp.compile(model, r, policy="flap", calibration=cal)
         else:
-            fns[m] = pp.compile(model, ratio, backend="eager" if m == "pp-eager" else "inductor")
-    rows = {m: {"method": m, "times": []} for m in methods}
+            fns[m, r] = pp.compile(model, r, backend="eager" if m == "pp-eager" else "inductor")
+    rows = {key: {"times": []} for key in runs}
     with torch.no_grad():
-        for m, fn in fns.items():  # compile + the warm-up call, then one steady call for memory
+        for key, fn in fns.items():  # compile + the warm-up call
             start = time.perf_counter()
             fn(input_ids=ids, use_cache=False)
             _sync(device)
-            rows[m]["first_call_s"] = time.perf_counter() - start
-            with PeakMemory(device) as mem:
-                fn(input_ids=ids, use_cache=False)
-            rows[m]["peak_mib"] = mem.mib
+            rows[key]["first_call_s"] = time.perf_counter() - start
         if profile:  # where each method's time goes: torch's profiler, one steady call
-            for m, fn in fns.items():
+            for (m, r), fn in fns.items():
                 with torch.profiler.profile() as prof:
                     fn(input_ids=ids, use_cache=False)
                     _sync(device)
-                print(f"\n# profile: {m}, batch {batch}, seq {seq}, ratio {ratio}\n"
+                print(f"\n# profile: {m}, batch {batch}, seq {seq}, ratio {r}\n"
                       + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
-        for _ in range(reps):
-            for m, fn in fns.items():
-                _sync(device)
-                start = time.perf_counter()
-                fn(input_ids=ids, use_cache=False)
-                _sync(device)
-                rows[m]["times"].append(time.perf_counter() - start)
-    dense_s = statistics.median(rows["dense"]["times"]) if "dense" in rows else None
+        for rep in range(reps):
+            for key, fn in fns.items():
+                with PeakMemory(device) as mem:  # the peak of a steady call: the first round's
+                    _sync(device)
+                    start = time.perf_counter()
+                    fn(input_ids=ids, use_cache=False)
+                    _sync(device)
+                    rows[key]["times"].append(time.perf_counter() - start)
+                if rep == 0:
+                    rows[key]["peak_mib"] = mem.mib
+    dense = rows.get(("dense", 0.0))
+    dense_s = statistics.median(dense["times"]) if dense else None
     out = []
-    for m, r in rows.items():
-        median = statistics.median(r["times"])
-        f = flops.get(m.replace("-eager", ""))
+    for (m, r), row in rows.items():
+        median = statistics.median(row["times"])
+        f = flops.get((m.replace("-eager", ""), r))
         ratio_flops = f["pruned"] / f["dense"] if f else 1.0
-        out.append({"method": m, "batch": batch, "seq_len": seq, "ratio": ratio if m != "dense" else 0.0,
-                    "seconds": median, "spread": [min(r["times"]), max(r["times"])],
+        out.append({"method": m, "batch": batch, "seq_len": seq, "ratio": r,
+                    "seconds": median, "spread": [min(row["times"]), max(row["times"])],
                     "tokens_per_second": batch * seq / median,
                     "vs_dense": median / dense_s if dense_s else None,
                     "flops_ratio": ratio_flops,
                     "probe_flops": f["probe"] / f["dense"] if f else 0.0,
                     "vs_flops_limit": median / (dense_s * ratio_flops) if dense_s else None,
-                    "first_call_s": r["first_call_s"], "peak_mib": r["peak_mib"],
-                    "peak_vs_dense": None})
-    dense_mem = next((r["peak_mib"] for r in out if r["method"] == "dense"), None)
-    for r in out:
-        r["peak_vs_dense"] = r["peak_mib"] / dense_mem if dense_mem else None
+                    "first_call_s": row["first_call_s"], "compile_s": row["first_call_s"] - median,
+                    "peak_mib": row["peak_mib"],
+                    "peak_vs_dense": row["peak_mib"] / dense["peak_mib"] if dense and dense["peak_mib"] else None})
     return out
 
 
 def table(rows: list[dict]) -> str:
     cols = ["model", "batch", "seq_len", "ratio", "method", "seconds", "tokens_per_second", "vs_dense",
-            "flops_ratio", "vs_flops_limit", "probe_flops", "first_call_s", "peak_mib", "peak_vs_dense"]
+            "flops_ratio", "vs_flops_limit", "probe_flops", "compile_s", "peak_mib", "peak_vs_dense"]
     return tabulate([[r.get(c) for c in cols] for r in rows], headers=cols, floatfmt=".3g", tablefmt="github")
 
 
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",")]
+def matrix(rows: list[dict]) -> str:
+    """One line per (model, shape, ratio): each method's time relative to that shape's dense."""
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        if r["method"] == "dense":
+            continue
+        key = (r["model"], r["batch"], r["seq_len"], r["ratio"])
+        cell = cells.setdefault(key, {})
+        cell[r["method"]] = r["vs_dense"]
+        if r["method"] == "pp":
+            cell["pp FLOPs"], cell["probe FLOPs"] = r["flops_ratio"], r["probe_flops"]
+    cols = ["pp", "flap", "pp-eager", "pp FLOPs", "probe FLOPs"]
+    body = [[*key, *(cell.get(c) for c in cols)] for key, cell in cells.items()]
+    return tabulate(body, headers=["model", "batch", "seq_len", "ratio", *(f"{c} / dense" if "FLOPs" not in c
+                                                                       else c for c in cols)],
+                    floatfmt=".3g", tablefmt="github")
+
+
+def _shapes(s: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(b), int(l)) for b, l in (x.lower().split("x") for x in s.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes {s!r}: expected BATCHxSEQ,..., e.g. 1x128,8x512") from None
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-2b-shaped",
                    help=f"a known model ({', '.join(KNOWN_MODELS)}) or a random arch ({', '.join(RANDOM_ARCHS)})")
-    p.add_argument("--batch", type=_ints, default=[8])
-    p.add_argument("--seq", type=_ints, default=[512])
+    p.add_argument("--shapes", type=_shapes, default=[(8, 512)],
+                   help="BATCHxSEQ,... e.g. 1x512,8x512,16x512 (default 8x512)")
     p.add_argument("--ratio", type=lambda s: [float(x) for x in s.split(",")], default=[0.4])
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--profile", action="store_true", help="also print a profile of one call per method")
     p.add_argument("--out", type=Path, help="JSON output (default bench/results/speed_<model>_<device>.json)")
+    p.add_argument("--from-json", type=Path, nargs="+", help="print the tables of earlier runs and exit")
+    p.add_argument("--caches", action="store_true",
+                   help="let Inductor reuse compiled graphs from its on-disk caches (then compile_s is not a compile time)")
     args = p.parse_args()
+    if args.from_json:
+        rows = [r for f in args.from_json for r in json.loads(f.read_text())]
+        print(table(rows) + "\n\n" + matrix(rows))
+        return
     device = torch.device(args.device)
+    # by default every graph compiles from scratch, so that compile_s measures compiling
+    torch._inductor.config.force_disable_caches = not args.caches
     model, vocab = _model(args.model, device)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     rows = []
-    for batch in args.batch:
-        for seq in args.seq:
-            for ratio in args.ratio:
-                for r in run_config(model, vocab, batch, seq, ratio, args.methods.split(","), args.reps, device,
-                                    args.profile):
-                    rows.append({"model": args.model, **r, "machine": machine, "torch": torch.__version__})
-                    print(json.dumps(rows[-1]), flush=True)
+    for batch, seq in args.shapes:
+        for r in run_shape(model, vocab, batch, seq, args.ratio, args.methods.split(","), args.reps, device,
+                           args.profile):
+            rows.append({"model": args.model, **r, "machine": machine, "torch": torch.__version__})
+            print(json.dumps(rows[-1]), flush=True)
     out = args.out or ROOT / f"bench/results/speed_{args.model}_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")
-    print(table(rows))
+    print(table(rows) + "\n\n" + matrix(rows))
     print(f"\n{args.model}, {machine}, torch {torch.__version__}, median of {args.reps} rounds; JSON: {out}")
 
 

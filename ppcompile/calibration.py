@@ -118,9 +118,11 @@ def collect(model: torch.nn.Module, batches: Iterable, *, meta: dict | None = No
     optionally `attention_mask`) and return their statistics."""
     base = getattr(model, "_orig_mod", model)
     cal = Calibration(fingerprint(base), meta)
+    passes = []  # the graphs Dynamo handed over: none means the model ran uncompiled
 
     def backend(gm, example_inputs):
         r = run_stats_pass(gm)
+        passes.append(r)
         device = input_device(example_inputs)
 
         def run(*args):
@@ -142,6 +144,10 @@ def collect(model: torch.nn.Module, batches: Iterable, *, meta: dict | None = No
             log_progress(progress, f"calibration batch {i + 1}")
     if cal.batches == 0:
         raise ValueError("calibration got no batches")
+    if not passes:
+        raise RuntimeError("Dynamo never handed the model's graph to the calibration pass; most likely it hit "
+                           "torch._dynamo.config.recompile_limit after many compiles of this forward in one process: "
+                           "call torch._dynamo.reset() first (or raise the limit)")
     if not cal.stats:
         raise ValueError("calibration found no attention or MLP block to record in this model")
     return cal

@@ -79,6 +79,9 @@ def _run_eval(model_name: str, text: str, seq_len: int, batch_size: int, n_batch
     if static and not calibration:
         raise ValueError(f"method(s) {', '.join(static)} need calibration text: add --calibration SOURCE "
                          "(e.g. --calibration brown:fgh)")
+    # a fresh model: drop what earlier runs in this process compiled, or their entries would count
+    # against Dynamo's recompile_limit for the same forward and this run would fall back to eager
+    torch._dynamo.reset()
     model, tokenizer = models.load_model(model_name)
     windows, cal, cal_seconds = _windows_and_calibration(model, tokenizer, text, seq_len, batch_size * n_batches,
                                                          batch_size, calibration, calibration_windows, seed, progress)

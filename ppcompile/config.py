@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 POLICIES = ("pp", "full-batch", "wanda-sp", "flap", "dense")
@@ -59,7 +60,12 @@ class PPConfig:
         n_pruned = n_layers - len([i for i in self.skip_layers if i < n_layers])
         if n_pruned <= 0 or self.ratio == 0:
             return 0.0
-        return min(round(self.ratio * n_layers / n_pruned, 2), 1.0)
+        scaled = round(self.ratio * n_layers / n_pruned, 2)
+        if scaled > 1.0:
+            warnings.warn(f"ratio {self.ratio} cannot be reached with {n_pruned} of {n_layers} layers pruned: each "
+                          f"would prune {scaled:.0%}; they keep one head and {self.mlp_multiple} MLP channels instead, "
+                          "so the model prunes less than asked (lower the ratio or skip fewer layers)", stacklevel=2)
+        return min(scaled, 1.0)
 
     def kept_heads(self, n_heads: int, n_layers: int) -> int:
         """Heads pruned: floor(r_l * H); at least one head is kept."""

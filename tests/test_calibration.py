@@ -112,3 +112,12 @@ def test_static_policies_need_calibration_and_no_batches_is_an_error():
         pp.compile(random_model("llama-gqa"), 0.4, policy="wanda-sp")
     with pytest.raises(ValueError, match="no batches"):
         collect(random_model("llama-gqa"), [])
+
+
+def test_a_forward_dynamo_will_not_compile_is_a_clear_error():
+    # Dynamo runs a forward uncompiled once it reached its recompile limit; the calibration pass
+    # then never sees a graph, which must not read as "this model has no blocks"
+    model = random_model("llama-gqa")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=0), pytest.raises(RuntimeError, match="recompile_limit"):
+        collect(model, [torch.randint(0, 128, (2, 8))])

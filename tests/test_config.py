@@ -21,9 +21,10 @@ def test_layer_ratio_scales_for_skipped_layers():
 
 def test_floors_keep_at_least_one_head_and_one_multiple():
     cfg = PPConfig(ratio=0.9, skip_layers=(0, 1, 2))
-    assert cfg.layer_ratio(5) == 1.0
-    assert cfg.kept_heads(4, 5) == 1
-    assert cfg.kept_channels(128, 5) == 64
+    with pytest.warns(UserWarning, match=r"ratio 0.9 cannot be reached with 2 of 5 layers pruned: each would prune 225%"):
+        assert cfg.layer_ratio(5) == 1.0
+        assert cfg.kept_heads(4, 5) == 1
+        assert cfg.kept_channels(128, 5) == 64
 
 
 def test_probe_sizes_have_floors():
