@@ -84,12 +84,12 @@ def main() -> None:
     if args.from_json:
         rows = json.loads(args.from_json.read_text())
     else:
-        rows = []
+        rows, ratios = [], [float(r) for r in args.ratios.split(",")]
         for i, seed in enumerate(int(x) for x in args.seeds.split(",")):
             # dense once per seed: KL and top-1 are measured against it in the same run
             methods = METHODS if i == 0 else [m for m in METHODS if m == "dense" or m in CALIBRATED]
             rows += _run_eval(args.model, args.data, args.seq_len, args.batch_size, args.batches, methods,
-                              [float(r) for r in args.ratios.split(",")], True, calibration=args.calibration,
+                              ratios, True, calibration=args.calibration,
                               calibration_windows=args.calibration_windows, seed=seed, backend=args.backend)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
