@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass, fields
 
 POLICIES = ("pp", "full-batch", "wanda-sp", "flap", "dense")
@@ -56,16 +55,25 @@ class PPConfig:
 
     # ---- kept counts: Python ints, so every shape in the rewritten graph is static ----
     def layer_ratio(self, n_layers: int) -> float:
-        """The ratio of each pruned layer: skipped layers count as 0%, so the rest prune more."""
+        """The ratio of each pruned layer: skipped layers count as 0%, so the rest prune more
+        (at most all of it: see `unreachable`)."""
+        return min(self._scaled_ratio(n_layers), 1.0)
+
+    def unreachable(self, n_layers: int) -> str | None:
+        """Why `ratio` cannot be reached on `n_layers` layers, or None when it can."""
+        scaled = self._scaled_ratio(n_layers)
+        if scaled <= 1.0:
+            return None
+        n_pruned = n_layers - len([i for i in self.skip_layers if i < n_layers])
+        return (f"ratio {self.ratio} cannot be reached with {n_pruned} of {n_layers} layers pruned: each would "
+                f"prune {scaled:.0%}; they keep one head and {self.mlp_multiple} MLP channels instead, so the "
+                "model prunes less than asked (lower the ratio or skip fewer layers)")
+
+    def _scaled_ratio(self, n_layers: int) -> float:
         n_pruned = n_layers - len([i for i in self.skip_layers if i < n_layers])
         if n_pruned <= 0 or self.ratio == 0:
             return 0.0
-        scaled = round(self.ratio * n_layers / n_pruned, 2)
-        if scaled > 1.0:
-            warnings.warn(f"ratio {self.ratio} cannot be reached with {n_pruned} of {n_layers} layers pruned: each "
-                          f"would prune {scaled:.0%}; they keep one head and {self.mlp_multiple} MLP channels instead, "
-                          "so the model prunes less than asked (lower the ratio or skip fewer layers)", stacklevel=2)
-        return min(scaled, 1.0)
+        return round(self.ratio * n_layers / n_pruned, 2)
 
     def kept_heads(self, n_heads: int, n_layers: int) -> int:
         """Heads pruned: floor(r_l * H); at least one head is kept."""

@@ -1,10 +1,11 @@
 """FLOPs of a graph, counted by torch's FlopCounterMode, with the probe's share apart.
 
 The probe's nodes are the ones the pass names `<site>_probe_*`; everything else (the compact
-matmuls, the dense blocks, the head) is the rest.
+matmuls, the dense blocks, the head) is the rest. Outlined subgraphs are counted node by node.
 """
 from __future__ import annotations
 
+import torch
 from torch import fx
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -15,6 +16,12 @@ class _Counting(fx.Interpreter):
         self.flops = {"probe": 0, "rest": 0}
 
     def run_node(self, n: fx.Node):
+        if n.target is torch.ops.higher_order.invoke_subgraph:
+            inner = _Counting(getattr(self.module, n.args[0].target))
+            out = inner.run(*self.map_nodes_to_values(n.args[2:], n))
+            for k, v in inner.flops.items():
+                self.flops[k] += v
+            return out
         with FlopCounterMode(display=False) as counter:
             out = super().run_node(n)
         self.flops["probe" if "_probe_" in n.name else "rest"] += counter.get_total_flops()

@@ -1,4 +1,6 @@
 """pp.compile end to end on tiny random models (eager route, plus one Inductor check)."""
+import warnings
+
 import pytest
 import torch
 
@@ -187,6 +189,16 @@ def test_default_call_returns_a_usable_cache():
         assert k.shape[1] == 4
         dense = random_model("llama-mha")(ids, use_cache=True).past_key_values.layers[2].keys
     assert k.shape == dense.shape
+
+
+def test_an_unreachable_ratio_warns_once_per_compiled_graph():
+    model = random_model("llama-gqa")  # 5 layers, 3 skipped: 0.9 would need 225% of each of 2
+    c = pp.compile(model, 0.9, backend="eager", skip_layers=(0, 1, 2), mlp_multiple=16)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        c(_ids())
+    assert [str(w.message) for w in caught if "cannot be reached" in str(w.message)] == \
+        [f"ppcompile: {model.pp.config.unreachable(5)}"]
 
 
 def test_strict_with_no_matchable_block_is_an_error():

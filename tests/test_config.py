@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from ppcompile.config import PPConfig
@@ -21,10 +23,10 @@ def test_layer_ratio_scales_for_skipped_layers():
 
 def test_floors_keep_at_least_one_head_and_one_multiple():
     cfg = PPConfig(ratio=0.9, skip_layers=(0, 1, 2))
-    with pytest.warns(UserWarning, match=r"ratio 0.9 cannot be reached with 2 of 5 layers pruned: each would prune 225%"):
-        assert cfg.layer_ratio(5) == 1.0
-        assert cfg.kept_heads(4, 5) == 1
-        assert cfg.kept_channels(128, 5) == 64
+    assert re.match(r"ratio 0.9 cannot be reached with 2 of 5 layers pruned: each would prune 225%",
+                    cfg.unreachable(5))
+    assert cfg.layer_ratio(5) == 1.0 and cfg.kept_heads(4, 5) == 1 and cfg.kept_channels(128, 5) == 64
+    assert PPConfig(ratio=0.5, skip_layers=(0, 1, 2)).unreachable(6) is None  # exactly 100%
 
 
 def test_probe_sizes_have_floors():

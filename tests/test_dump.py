@@ -29,11 +29,14 @@ def _check_dump(folder):
                                                            for k in ("attention", "mlp")]
     assert all("skipped layer" in line for line in lines if line.startswith("model.layers.0."))
     rewritten = (folder / "02_rewritten.py").read_text()
-    for i in range(1, 5):
-        for kind in ("attention", "mlp"):
+    for kind in ("attention", "mlp"):  # the selection, once per kind, shared by every layer
+        body = rewritten.split(f"class pp_{kind}_select_")[1]
+        for step in ("_probe_select", "_probe_energy", "_score", "_select", "_gather_final_w"):
+            assert f"{kind}{step} = " in body, f"{kind}{step}"
+        for i in range(1, 5):
             tag = f"model_layers_{i}_{kind}"
-            for step in ("_probe_select", "_probe_energy", "_score", "_select", "_gather_final_w"):
-                assert f"{tag}{step}" in rewritten, f"{tag}{step}"
+            for step in ("_select_call", "_select", "_gather_final_w", "_history_update"):
+                assert f"{tag}{step} = " in rewritten, f"{tag}{step}"
     report = json.loads((folder / "report.json").read_text())
     assert report["pruned"] == 8 and report["config"]["ratio"] == 0.4
     return report

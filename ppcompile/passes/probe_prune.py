@@ -7,6 +7,7 @@ Every policy then runs the whole batch on compact weights (the same `compact` re
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,6 +20,7 @@ from ..calibration import Calibration
 from ..config import STATIC_POLICIES, PPConfig
 from .dims import Unsupported
 from .graph import GraphInputs, Placeholders, add_outputs, body_start, call, copy_graph, final_input, graph_inputs
+from .outline import Outliner
 from .rewrite import compact, escapes, label_site, probe_activation
 from .sites import Site, find_sites, sdpa_qkv, value
 
@@ -53,6 +55,8 @@ def _kept(site: Site, config: PPConfig, n_layers: int) -> int:
 
 
 def _plan(sites: list[Site], config: PPConfig, n_layers: int, gi: GraphInputs) -> None:
+    if (why := config.unreachable(n_layers)) and config.policy != "dense":
+        warnings.warn(f"ppcompile: {why}", stacklevel=2)
     for s in sites:
         s.info["B"], s.info["L"] = gi.batch, gi.seq_len
         if s.status != "pruned":
@@ -97,6 +101,7 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
     selections: list[fx.Node] = []
     shares: list[fx.Node] = []
     step = seeded = weight = None
+    groups: list[tuple[list[fx.Node], str, str]] = []  # each site's selection nodes, to outline
     for site in sites:
         if site.name not in labels or site.status != "pruned":
             continue
@@ -111,6 +116,7 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
             history = inputs.add(f"{tag}_history")
             result.history_sites.append(site.name)
         first = min(site.projections, key=_order(g))
+        before = set(g.nodes)
         with g.inserting_before(first):
             if static is None:
                 kept, share = _dynamic_select(g, site, lab, config, gi.valid, history, gi, tag)
@@ -120,6 +126,8 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
                 kept_now = static[site.name].kept
                 kept = _const(g, f"{tag}_kept", kept_now)
             chan, new_weights, kv_index = _compact_weights(g, site, kept, kept_now, kv_whole, real, tag)
+        if static is None:
+            groups.append(([n for n in g.nodes if n not in before], tag, site.kind))
         selections.append(kept)
         result.selected_sites.append(site.name)
         pruned_units = (site.heads or site.channels) - site.kept
@@ -141,6 +149,9 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
     # state updates. The backend returns only the original outputs.
     result.shares = config.telemetry and bool(shares)
     result.n_outputs = add_outputs(g, selections + (shares if result.shares else []) + state_nodes)
+    outliner = Outliner(gm)
+    for nodes, tag, kind in groups:
+        outliner.outline(nodes, tag, kind)
     g.lint()
     gm.recompile()
     return result
