@@ -11,6 +11,7 @@ nodes); a group that reads a non-tensor value is left inline (the call takes ten
 from __future__ import annotations
 
 import hashlib
+import operator
 import re
 
 import torch
@@ -42,7 +43,7 @@ class Outliner:
             fn = g.get_attr(attr)
             fn.name = g._graph_namespace.create_name(f"{tag}_select_fn", None)
             result = call(g, torch.ops.higher_order.invoke_subgraph, fn, attr, *inputs, name=f"{tag}_select_call")
-            outs = [call(g, _getitem, result, i, name=f"{o.name}_out") for i, o in enumerate(outputs)]
+            outs = [call(g, operator.getitem, result, i, name=f"{o.name}_out") for i, o in enumerate(outputs)]
         for o, new in zip(outputs, outs):
             o.replace_all_uses_with(new)
         for n in reversed(nodes):
@@ -78,8 +79,8 @@ def _subgraph(root: fx.GraphModule, nodes, inputs, outputs, name) -> fx.GraphMod
 
 
 def _readable(name: str, tag: str, kind: str) -> str:
-    """model_layers_3_attention_probe_linear_12 -> attention_probe_linear: no layer's numbers (the
-    namespace numbers repeated names)."""
+    """model_layers_3_attention_probe_linear_12 -> attention_probe_linear: no layer's numbers and
+    none of the numbers the namespace added to repeated names (it adds its own in the subgraph)."""
     if name.startswith(tag):
         name = kind + name[len(tag):]
     return re.sub(r"_\d+(?=_|$)", "", name)
@@ -89,7 +90,3 @@ def _tensor_or_unknown(n: fx.Node) -> bool:
     """A node Dynamo recorded a tensor for, or one the pass made (no record; always a tensor)."""
     v = n.meta.get("example_value", n.meta.get("val"))
     return v is None or isinstance(v, torch.Tensor)
-
-
-def _getitem(t, i):
-    return t[i]
