@@ -8,8 +8,9 @@ Per shape, every method at every ratio is timed against one dense baseline. Per 
 median seconds per batch over --reps timed rounds (after a compile/warm-up call), tokens/s, time
 relative to dense, the FLOPs ratio (pruned/dense, torch's FlopCounterMode; the probe also apart),
 `dense time x FLOPs ratio` (the FLOPs limit), the compile time (Dynamo's own timer over the
-first call, Inductor included; its on-disk caches are off unless --caches) and the peak memory a steady call adds
-(CUDA: max allocated; CPU: the process's peak RSS above its level before the call, Linux only).
+first call, Inductor included; its on-disk caches are off unless --caches) and the peak memory a
+steady call adds (CUDA: max allocated; CPU: the process's peak RSS above its level before the
+call, Linux only).
 Token ids are random: speed does not depend on them, and flap is calibrated on two random
 batches for the same reason.
 """

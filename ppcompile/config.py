@@ -64,13 +64,16 @@ class PPConfig:
         scaled = self._scaled_ratio(n_layers)
         if scaled <= 1.0:
             return None
-        n_pruned = n_layers - len([i for i in self.skip_layers if i < n_layers])
+        n_pruned = self._pruned_layers(n_layers)
         return (f"ratio {self.ratio} cannot be reached with {n_pruned} of {n_layers} layers pruned: each would "
                 f"prune {scaled:.0%}; they keep one head and {self.mlp_multiple} MLP channels instead, so the "
                 "model prunes less than asked (lower the ratio or skip fewer layers)")
 
+    def _pruned_layers(self, n_layers: int) -> int:
+        return n_layers - len([i for i in self.skip_layers if i < n_layers])
+
     def _scaled_ratio(self, n_layers: int) -> float:
-        n_pruned = n_layers - len([i for i in self.skip_layers if i < n_layers])
+        n_pruned = self._pruned_layers(n_layers)
         if n_pruned <= 0 or self.ratio == 0:
             return 0.0
         return round(self.ratio * n_layers / n_pruned, 2)
