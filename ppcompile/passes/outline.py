@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from .graph import call
-from .sites import value
+from .sites import recorded, value
 
 
 class Outliner:
@@ -88,5 +88,5 @@ def _readable(name: str, tag: str, kind: str) -> str:
 
 def _tensor_or_unknown(n: fx.Node) -> bool:
     """A node Dynamo recorded a tensor for, or one the pass made (no record; always a tensor)."""
-    v = n.meta.get("example_value", n.meta.get("val"))
+    v = recorded(n)
     return v is None or isinstance(v, torch.Tensor)

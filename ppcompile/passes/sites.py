@@ -58,10 +58,13 @@ def layer_of(node: fx.Node) -> tuple[str, int] | None:
     return (m.group(1), int(m.group(2))) if m else None
 
 
+def recorded(node: fx.Node):
+    """The example value Dynamo recorded for a node (any type), or None for a node the pass made."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
 def value(node) -> torch.Tensor | None:
-    if not isinstance(node, fx.Node):
-        return None
-    v = node.meta.get("example_value", node.meta.get("val"))
+    v = recorded(node) if isinstance(node, fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None
 
 
