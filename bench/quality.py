@@ -21,7 +21,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from ppcompile.cli import _run_eval
-from ppcompile.config import STATIC_POLICIES
+from ppcompile.policies import POLICIES
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["dense", "full-batch", "pp", "wanda-sp", "flap"]
@@ -30,7 +30,7 @@ REFERENCE = {0.2: {"full-batch": 1.35, "pp": 1.46, "wanda-sp": 1.44, "flap": 1.6
              0.4: {"full-batch": 2.61, "pp": 2.95, "wanda-sp": 3.04, "flap": 3.49}}
 
 
-CALIBRATED = {"pp", *STATIC_POLICIES}  # the methods whose choices depend on the calibration sample
+CALIBRATED = {name for name, p in POLICIES.items() if p.history or p.static}  # the methods whose choices depend on the calibration sample
 
 
 def table(rows: list[dict]) -> str:

@@ -1,12 +1,13 @@
 """ppcompile: Probe Pruning (ICLR 2025) as a torch.compile pass for Hugging Face causal LMs."""
-from .api import Handle, calibrate, compile
+from .api import calibrate, compile
+from .backend import Session
 from .calibration import Calibration
 from .config import PPConfig
 from .explain import Explanation, explain
 from .runtime import Runtime
 
 __version__ = "0.1.0"
-__all__ = ["compile", "calibrate", "explain", "Calibration", "Explanation", "PPConfig", "Runtime", "Handle"]
+__all__ = ["compile", "calibrate", "explain", "Calibration", "Explanation", "PPConfig", "Runtime", "Session"]
 
 
 def _register_backend() -> None:

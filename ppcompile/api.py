@@ -1,44 +1,24 @@
-"""pp.compile: the one entry point."""
+"""pp.compile: the one entry point. It builds the session the `ppcompile` backend runs on, and
+wraps the compiled model's forward so that every call is accounted for: a call that Dynamo ran
+as the original forward (recompile limit, graph break, a disabled or eager stance) warns once with
+its cause and the fix, and raises under strict=True. Never silently unpruned."""
 from __future__ import annotations
 
+import functools
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import dump
-from .backend import make_backend
+from .backend import Session
 from .calibration import Calibration, collect, fingerprint, resolve
-from .config import STATIC_POLICIES, PPConfig
-from .passes.probe_prune import PassResult
-from .report import left_dense_unmatched, site_rows
+from .config import PPConfig
+from .inputs import check_call, check_training
 from .runtime import Runtime
 
-
-@dataclass
-class Handle:
-    """`model.pp`: the config, the runtime (history between calls), the calibration and what the
-    pass did."""
-    config: PPConfig
-    runtime: Runtime
-    model_fingerprint: str
-    calibration: Calibration | None = None
-    passes: list[PassResult] = field(default_factory=list)
-
-    def use_calibration(self, cal: Calibration) -> None:
-        """Seed the history from `cal` (pp); static policies score with it when they compile."""
-        cal.check(self.model_fingerprint)
-        if self.config.policy in STATIC_POLICIES and self.passes:
-            raise ValueError(f"policy {self.config.policy!r} already chose its heads and channels when the "
-                             "model was compiled; pass the calibration to pp.compile(..., calibration=...)")
-        self.calibration = cal
-        if self.config.policy == "pp":
-            self.runtime.seed(cal.histories())
-
-    def summary(self) -> list[dict]:
-        """One row per site of the last compiled graph: layer, kind, module, kept/total, status."""
-        return site_rows(self.passes[-1]) if self.passes else []
+# Inputs whose first two dims are (batch, sequence): made dynamic on every call.
+BATCH_BY_SEQUENCE = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "labels")
 
 
 def calibrate(model: torch.nn.Module, batches, *, meta: dict | None = None,
@@ -47,9 +27,9 @@ def calibrate(model: torch.nn.Module, batches, *, meta: dict | None = None,
     `attention_mask`): the statistics Probe Pruning's history starts from and the static baselines
     score with. A model compiled by pp.compile takes them in at once (its history is seeded)."""
     cal = collect(model, batches, meta=meta, progress=progress)
-    handle = getattr(model, "pp", None)
-    if isinstance(handle, Handle):
-        handle.use_calibration(cal)
+    session = getattr(model, "pp", None)
+    if isinstance(session, Session):
+        session.use_calibration(cal)
     return cal
 
 
@@ -63,33 +43,94 @@ def compile(model: torch.nn.Module, ratio: float = 0.4, *, calibration=None, pol
     dump_dir: write, per compiled graph, the captured and rewritten graphs, the site table, the
         Inductor code and a report.json there (also $PPCOMPILE_DUMP; see ppcompile.dump).
     options: any other PPConfig field (position_ratio, sample_ratio, skip_layers, blocks,
-        telemetry, ...).
+        dynamic, strict, telemetry, ...).
+
+    Batch and sequence length are dynamic (config.dynamic): one graph serves every shape with
+    batch >= 2, one more every shape with batch 1 (Dynamo specializes sizes 0 and 1).
     """
     if backend not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
     config = PPConfig(ratio=ratio, policy=policy, **options)
-    if config.policy in STATIC_POLICIES and calibration is None:
-        raise ValueError(f"policy {policy!r} is static: it needs calibration=<token batches or a "
+    if config.policy.needs_calibration and calibration is None:
+        raise ValueError(f"policy '{config.policy}' is static: it needs calibration=<token batches or a "
                          "Calibration from pp.calibrate>")
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if isinstance(n_layers, int):  # before any compile; the pass checks again on what it finds
+        config.check_layers(n_layers)
     model_fp = fingerprint(model)
     key = {"model": model_fp, "config": {k: v for k, v in config.as_dict().items() if k not in ("strict", "telemetry")}}
-    handle = Handle(config, Runtime(key=key, telemetry=config.telemetry), model_fp)
-    if calibration is not None:
-        handle.use_calibration(resolve(calibration, model))
-
-    def on_pass(result: PassResult) -> None:
-        handle.passes.append(result)
-        unmatched = [f"{r['site']}: {r['status']}" for r in site_rows(result) if left_dense_unmatched(r["status"])]
-        if not result.sites and config.strict:
-            raise ValueError("ppcompile (strict): no attention or MLP block of this model could be matched")
-        if unmatched and config.strict:
-            raise ValueError("ppcompile (strict): blocks left dense:\n  " + "\n  ".join(unmatched))
-        if unmatched:
-            warnings.warn("ppcompile: blocks left dense:\n  " + "\n  ".join(unmatched), stacklevel=2)
-
     folder = dump.dump_dir(dump_dir)
-    fn = make_backend(config, handle.runtime, calibration=lambda: handle.calibration,
-                      inductor=backend == "inductor", on_pass=on_pass,
-                      dumper=dump.Dumper(folder) if folder else None)
-    model.pp = handle
-    return torch.compile(model, backend=fn, dynamic=False)
+    session = Session(config, runtime=Runtime(key=key, telemetry=config.telemetry),
+                      inductor=backend == "inductor", dumper=dump.Dumper(folder) if folder else None,
+                      model_fingerprint=model_fp)
+    if calibration is not None:
+        session.use_calibration(resolve(calibration, model))
+    model.pp = session
+    # Own recompile region: other compiled copies of this class do not count against its limit.
+    # strict: a graph break or the recompile limit raises inside Dynamo instead of running eager.
+    compiled = torch.compile(model, backend=session.backend, dynamic=False, fullgraph=config.strict,
+                             isolate_recompiles=True)
+    compiled.forward = _accounted(compiled.forward, model, session)
+    return compiled
+
+
+def _accounted(forward, model: torch.nn.Module, session: Session):
+    """The compiled forward, checked and counted: bad inputs are refused before anything runs,
+    batch and sequence dims are marked dynamic, and a call no compiled graph ran is reported."""
+    runtime, config = session.runtime, session.config
+    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    warned: set[str] = set()
+
+    def warn_once(message: str) -> None:
+        if message not in warned:
+            warned.add(message)
+            warnings.warn(message, stacklevel=3)
+
+    @functools.wraps(forward)
+    def call(*args, **kwargs):
+        check_training(model.training)
+        for message in check_call(args, kwargs, max_positions=max_positions):
+            warn_once(f"ppcompile: {message}")
+        if config.dynamic:
+            _mark_dynamic(args, kwargs)
+        before = runtime.counts["graph_runs"]
+        out = forward(*args, **kwargs)
+        if runtime.counts["graph_runs"] > before:
+            runtime.counts["pruned_calls"] += 1
+            return out
+        runtime.counts["unpruned_calls"] += 1
+        message = f"ppcompile: this call ran the original, unpruned forward: {_fallback_cause(model)}"
+        if config.strict:
+            raise RuntimeError(message + " (strict=True)")
+        warn_once(message)
+        return out
+
+    return call
+
+
+def _mark_dynamic(args, kwargs) -> None:
+    tensors = [args[0]] if args and isinstance(args[0], torch.Tensor) else []
+    tensors += [kwargs[k] for k in BATCH_BY_SEQUENCE if isinstance(kwargs.get(k), torch.Tensor)]
+    for t in tensors:
+        for d in range(min(2, t.dim())):
+            torch._dynamo.maybe_mark_dynamic(t, d)  # "maybe": a size-1 dim stays specialized
+
+
+def _fallback_cause(model: torch.nn.Module) -> str:
+    """Why Dynamo ran the original forward, and what to do about it."""
+    from torch._dynamo import config as dynamo_config
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list, _stance
+    if _stance.stance != "default":
+        return (f"torch.compiler.set_stance({_stance.stance!r}) is in effect; set the stance back to "
+                "'default' to prune")
+    if dynamo_config.disable:
+        return "Dynamo is disabled (torch._dynamo.config.disable / TORCHDYNAMO_DISABLE); enable it to prune"
+    cached = len(_debug_get_cache_entry_list(type(model).forward))
+    if cached >= dynamo_config.recompile_limit:
+        return (f"Dynamo reached its recompile limit ({dynamo_config.recompile_limit} graphs of "
+                f"{type(model).__name__}.forward); inputs other than batch and sequence length change "
+                "between calls (other keyword arguments, dtypes, devices): keep them fixed, or raise "
+                "torch._dynamo.config.recompile_limit")
+    return ("Dynamo did not run a compiled graph (a graph break or a guard it could not compile); "
+            "run with TORCH_LOGS=graph_breaks,recompiles to see where, or compile with strict=True "
+            "to make it an error")

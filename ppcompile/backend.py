@@ -1,106 +1,146 @@
-"""The torch.compile backend: run the pass, then hand the graph to Inductor (or run it as is)."""
+"""The torch.compile backend and the session behind it: one per compiled model.
+
+`pp.compile(model, ...)` and `torch.compile(model, backend="ppcompile", options={...})` take the
+same path: a `Session` (config, one runtime for all of the model's graphs, the calibration, what
+each pass did) whose `backend` runs the pass on every graph Dynamo hands over, enforces `strict`,
+warns on blocks left dense, checks a calibration against the weights it meets, and hands the
+rewritten graph to Inductor (or runs it as is). Each call of a compiled graph fetches its state
+slots from the runtime and reports its named outputs back (see passes/seam.py).
+"""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable
 
 import torch
 from torch import fx
 
-from .calibration import Calibration
+from .calibration import Calibration, resolve
 from .config import PPConfig
 from .dump import Dumper, dump_dir, inductor_code
-from .passes.graph import input_device
+from .passes.graph import real_tensors
 from .passes.probe_prune import PassResult, run_pass
+from .policies import get_policy
+from .report import left_dense_unmatched, site_rows
 from .runtime import Runtime
 
 
-def real_tensors(gm: fx.GraphModule, example_inputs: list) -> Callable[[fx.Node], torch.Tensor | None]:
-    """A graph node -> the real tensor behind it (a placeholder's example input, a get_attr's attribute)."""
-    index = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+class Session:
+    """Everything one compiled model shares across its graphs and calls."""
 
-    def real(node: fx.Node) -> torch.Tensor | None:
-        if node.op == "placeholder" and node.name in index:
-            t = example_inputs[index[node.name]]
-        elif node.op == "get_attr":
-            t = getattr(gm, node.target, None)
-        else:
-            return None
-        real_tensor = isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor)
-        return t if real_tensor else None
+    def __init__(self, config: PPConfig, *, runtime: Runtime | None = None, inductor: bool = True,
+                 dumper: Dumper | None = None, model_fingerprint: str | None = None):
+        self.config = config
+        self.policy = get_policy(config.policy)
+        self.runtime = runtime or Runtime(telemetry=config.telemetry)
+        self.runtime.telemetry = self.runtime.telemetry or config.telemetry
+        self.inductor = inductor
+        self.dumper = dumper
+        self.model_fingerprint = model_fingerprint
+        self.calibration: Calibration | None = None
+        self.passes: list[PassResult] = []
 
-    return real
+    # ---- calibration ----
+    def use_calibration(self, cal: Calibration) -> None:
+        """Seed the history from `cal` (policies with a history); static policies score with it
+        when a graph compiles."""
+        if self.model_fingerprint is not None:
+            cal.check(self.model_fingerprint)
+        if self.policy.static and self.passes:
+            raise ValueError(f"policy '{self.policy}' already chose its heads and channels when the model "
+                             "was compiled; pass the calibration to pp.compile(..., calibration=...)")
+        self.calibration = cal
+        if self.policy.history:
+            self.runtime.seed(cal.histories())
 
-
-def make_backend(config: PPConfig, runtime: Runtime, *,
-                 calibration: Callable[[], Calibration | None] = lambda: None,
-                 inductor: bool = True, on_pass: Callable[[PassResult], None] | None = None,
-                 dumper: Dumper | None = None):
-    """`calibration` is read when a graph is compiled (a static policy scores its weights then);
-    `dumper` writes what the pass did (see ppcompile.dump)."""
-    def backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
-        result = run_pass(gm, config, calibration=calibration(), real=real_tensors(gm, example_inputs))
-        folder = dumper.next_graph() if dumper else None
+    # ---- what torch.compile calls for every graph ----
+    def backend(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        real = real_tensors(gm, example_inputs)
+        if self.policy.static and self.calibration is None:
+            raise ValueError(f"policy '{self.policy}' is static: it needs calibration=<token batches, a "
+                             "Calibration from pp.calibrate, or the path of a saved one>")
+        result = run_pass(gm, self.config, calibration=self.calibration, real=real)
+        if self.calibration is not None:
+            self.calibration.check_weights({s.name: real(s.final.args[1]) for s in result.sites})
+        self.passes.append(result)
+        folder = self.dumper.next_graph() if self.dumper else None
         if folder:
-            dumper.write_pass(folder, gm, result, config)
-        if on_pass is not None:
-            on_pass(result)
+            self.dumper.write_pass(folder, gm, result, self.config)
+        self._report(result)
         for s in result.sites:
             if s.name in result.selected_sites:
-                runtime.sites[s.name] = {"layer": s.layer, "kind": s.kind, "total": s.heads or s.channels,
-                                         "pruned_flops": s.info["pruned_flops"]}
-        history, device = result.history_channels(), input_device(example_inputs)
-
-        def state_inputs() -> list[torch.Tensor]:
-            return runtime.inputs(history, result.seq_len, device, result.uses_step)
-
-        n, k = result.n_outputs, len(result.selected_sites)
-        if inductor:
+                self.runtime.sites[s.name] = {"layer": s.layer, "kind": s.kind, "total": s.heads or s.channels,
+                                              "pruned_flops": s.info["pruned_flops"]}
+        seam, runtime = result.seam, self.runtime
+        if self.inductor:
             from torch._inductor.compile_fx import compile_fx
             codes: list[str] = []
             with inductor_code(codes) if folder else contextlib.nullcontext():
-                compiled = compile_fx(result.gm, list(example_inputs) + state_inputs())
+                compiled = compile_fx(result.gm, list(example_inputs) + seam.examples())
             if folder:
-                dumper.write_inductor(folder, codes)
+                self.dumper.write_inductor(folder, codes)
         else:
             compiled = result.gm.forward
 
         def run(*args):
-            out = compiled(*args, *state_inputs())
-            shares = dict(zip(result.selected_sites, out[n + k:n + 2 * k])) if result.shares else None
-            runtime.record(dict(zip(result.selected_sites, out[n:n + k])), shares)
-            return out[:n]
+            out, named = seam.call(compiled, args, runtime.provide)
+            runtime.record(named)
+            runtime.counts["graph_runs"] += 1
+            return out
 
         return run
 
-    return backend
+    def _report(self, result: PassResult) -> None:
+        """Strict: any block left dense that the config did not ask for is an error; else a warning."""
+        unmatched = [f"{r['site']}: {r['status']}" for r in site_rows(result) if left_dense_unmatched(r["status"])]
+        if not result.sites and self.config.strict:
+            raise ValueError("ppcompile (strict): no attention or MLP block of this model could be matched")
+        if unmatched and self.config.strict:
+            raise ValueError("ppcompile (strict): blocks left dense:\n  " + "\n  ".join(unmatched))
+        if unmatched:
+            warnings.warn("ppcompile: blocks left dense:\n  " + "\n  ".join(unmatched), stacklevel=2)
+
+    def summary(self) -> list[dict]:
+        """One row per site of the last compiled graph: layer, kind, module, kept/total, status."""
+        return site_rows(self.passes[-1]) if self.passes else []
 
 
-def ppcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None):
-    """`torch.compile(model, backend="ppcompile", options={...})`: every PPConfig field, plus
-    `runtime` (a Runtime to keep the history in; by default a new one, see `last_runtime()`),
-    `calibration` (a Calibration or the path of a saved one: seeds the history, and the static
-    policies score with it), `inductor` (False: run the rewritten graph without Inductor) and
-    `dump_dir` (write what the pass did there; also $PPCOMPILE_DUMP)."""
-    options = dict(options or {})
-    runtime = options.pop("runtime", None)
-    inductor = options.pop("inductor", True)
-    folder = dump_dir(options.pop("dump_dir", None))
-    cal = options.pop("calibration", None)
-    config = PPConfig.from_options(options)
-    if cal is not None and not isinstance(cal, Calibration):
-        cal = Calibration.load(cal)
-    global _LAST_RUNTIME
-    _LAST_RUNTIME = runtime = runtime or Runtime()
-    runtime.telemetry = runtime.telemetry or config.telemetry
-    if cal is not None and config.policy == "pp" and not bool(runtime.seeded):
-        runtime.seed(cal.histories())
-    dumper = Dumper(folder) if folder else None
-    return make_backend(config, runtime, calibration=lambda: cal, inductor=inductor, dumper=dumper)(gm, example_inputs)
-
-
+# torch.compile passes the same `options` dict for every graph of one compile: one session each.
+_SESSIONS: dict[int, tuple[dict, Session]] = {}
 _LAST_RUNTIME: Runtime | None = None
 
 
+def session_from_options(options: dict | None) -> Session:
+    """The session of a `torch.compile(..., backend="ppcompile", options=...)` call: every PPConfig
+    field, plus `runtime` (a Runtime to keep the history in; by default a new one, see
+    `last_runtime()`), `calibration` (a Calibration or the path of a saved one: seeds the history,
+    and the static policies score with it), `inductor` (False: run the rewritten graph without
+    Inductor) and `dump_dir` (write what the pass did there; also $PPCOMPILE_DUMP)."""
+    global _LAST_RUNTIME
+    key = id(options)
+    if options is not None and key in _SESSIONS and _SESSIONS[key][0] is options:
+        return _SESSIONS[key][1]
+    opts = dict(options or {})
+    session = opts.pop("session", None)
+    if session is None:
+        runtime, inductor = opts.pop("runtime", None), opts.pop("inductor", True)
+        folder, cal = dump_dir(opts.pop("dump_dir", None)), opts.pop("calibration", None)
+        session = Session(PPConfig.from_options(opts), runtime=runtime, inductor=inductor,
+                          dumper=Dumper(folder) if folder else None)
+        if cal is not None:
+            session.use_calibration(resolve(cal))
+    if options is not None:
+        _SESSIONS[key] = (options, session)
+    _LAST_RUNTIME = session.runtime
+    return session
+
+
+def ppcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None):
+    """`torch.compile(model, backend="ppcompile", options={...})`: see `session_from_options`."""
+    return session_from_options(options).backend(gm, example_inputs)
+
+
 def last_runtime() -> Runtime | None:
+    """The runtime of the last session the `ppcompile` backend made."""
     return _LAST_RUNTIME

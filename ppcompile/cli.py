@@ -13,16 +13,70 @@ from tabulate import tabulate
 
 from . import data, models
 from .calibration import collect
-from .config import STATIC_POLICIES
+from .policies import POLICIES
 from .evaluate import MethodResult, evaluate
 from .methods import RATIO_FREE, build_method, parse_methods
 
 
-def _ratios(spec: str) -> list[float]:
+# argparse type functions: a bad number fails while parsing (exit 2, naming the option), before a
+# model is loaded; argparse prefixes the message with "argument --ratio:"
+def _ratio(spec: str) -> float:
     try:
-        return [float(r) for r in spec.split(",") if r.strip()]
+        ratio = float(spec)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--ratio takes numbers separated by commas, got {spec!r}")
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1) (the fraction pruned), got {spec!r}: "
+                                         "e.g. --ratio 0.4") from None
+    if not 0.0 <= ratio < 1.0:  # also nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (the fraction pruned), got {spec!r}: "
+                                         "e.g. --ratio 0.4")
+    return ratio
+
+
+def _ratios(spec: str) -> list[float]:
+    ratios = [_ratio(r.strip()) for r in spec.split(",") if r.strip()]
+    if not ratios:
+        raise argparse.ArgumentTypeError(f"takes one or more numbers in [0, 1) separated by commas, got "
+                                         f"{spec!r}: e.g. --ratio 0.2,0.4")
+    return ratios
+
+
+def _count(minimum: int):
+    """An int option of at least `minimum`: --seq-len 0 or --batches -1 is refused while parsing."""
+    def parse(spec: str) -> int:
+        try:
+            value = int(spec)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {spec!r}")
+        return value
+    return parse
+
+
+def _check_seq_len(seq_len: int, limit: int | None) -> None:
+    """Windows longer than the model's positions would evaluate positions it was never trained on."""
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings ({limit}): "
+                         f"pass a smaller --seq-len (at most {limit})")
+
+
+def _check_seq_len_early(model_name: str, seq_len: int) -> None:
+    """For a local checkpoint folder, its config.json alone (no weights) tells the limit: refuse
+    before loading; other models are checked right after loading (_check_seq_len)."""
+    path = Path(model_name).expanduser() / "config.json"
+    try:
+        limit = json.loads(path.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):  # no folder, no such file, not a JSON object
+        return
+    _check_seq_len(seq_len, limit if isinstance(limit, int) else None)
+
+
+def _loaded(model_name: str, seq_len: int):
+    """(model, tokenizer), refusing a --seq-len past the model's positions before any pass runs."""
+    _check_seq_len_early(model_name, seq_len)
+    model, tokenizer = models.load_model(model_name)
+    _check_seq_len(seq_len, getattr(model.config, "max_position_embeddings", None))
+    return model, tokenizer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,15 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity, KL and top-1 agreement to dense, and speed")
     ev.add_argument("--model", default="smollm2-135m", help="a known name or a local checkpoint folder")
     ev.add_argument("--data", default="brown:a", help="brown[:genres] | pydoc | file:PATH | wikitext2 | c4")
-    ev.add_argument("--seq-len", type=int, default=512)
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--batches", type=int, default=4)
+    ev.add_argument("--seq-len", type=_count(1), default=512)
+    ev.add_argument("--batch-size", type=_count(1), default=8)
+    ev.add_argument("--batches", type=_count(1), default=4)
     ev.add_argument("--methods", default="dense", help="comma-separated method names")
     ev.add_argument("--ratio", type=_ratios, default=[0.4], help="pruning ratio(s), comma-separated")
     ev.add_argument("--calibration", metavar="SOURCE",
                     help="calibration text (a data source, kept disjoint from --data): seeds pp's "
                          "history; wanda-sp and flap need it")
-    ev.add_argument("--calibration-windows", type=int, default=64,
+    ev.add_argument("--calibration-windows", type=_count(1), default=64,
                     help="seeded-random windows of --seq-len tokens drawn from the calibration text")
     ev.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     ev.add_argument("--backend", choices=["inductor", "eager"], default="inductor",
@@ -49,19 +103,19 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     demo = sub.add_parser("demo", help="dense vs Probe Pruning at 0.4 on the packaged model")
-    demo.add_argument("--batches", type=int, default=2)
+    demo.add_argument("--batches", type=_count(1), default=2)
 
     ins = sub.add_parser("inspect", help="what the pass does: sites, kept counts, FLOPs; with --batches, "
                                          "per-layer telemetry of what each batch kept")
     ins.add_argument("--model", default="smollm2-135m")
-    ins.add_argument("--ratio", type=float, default=0.4)
+    ins.add_argument("--ratio", type=_ratio, default=0.4)
     ins.add_argument("--policy", default="pp")
     ins.add_argument("--data", default="brown:a")
-    ins.add_argument("--seq-len", type=int, default=128)
-    ins.add_argument("--batch-size", type=int, default=8)
-    ins.add_argument("--batches", type=int, default=0, help="run this many batches and report telemetry")
+    ins.add_argument("--seq-len", type=_count(1), default=128)
+    ins.add_argument("--batch-size", type=_count(1), default=8)
+    ins.add_argument("--batches", type=_count(0), default=0, help="run this many batches and report telemetry")
     ins.add_argument("--calibration", metavar="SOURCE", help="calibration text (disjoint from --data)")
-    ins.add_argument("--calibration-windows", type=int, default=16)
+    ins.add_argument("--calibration-windows", type=_count(1), default=16)
     ins.add_argument("--backend", choices=["inductor", "eager"], default="inductor")
     ins.add_argument("--plot", type=Path, help="draw how often each head/channel was kept (PNG)")
     ins.add_argument("--dump-dir", type=Path, help="also dump the graphs, sites and Inductor code here")
@@ -75,14 +129,14 @@ def _run_eval(model_name: str, text: str, seq_len: int, batch_size: int, n_batch
               method_names: list[str], ratios: list[float], progress: bool, *,
               calibration: str | None = None, calibration_windows: int = 64, seed: int = 0,
               backend: str = "inductor") -> list[dict]:
-    static = [m for m in method_names if m in STATIC_POLICIES]
+    static = [m for m in method_names if m in POLICIES and POLICIES[m].needs_calibration]
     if static and not calibration:
         raise ValueError(f"method(s) {', '.join(static)} need calibration text: add --calibration SOURCE "
                          "(e.g. --calibration brown:fgh)")
     # a fresh model: drop what earlier runs in this process compiled, or their entries would count
     # against Dynamo's recompile_limit for the same forward and this run would fall back to eager
     torch._dynamo.reset()
-    model, tokenizer = models.load_model(model_name)
+    model, tokenizer = _loaded(model_name, seq_len)
     windows, cal, cal_seconds = _windows_and_calibration(model, tokenizer, text, seq_len, batch_size * n_batches,
                                                          batch_size, calibration, calibration_windows, seed, progress)
     # one compiled model per method and ratio, all of the same forward: let Dynamo keep them all
@@ -122,7 +176,7 @@ def _windows_and_calibration(model, tokenizer, text: str, seq_len: int, n_window
 def _run_inspect(args) -> None:
     from .api import compile as pp_compile
     from .explain import explain
-    model, tokenizer = models.load_model(args.model)
+    model, tokenizer = _loaded(args.model, args.seq_len)
     windows, cal, _ = _windows_and_calibration(model, tokenizer, args.data, args.seq_len,
                                             args.batch_size * max(args.batches, 1), args.batch_size,
                                             args.calibration, args.calibration_windows, 0, False)

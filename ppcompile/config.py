@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
+import numbers
+import operator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 
-POLICIES = ("pp", "full-batch", "wanda-sp", "flap", "dense")
-STATIC_POLICIES = ("wanda-sp", "flap")  # indices fixed once from calibration statistics
+from .policies import Policy, get_policy
+
 BLOCKS = ("both", "attention", "mlp")
 
 
 @dataclass(frozen=True)
 class PPConfig:
     ratio: float = 0.4  # fraction of the model pruned (skipped layers count as 0%)
-    policy: str = "pp"
+    policy: Policy | str = "pp"  # a name or a Policy (policies.py); stored as the registered object
     position_ratio: float = 0.5  # probe: fraction of sequence positions kept
     sample_ratio: float = 0.05  # probe: fraction of batch samples kept
     sequence_first: bool = True  # select positions before samples (the paper's order)
@@ -22,23 +26,47 @@ class PPConfig:
     momentum: float = 0.99  # EMA momentum of the history
     strict: bool = False  # an unmatched block is an error instead of a warning
     telemetry: bool = False  # record per call and site what was kept (runtime.stats())
+    dynamic: bool = True  # batch and sequence dims dynamic: one graph for every shape (pp.compile)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "skip_layers", tuple(sorted(set(int(i) for i in self.skip_layers))))
+        # types first: "0.4" < 1.0 is a TypeError deep in a comparison, and True passes as 1
+        for name, interval in (("ratio", "[0, 1)"), ("position_ratio", "(0, 1]"), ("sample_ratio", "(0, 1]"),
+                               ("momentum", "[0, 1)")):
+            object.__setattr__(self, name, _number(name, getattr(self, name), interval))
+        object.__setattr__(self, "skip_layers", _layer_indices(self.skip_layers))
+        if isinstance(self.mlp_multiple, bool) or not isinstance(self.mlp_multiple, numbers.Integral):
+            raise TypeError(f"mlp_multiple must be an int >= 1, got {_shown(self.mlp_multiple)}: e.g. mlp_multiple=64")
+        object.__setattr__(self, "mlp_multiple", int(self.mlp_multiple))
+        for name in ("sequence_first", "strict", "telemetry", "dynamic"):  # "False" as a string would read as True
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {_shown(getattr(self, name))}: pass a bool")
         if not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; known policies: {', '.join(POLICIES)}")
+            raise ValueError(f"ratio must be a number in [0, 1), got {self.ratio}: it is the fraction "
+                             "pruned (0.4 prunes 40%, 0 nothing)")
+        object.__setattr__(self, "policy", get_policy(self.policy))
         if self.blocks not in BLOCKS:
             raise ValueError(f"blocks must be one of {', '.join(BLOCKS)}, got {self.blocks!r}")
         for name in ("position_ratio", "sample_ratio"):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {value}")
+                raise ValueError(f"{name} must be a number in (0, 1], got {value}")
         if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+            raise ValueError(f"momentum must be a number in [0, 1), got {self.momentum}")
         if self.mlp_multiple < 1:
-            raise ValueError(f"mlp_multiple must be >= 1, got {self.mlp_multiple}")
+            raise ValueError(f"mlp_multiple must be an int >= 1, got {self.mlp_multiple}")
+
+    def check_layers(self, n_layers: int) -> None:
+        """Refuse skip_layers that do not fit a model of `n_layers` decoder layers: an index it does
+        not have (a typo, or a config written for a deeper model), or skipping every layer while
+        asking for a ratio > 0 (nothing would be pruned, silently)."""
+        missing = [i for i in self.skip_layers if i >= n_layers]
+        if missing:
+            have = f" (0..{n_layers - 1})" if n_layers > 0 else ""
+            raise ValueError(f"skip_layers names layer(s) {missing} but the model has {n_layers} decoder "
+                             f"layers{have}: drop them from skip_layers")
+        if n_layers > 0 and self._pruned_layers(n_layers) == 0 and self.ratio > 0 and self.policy.prunes:
+            raise ValueError(f"skip_layers skips all {n_layers} layers, so nothing would be pruned at ratio "
+                             f"{self.ratio}: skip fewer layers or use ratio 0")
 
     @classmethod
     def from_options(cls, options: dict | None) -> "PPConfig":
@@ -51,7 +79,8 @@ class PPConfig:
         return cls(**options)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Plain values (the policy by name), for keys, reports and JSON."""
+        return {**asdict(self), "policy": self.policy.name}
 
     # ---- kept counts: Python ints, so every shape in the rewritten graph is static ----
     def layer_ratio(self, n_layers: int) -> float:
@@ -87,8 +116,60 @@ class PPConfig:
         kept = max(1, n_channels - math.floor(self.layer_ratio(n_layers) * n_channels))
         return min(n_channels, math.ceil(kept / self.mlp_multiple) * self.mlp_multiple)
 
+    # ---- probe sizes: exact rational arithmetic, the same for an int and a dynamic size ----
+    def probe_rule(self, what: str) -> tuple[int, int, int]:
+        """(num, den, floor): the probe keeps min(n, max(ceil(n * num / den), floor)) of n
+        positions ("position", at least two) or samples ("sample", at least one)."""
+        ratio, floor = (self.position_ratio, 2) if what == "position" else (self.sample_ratio, 1)
+        frac = Fraction(str(ratio)).limit_denominator(10**6)
+        return frac.numerator, frac.denominator, floor
+
     def probe_positions(self, seq_len: int) -> int:
-        return min(seq_len, max(math.ceil(self.position_ratio * seq_len), 2))
+        from .ops import probe_count
+        return probe_count(seq_len, *self.probe_rule("position"))
 
     def probe_samples(self, batch: int) -> int:
-        return min(batch, max(math.ceil(self.sample_ratio * batch), 1))
+        from .ops import probe_count
+        return probe_count(batch, *self.probe_rule("sample"))
+
+
+def _shown(value) -> str:
+    """A value and its type, as error messages show what they got: '0.4' (str)."""
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _number(name: str, value, interval: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in {interval}, got {_shown(value)}: pass a float, "
+                        f"e.g. {name}={_as_float(value) or 0.5}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must be a number in {interval}, got nan")
+    return float(value)
+
+
+def _as_float(value) -> float | None:
+    """The number a string such as '0.4' spells (for the hint), or None."""
+    try:
+        return float(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def _layer_indices(skip_layers) -> tuple[int, ...]:
+    """skip_layers as sorted unique ints; a string, a bare int or a float index is an error."""
+    example = "e.g. skip_layers=(0, 1, 2), or () to prune every layer"
+    if isinstance(skip_layers, (str, bytes)) or not isinstance(skip_layers, Iterable):
+        raise TypeError(f"skip_layers must be an iterable of layer indices (ints), got {_shown(skip_layers)}: "
+                        f"{example}")
+    indices = []
+    for i in skip_layers:
+        try:  # operator.index: ints, numpy ints and integer 0-d tensors, never floats
+            if isinstance(i, bool):
+                raise TypeError
+            indices.append(operator.index(i))
+        except TypeError:
+            raise TypeError(f"skip_layers must hold layer indices (ints), got {_shown(i)} in it: {example}") from None
+    negative = [i for i in indices if i < 0]
+    if negative:
+        raise ValueError(f"skip_layers must hold layer indices >= 0, got {negative}: count layers from 0 (the first)")
+    return tuple(sorted(set(indices)))

@@ -51,10 +51,11 @@ class Dumper:
         rows = site_rows(result)
         (folder / "00_captured.py").write_text(readable(captured))
         (folder / "01_sites.txt").write_text(
-            f"policy {config.policy}, ratio {config.ratio}, batch {result.batch}, sequence {result.seq_len}, "
+            f"policy {config.policy}, ratio {config.ratio}, batch {_size(result.batch)}, "
+            f"sequence {_size(result.seq_len)}, "
             f"{result.n_layers} decoder layers\n\n{format_rows(rows)}\n")
         (folder / "02_rewritten.py").write_text(readable(result.gm))
-        report = {"config": config.as_dict(), "batch": result.batch, "seq_len": result.seq_len,
+        report = {"config": config.as_dict(), "batch": _size(result.batch), "seq_len": _size(result.seq_len),
                   "n_layers": result.n_layers, "sites": rows,
                   "pruned": sum(r["status"] == "pruned" for r in rows)}
         (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -66,6 +67,11 @@ class Dumper:
         report = json.loads((folder / "report.json").read_text())
         report["inductor_code"] = "03_inductor.py" if codes else None
         (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _size(size) -> int | str:
+    """A graph's batch or sequence length: an int, or "dynamic (s0)" for a symbol."""
+    return size if isinstance(size, int) else f"dynamic ({size})"
 
 
 @contextmanager

@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from .inputs import check_batch
+
 Batch = torch.Tensor | Mapping[str, torch.Tensor]
 LogitsFn = Callable[..., torch.Tensor]
 
@@ -46,10 +48,11 @@ def model_logits_fn(model: torch.nn.Module) -> LogitsFn:
     return run
 
 
-def unpack_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    return batch["input_ids"], batch.get("attention_mask")
+def unpack_batch(batch: Batch, index: int | None = None, label: str = "batch"
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input_ids, attention_mask or None), checked before the batch runs: a string, a list, float
+    ids or a 1-D tensor is an error naming the batch (see inputs.check_batch)."""
+    return check_batch(batch, index, label)
 
 
 def _timed(fn: LogitsFn, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, float]:
@@ -100,7 +103,7 @@ def evaluate(methods: Mapping[str, LogitsFn], batches: Iterable[Batch], *,
     tallies = {name: _Tally() for name in order}
     with torch.no_grad():
         for i, batch in enumerate(batches):
-            ids, mask = unpack_batch(batch)
+            ids, mask = unpack_batch(batch, i)
             if i == 0 and warmup:
                 for name in order:
                     log_progress(progress, f"warm-up: {name}")

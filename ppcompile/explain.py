@@ -5,11 +5,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backend import real_tensors
 from .calibration import resolve
 from .config import PPConfig
 from .flops import graph_flops
-from .passes.graph import input_device
+from .passes.graph import real_tensors
 from .passes.probe_prune import run_pass
 from .report import format_rows, left_dense_unmatched, site_rows
 from .runtime import Runtime
@@ -56,8 +55,7 @@ def explain(model: torch.nn.Module, inputs, ratio: float = 0.4, *, policy: str =
         explanation.graphs += 1
         explanation.rows += site_rows(result)
         if result.sites:
-            state = Runtime().inputs(result.history_channels(), result.seq_len,
-                                     input_device(example_inputs), result.uses_step)
+            state = result.seam.state(example_inputs, Runtime().provide)
             dense = graph_flops(gm, list(example_inputs))["total"]
             pruned = graph_flops(result.gm, list(example_inputs) + state)
             for key, v in (("dense", dense), ("pruned", pruned["total"]), ("probe", pruned["probe"])):

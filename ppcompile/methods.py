@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from .calibration import Calibration
-from .config import STATIC_POLICIES
+from .policies import get_policy
 from .evaluate import LogitsFn, model_logits_fn
 
 MethodBuilder = Callable[[torch.nn.Module, float, "Calibration | None", str], LogitsFn]
@@ -22,9 +22,10 @@ def _dense(model: torch.nn.Module, ratio: float, calibration: Calibration | None
 def _policy(policy: str) -> MethodBuilder:
     def build(model: torch.nn.Module, ratio: float, calibration: Calibration | None, backend: str) -> LogitsFn:
         from .api import compile as pp_compile  # late: the CLI starts faster without torch.compile
-        if policy == "full-batch":
-            calibration = None  # the oracle has no history and no use for one
-        elif policy in STATIC_POLICIES and calibration is None:
+        rule = get_policy(policy)
+        if not (rule.history or rule.static):
+            calibration = None  # e.g. the oracle: no history and no use for one
+        elif rule.needs_calibration and calibration is None:
             raise ValueError(f"method {policy!r} needs calibration text: add --calibration SOURCE")
         return model_logits_fn(pp_compile(model, ratio, policy=policy, calibration=calibration, backend=backend))
 

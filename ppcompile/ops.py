@@ -16,7 +16,7 @@ def token_norms(x_res: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor
     return norms if valid is None else torch.where(valid, norms, -1.0)
 
 
-def select_probe(x_res: torch.Tensor, valid: torch.Tensor | None, k_t: int, k_b: int,
+def select_probe(x_res: torch.Tensor, valid: torch.Tensor | None, k_t, k_b,
                  sequence_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Probe rows and positions: (kept_b (k_b,), kept_t (k_t,)), each sorted ascending.
 
@@ -35,11 +35,12 @@ def select_probe(x_res: torch.Tensor, valid: torch.Tensor | None, k_t: int, k_b:
     return kept_b, kept_t
 
 
-def _positions(energy: torch.Tensor, k_t: int) -> torch.Tensor:
+def _positions(energy: torch.Tensor, k_t) -> torch.Tensor:
     kept_t = _top_sorted(energy.norm(dim=0), k_t)
-    if k_t <= 10:  # static: k_t is a Python int
-        kept_t = torch.cat([kept_t.new_zeros(1), kept_t[1:]])
-    return kept_t
+    # The sink rule as arithmetic, not a branch: k_t may be a dynamic size, and a branch on it
+    # would make Dynamo compile once per side of the rule.
+    first = kept_t[:1] * torch.sym_ite(k_t > 10, 1, 0)
+    return torch.cat([first, kept_t[1:]])
 
 
 def _pad_penalty(norms: torch.Tensor, dim: int) -> torch.Tensor:
@@ -49,6 +50,14 @@ def _pad_penalty(norms: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _top_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k, sorted=False).indices.sort().values
+
+
+def probe_count(n, num: int, den: int, floor: int):
+    """min(n, max(ceil(n * num / den), floor)): how many of n rows or positions the probe keeps.
+
+    Integer arithmetic on an int or a dynamic size alike: exact (no float rounding) and free of
+    comparisons that would make Dynamo guard on n."""
+    return torch.sym_min(n, torch.sym_max(-(-n * num // den), floor))
 
 
 def probe_energy(act: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:

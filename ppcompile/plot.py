@@ -28,7 +28,7 @@ def plot_kept(runtime: Runtime, path: str | Path, title: str = "") -> Path:
         ax.set_yticks(range(len(sites)), [str(layer) for layer, _ in sites])
         ax.set_ylabel("decoder layer (pruned layers only)")
         ax.set_xlabel("query head" if kind == "attention" else "MLP channel")
-        ax.set_title(f"{kind}: fraction of {len(runtime.calls)} calls that kept each "
+        ax.set_title(f"{kind}: fraction of {max(r['calls'] for r in runtime.stats())} calls that kept each "
                      f"{'head' if kind == 'attention' else 'channel'}")
         fig.colorbar(image, ax=ax, fraction=0.04)
     if title:

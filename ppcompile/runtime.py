@@ -1,64 +1,107 @@
-"""The runtime: the state Probe Pruning carries between calls, as tensors.
+"""The runtime: the state Probe Pruning carries between calls, as tensors, by slot name.
 
-History tables (one per site: absolute position x channel, mean of the final projection's input
-squared), the call count and whether the history is seeded. Compiled graphs take them as inputs
-and update them in place; nothing here is a Python counter the graph would specialize on.
+One runtime per compiled model, shared by all of its graphs: slots with a row per token position
+(the histories, one per site: position x channel, mean of the final projection's input squared)
+are one table each, grown to the longest sequence seen, and a graph of length L reads and updates
+rows [0, L). Compiled graphs take the slots as inputs and update them in place; nothing here is a
+Python counter the graph would specialize on.
+
+Telemetry keeps running aggregates per site (calls, kept-set overlaps, probe shares, how often each
+unit was kept), so its memory does not grow with the number of calls.
 """
 from __future__ import annotations
 
 import torch
 
+from .passes.seam import Slot
+
 
 class Runtime:
     def __init__(self, key: dict | None = None, telemetry: bool = False):
         self.key = key  # what the state belongs to ({"model": fingerprint, "config": {...}}); checked on load
-        self.telemetry = telemetry  # keep every call's selections for stats()
-        self.calls: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = []  # site -> (kept, probe share)
+        self.telemetry = telemetry  # aggregate every call's selections for stats()
         self.sites: dict[str, dict] = {}  # site -> layer, kind, total units, pruned FLOPs fraction
-        self.tables: dict[str, torch.Tensor] = {}
-        self.step = torch.zeros((), dtype=torch.long)  # calls so far; call 0 is the warm-up
-        self.seeded = torch.zeros((), dtype=torch.bool)  # the history holds real statistics
+        self.slots: dict[str, torch.Tensor] = {"step": torch.zeros((), dtype=torch.long),
+                                               "seeded": torch.zeros((), dtype=torch.bool)}
+        # calls of the compiled model that ran pruned / as the original forward, and graph calls
+        self.counts = {"pruned_calls": 0, "unpruned_calls": 0, "graph_runs": 0}
         self._last: dict[str, torch.Tensor] = {}
+        self._agg: dict[str, dict[str, torch.Tensor | int]] = {}  # site -> running telemetry sums
 
-    def inputs(self, sites: dict[str, int], seq_len: int, device, with_step: bool) -> list[torch.Tensor]:
-        """What a compiled graph takes after its own inputs: [seeded, step] and the history rows
-        [0, seq_len) of each site (site -> channels), on the graph's device."""
-        if self.step.device != torch.device(device):
-            self.step, self.seeded = self.step.to(device), self.seeded.to(device)
-        tables = [self.table(site, seq_len, channels, device) for site, channels in sites.items()]
-        return ([self.seeded, self.step] if with_step else []) + tables
+    # ---- state slots ----
+    @property
+    def step(self) -> torch.Tensor:
+        """Calls so far through a graph with a history; call 0 is the warm-up."""
+        return self.slots["step"]
 
-    def table(self, site: str, seq_len: int, channels: int, device="cpu") -> torch.Tensor:
-        """The history rows [0, seq_len) of a site; a longer sequence grows the table (new rows 0)."""
-        t = self.tables.get(site)
-        if t is not None and t.shape[1] != channels:
-            raise ValueError(f"history of {site} has {t.shape[1]} channels, the graph {channels}: "
-                             "state from another model or config")
+    @property
+    def seeded(self) -> torch.Tensor:
+        """Whether the history holds real statistics (from calibration or served calls)."""
+        return self.slots["seeded"]
+
+    @property
+    def tables(self) -> dict[str, torch.Tensor]:
+        """Site -> its history table (positions seen so far, channels)."""
+        return {name.split("/", 1)[1]: t for name, t in self.slots.items() if name.startswith("history/")}
+
+    def provide(self, slot: Slot, rows: int, device) -> torch.Tensor:
+        """The tensor of `slot` for a call (rows [0, rows) of a per-position one), on `device`;
+        created with the slot's initial value, grown (new rows initial) as sequences grow."""
+        t = self.slots.get(slot.name)
+        if t is not None and tuple(t.shape[1 if slot.per_position else 0:]) != slot.shape:
+            raise ValueError(f"state {slot.name} has shape {tuple(t.shape)}, the graph expects "
+                             f"{slot.shape} per row: state from another model or config")
         if t is not None and t.device != torch.device(device):
-            self.tables[site] = t = t.to(device)
-        if t is None or t.shape[0] < seq_len:
-            grown = torch.zeros(seq_len, channels, dtype=torch.float32, device=device)
+            self.slots[slot.name] = t = t.to(device)
+        if t is None or (slot.per_position and t.shape[0] < rows):
+            grown = slot.new(rows, device)
             if t is not None:
                 grown[: t.shape[0]] = t
-            self.tables[site] = t = grown
-        return t[:seq_len]
+            self.slots[slot.name] = t = grown
+        return t[:rows] if slot.per_position else t
 
     def seed(self, histories: dict[str, torch.Tensor]) -> None:
         """Start from calibration: site -> (L, C) mean of x^2 per position; the history is seeded."""
         for site, h in histories.items():
-            cur = self.tables.get(site)
-            if cur is not None and cur.shape == h.shape:
-                cur.copy_(h)  # in place: compiled graphs hold views of it
-            else:
-                self.tables[site] = h.float().clone()
+            self._put(f"history/{site}", h)
         self.seeded.fill_(True)
 
-    def record(self, selections: dict[str, torch.Tensor], shares: dict[str, torch.Tensor] | None = None) -> None:
-        """After a call: its kept indices (and probe shares). Only references are kept here, so
-        recording never waits for the device; stats() reads them later."""
-        self._last.update(selections)
+    def _put(self, name: str, value: torch.Tensor) -> None:
+        cur = self.slots.get(name)
+        if cur is not None and cur.shape == value.shape:
+            cur.copy_(value)  # in place: compiled graphs may hold views of it
+        elif cur is not None and cur.dim() == value.dim() == 2 and cur.shape[0] >= value.shape[0]:
+            cur.zero_()[: value.shape[0]] = value
+        else:
+            self.slots[name] = value.to(cur.dtype if cur is not None else value.dtype).clone()
+
+    # ---- what calls report ----
+    def record(self, outputs: dict[str, torch.Tensor]) -> None:
+        """After a call: its named extra outputs (kept/<site>, share/<site>). Selections stay on
+        their device; telemetry aggregates on the device too, so recording never waits for it."""
+        kept = {n[len("kept/"):]: t for n, t in outputs.items() if n.startswith("kept/")}
+        self._last.update(kept)
         if self.telemetry:
-            self.calls.append({site: (kept, (shares or {}).get(site)) for site, kept in selections.items()})
+            for site, k in kept.items():
+                self._aggregate(site, k, outputs.get(f"share/{site}"))
+
+    def _aggregate(self, site: str, kept: torch.Tensor, share: torch.Tensor | None) -> None:
+        a = self._agg.get(site)
+        if a is None:
+            total = self.sites.get(site, {}).get("total", int(kept.max()) + 1)
+            zero = torch.zeros((), dtype=torch.float64, device=kept.device)
+            a = self._agg[site] = {"calls": 0, "overlaps": 0, "shares": 0, "jaccard": zero.clone(),
+                                   "share": zero.clone(), "counts": torch.zeros(total, device=kept.device),
+                                   "prev": None}
+        if a["prev"] is not None:
+            a["jaccard"] += _jaccard_t(a["prev"], kept)
+            a["overlaps"] += 1
+        if share is not None:
+            a["share"] += share.double()
+            a["shares"] += 1
+        a["counts"].index_add_(0, kept, torch.ones(len(kept), device=kept.device))
+        a["prev"] = kept
+        a["calls"] += 1
 
     def stats(self) -> list[dict]:
         """Per site over the recorded calls: kept/total, the mean Jaccard overlap of consecutive
@@ -68,31 +111,26 @@ class Runtime:
             raise ValueError("telemetry is off: compile with telemetry=True to record every call")
         rows = []
         for site, info in self.sites.items():
-            seq = [call[site] for call in self.calls if site in call]
-            if not seq:
+            a = self._agg.get(site)
+            if a is None:
                 continue
-            kept = [k for k, _ in seq]
-            overlaps = [_jaccard(a, b) for a, b in zip(kept, kept[1:])]
-            shares = [float(s) for _, s in seq if s is not None]
-            rows.append({"site": site, **info, "calls": len(seq), "kept": len(kept[-1]),
-                         "jaccard": sum(overlaps) / len(overlaps) if overlaps else None,
-                         "probe_share": sum(shares) / len(shares) if shares else None})
+            rows.append({"site": site, **info, "calls": a["calls"], "kept": len(a["prev"]),
+                         "jaccard": float(a["jaccard"]) / a["overlaps"] if a["overlaps"] else None,
+                         "probe_share": float(a["share"]) / a["shares"] if a["shares"] else None})
         return rows
 
     def kept_frequency(self, site: str) -> torch.Tensor:
         """(units,) the fraction of recorded calls that kept each head or channel of `site`."""
-        seq = [call[site][0] for call in self.calls if site in call]
-        if not seq:
+        a = self._agg.get(site)
+        if a is None:
             raise ValueError(f"no recorded call selected at {site}")
-        counts = torch.zeros(self.sites[site]["total"])
-        for kept in seq:
-            counts[kept.cpu()] += 1
-        return counts / len(seq)
+        return (a["counts"] / a["calls"]).cpu()
 
     def last_selection(self) -> dict[str, torch.Tensor]:
         """Site name -> kept head (attention) or channel (MLP) indices of the last call."""
         return dict(self._last)
 
+    # ---- persistence ----
     def state_dict(self) -> dict:
         state = {f"history.{k}": v.clone() for k, v in self.tables.items()}
         state.update(step=self.step.clone(), seeded=self.seeded.clone(), key=self.key)
@@ -114,23 +152,21 @@ class Runtime:
                 if cur is not None and cur.shape[1] != t.shape[1]:
                     raise ValueError(f"history of {site}: {t.shape[1]} channels in the state, "
                                      f"{cur.shape[1]} in the model")
-                if cur is not None and cur.shape[0] >= t.shape[0]:
-                    cur.zero_()[: t.shape[0]] = t  # in place: compiled graphs hold views of it
-                else:
-                    self.tables[site] = t.clone().float()
+                self._put(f"history/{site}", t.float())
         self.step.copy_(state["step"])
         self.seeded.copy_(state["seeded"])
 
     def reset(self) -> None:
-        for t in self.tables.values():
+        for t in self.slots.values():
             t.zero_()
-        self.step.zero_()
-        self.seeded.zero_()
         self._last.clear()
-        self.calls.clear()
+        self._agg.clear()
+
+
+def _jaccard_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    inter = torch.isin(a, b).sum().double()
+    return inter / (len(a) + len(b) - inter)
 
 
 def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.cpu(), b.cpu()
-    inter = int(torch.isin(a, b).sum())
-    return inter / (len(a) + len(b) - inter)
+    return float(_jaccard_t(a.cpu(), b.cpu()))

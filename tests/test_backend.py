@@ -1,10 +1,15 @@
-"""The backend: one graph per input shape, no graph breaks, nothing that waits on tensor values."""
+"""The backend and the session: any shape through a bounded number of graphs, every call accounted
+for, nothing that waits on tensor values, and the same behaviour through torch.compile's route."""
+import random
+import warnings
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ppcompile as pp
+from ppcompile.backend import session_from_options
 from ppcompile.models import random_model
 from ppcompile.runtime import Runtime
 
@@ -15,20 +20,53 @@ def _batch(b, L, seed):
     return torch.randint(0, 128, (b, L), generator=torch.Generator().manual_seed(seed))
 
 
+def _shapes(n, seed=0):
+    rng = random.Random(seed)
+    return [(rng.randint(1, 8), rng.randint(8, 96)) for _ in range(n)]
+
+
 @pytest.mark.parametrize("policy", ["pp", "full-batch"])
-def test_one_graph_per_shape_no_breaks_no_recompiles(policy):
+def test_a_stream_of_shapes_runs_pruned_through_at_most_two_graphs(policy):
     counters.clear()
     model = random_model("llama-gqa")
     c = pp.compile(model, 0.4, policy=policy, backend="eager", **TINY)
+    shapes = _shapes(12) + [(1, 8), (3, 8)]  # batch 1 and batch >= 2 both occur
+    kept = []
     with torch.no_grad():
-        for seed in range(4):
-            c(_batch(4, 16, seed))
-        assert counters["stats"]["unique_graphs"] == 1 and len(model.pp.passes) == 1
-        for seed in range(3):  # a new batch size compiles once more, then both shapes are served
-            c(_batch(2, 16, seed))
-            c(_batch(4, 16, seed))
-    assert counters["stats"]["unique_graphs"] == 2 and len(model.pp.passes) == 2
-    assert not counters["graph_break"]
+        for i, (b, L) in enumerate(shapes):
+            ids = _batch(b, L, i)
+            mask = torch.ones(b, L, dtype=torch.long)
+            out = c(ids, attention_mask=mask).logits
+            assert out.shape == (b, L, 128)
+            assert not torch.allclose(out, model(ids, attention_mask=mask).logits, atol=1e-4)  # pruned
+            kept.append({k: v.tolist() for k, v in model.pp.runtime.last_selection().items()})
+    # batch >= 2: one graph with dynamic batch and sequence; batch 1: one more (Dynamo specializes 1)
+    assert len(model.pp.passes) == 2 and counters["stats"]["unique_graphs"] == 2
+    assert all(r.dynamic for r in model.pp.passes) and not counters["graph_break"]
+    counts = model.pp.runtime.counts
+    assert counts["pruned_calls"] == len(shapes) and counts["unpruned_calls"] == 0
+    assert len({str(k) for k in kept}) > 1  # the kept sets follow the input
+    if policy == "pp":  # one history for both graphs: every call advanced it
+        assert model.pp.runtime.step.item() == len(shapes)
+        assert model.pp.runtime.tables["model.layers.1.mlp"].shape[0] == max(L for _, L in shapes)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "opt"])
+def test_the_dynamic_graph_computes_what_a_static_one_does(arch):
+    ids = _batch(3, 21, 0)
+    mask = torch.ones(3, 21, dtype=torch.long)
+    mask[0, :5] = 0
+    results = []
+    for dynamic in (True, False):
+        model = random_model(arch)
+        c = pp.compile(model, 0.4, backend="eager", dynamic=dynamic, **TINY)
+        with torch.no_grad():  # fresh tensors: marking a dim dynamic marks the tensor for good
+            c(ids.clone(), attention_mask=mask.clone())
+            out = c(ids.clone(), attention_mask=mask.clone()).logits
+        assert model.pp.passes[-1].dynamic == dynamic
+        results.append((out, {k: v.tolist() for k, v in model.pp.runtime.last_selection().items()}))
+    assert results[0][1] == results[1][1]
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("policy", ["pp", "full-batch"])
@@ -36,21 +74,110 @@ def test_the_rewritten_graph_never_reads_tensor_values_on_the_host(policy):
     """Under FakeTensorMode no value exists: any .item(), .tolist(), nonzero or data-dependent
     shape in the rewritten graph would raise. Its outputs' shapes are static too."""
     model = random_model("llama-gqa")
-    c = pp.compile(model, 0.4, policy=policy, backend="eager", **TINY)
+    c = pp.compile(model, 0.4, policy=policy, backend="eager", dynamic=False, **TINY)
     with torch.no_grad():
         c(_batch(4, 16, 0), attention_mask=torch.ones(4, 16, dtype=torch.long))
     result = model.pp.passes[-1]
-    gm = result.gm
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders = [n for n in result.gm.graph.nodes if n.op == "placeholder"][:-len(result.seam.slots) or None]
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    args = [mode.from_tensor(n.meta["example_value"]) if "example_value" in n.meta else None for n in placeholders]
-    state = Runtime().inputs({s: 128 if s.endswith("mlp") else 64 for s in result.history_sites},
-                             result.seq_len, "cpu", result.uses_step)
-    args = args[:len(args) - len(state)] + [mode.from_tensor(t) for t in state]
+    args = [mode.from_tensor(n.meta["example_value"]) for n in placeholders]
+    state = [mode.from_tensor(t) for t in result.seam.state(args, Runtime().provide)]
     with mode, torch.no_grad():
-        out = gm(*args)
-    kept = out[result.n_outputs:result.n_outputs + len(result.selected_sites)]
-    assert [tuple(k.shape) for k in kept] == [(2,) if s.endswith("attention") else (64,) for s in result.selected_sites]
+        out = result.gm(*args, *state)
+    _, named = result.seam.split(out)
+    assert {k: tuple(v.shape) for k, v in named.items() if k.startswith("kept/")} == \
+        {f"kept/{s}": (2,) if s.endswith("attention") else (64,) for s in result.selected_sites}
+
+
+def test_a_call_dynamo_runs_eagerly_warns_once_counts_and_raises_under_strict():
+    model = random_model("llama-gqa")
+    c = pp.compile(model, 0.4, backend="eager", **TINY)
+    ids = _batch(2, 12, 0)
+    with torch.no_grad():
+        c(ids)
+        with torch.compiler.set_stance("force_eager"):
+            with pytest.warns(UserWarning, match=r"unpruned forward: torch.compiler.set_stance\('force_eager'\)"):
+                out = c(ids).logits
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # once: the second such call is counted, not warned
+                c(ids)
+        torch.testing.assert_close(out, model(ids).logits)  # it really ran the original model
+    assert model.pp.runtime.counts == {"pruned_calls": 1, "unpruned_calls": 2, "graph_runs": 1}
+
+    strict = pp.compile(random_model("llama-gqa"), 0.4, backend="eager", strict=True, **TINY)
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        with pytest.raises(RuntimeError, match="unpruned forward.*strict=True"):
+            strict(ids)
+
+
+def test_the_recompile_limit_is_named_when_it_makes_a_call_unpruned():
+    model = random_model("llama-gqa")
+    c = pp.compile(model, 0.4, backend="eager", **TINY)
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
+        c(_batch(2, 12, 0))
+        with pytest.warns(UserWarning, match="recompile limit"):
+            c(_batch(1, 12, 0))  # batch 1 needs a second graph, which the limit forbids
+    assert model.pp.runtime.counts["unpruned_calls"] == 1
+
+
+def test_torch_compile_route_enforces_strict_and_warns_on_dense_blocks():
+    from transformers import AutoConfig, AutoModelForCausalLM
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2,
+                                                                 vocab_size=64)).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="blocks left dense"):
+            torch.compile(gpt2, backend="ppcompile", options={"inductor": False})(ids)
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="strict.*no attention or MLP block"):
+            torch.compile(gpt2, backend="ppcompile", options={"inductor": False, "strict": True})(ids)
+
+
+def test_torch_compile_route_keeps_one_history_across_shapes_and_checks_the_calibration():
+    model = random_model("llama-gqa")
+    options = {"ratio": 0.4, "inductor": False, **TINY}
+    c = torch.compile(model, backend="ppcompile", options=options)
+    with torch.no_grad():
+        c(_batch(3, 12, 0))
+        c(_batch(1, 20, 1))  # batch 1: a second graph
+    session = session_from_options(options)
+    assert len(session.passes) == 2 and session.runtime is pp.backend.last_runtime()
+    assert session.runtime.step.item() == 2 and session.runtime.tables["model.layers.1.mlp"].shape[0] == 20
+
+    cal = pp.calibrate(random_model("llama-gqa", seed=1), [_batch(2, 12, 5)])  # another model's weights
+    torch._dynamo.reset()
+    other = torch.compile(model, backend="ppcompile", options={"inductor": False, "calibration": cal, **TINY})
+    with torch.no_grad(), pytest.raises(Exception, match="calibration was computed on another model"):
+        other(_batch(2, 12, 0))
+
+
+def test_telemetry_memory_does_not_grow_with_calls():
+    model = random_model("llama-gqa")
+    c = pp.compile(model, 0.4, backend="eager", telemetry=True, **TINY)
+
+    def held():
+        tensors = [v for a in model.pp.runtime._agg.values() for v in a.values() if isinstance(v, torch.Tensor)]
+        return len(tensors), sum(t.numel() for t in tensors)
+
+    with torch.no_grad():
+        for i in range(3):
+            c(_batch(2, 12, i))
+        after_3 = held()
+        for i in range(12):
+            c(_batch(2, 12, i))
+    assert held() == after_3 and [r["calls"] for r in model.pp.runtime.stats()] == [15] * 8
+
+
+@pytest.mark.inductor
+def test_inductor_serves_a_stream_of_shapes_with_two_graphs():
+    model = random_model("llama-gqa")
+    c = pp.compile(model, 0.4, **TINY)
+    ref = pp.compile(random_model("llama-gqa"), 0.4, backend="eager", **TINY)
+    with torch.no_grad():
+        for i, (b, L) in enumerate(_shapes(5, seed=3) + [(1, 9)]):
+            ids = _batch(b, L, i)
+            torch.testing.assert_close(c(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+    assert len(model.pp.passes) == 2 and model.pp.runtime.counts["unpruned_calls"] == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

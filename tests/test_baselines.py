@@ -3,9 +3,14 @@ import math
 
 import torch
 
-from ppcompile.baselines import choose, flap_allocation, unit_scores
+from ppcompile.baselines import choose, flap_allocation
 from ppcompile.calibration import Calibration
 from ppcompile.passes.sites import Site
+from ppcompile.policies import get_policy
+
+
+def unit_scores(policy, site, weight, cal):
+    return get_policy(policy).unit_scores(site, weight, cal)
 
 
 def _site(name, kind, channels, heads=0, head_dim=0, kept=0):
@@ -64,7 +69,7 @@ def test_flap_allocation_prunes_the_globally_lowest_units():
 def test_flap_bias_compensation_is_the_pruned_columns_times_their_mean():
     cal = _calibration("s", X)
     site = _site("s", "mlp", 4)
-    (choice,) = choose("flap", [site], {"s": W}, {"s": 1.0}, cal, layer_ratio=0.5).values()
+    (choice,) = choose(get_policy("flap"), [site], {"s": W}, {"s": 1.0}, cal, layer_ratio=0.5).values()
     mu = X.reshape(-1, 4).mean(0)
     pruned = [j for j in range(4) if j not in choice.kept.tolist()]
     assert len(choice.kept) == 2 and len(pruned) == 2
@@ -75,6 +80,6 @@ def test_flap_bias_compensation_is_the_pruned_columns_times_their_mean():
 def test_wanda_sp_keeps_the_uniform_count_of_best_heads():
     cal = _calibration("s", X)
     site = _site("s", "attention", 4, heads=2, head_dim=2, kept=1)
-    (choice,) = choose("wanda-sp", [site], {"s": W}, {"s": 1.0}, cal, layer_ratio=0.5).values()
+    (choice,) = choose(get_policy("wanda-sp"), [site], {"s": W}, {"s": 1.0}, cal, layer_ratio=0.5).values()
     scores = unit_scores("wanda-sp", site, W, cal)
     assert choice.kept.tolist() == [int(scores.argmax())] and choice.bias is None

@@ -1,10 +1,14 @@
 """Calibration statistics against a direct computation from the dense model's activations."""
+import pickle
+import random
+import re
+
 import pytest
 import torch
 
 import ppcompile as pp
-from ppcompile.calibration import Calibration, collect, fingerprint
-from ppcompile.models import random_model
+from ppcompile.calibration import FORMAT, Calibration, collect, fingerprint
+from ppcompile.models import random_config, random_model
 
 TINY = dict(skip_layers=(0,), mlp_multiple=16)
 
@@ -121,3 +125,84 @@ def test_a_forward_dynamo_will_not_compile_is_a_clear_error():
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=0), pytest.raises(RuntimeError, match="recompile_limit"):
         collect(model, [torch.randint(0, 128, (2, 8))])
+
+
+def test_loading_a_missing_file_says_how_to_make_one(tmp_path):
+    path = tmp_path / "nowhere" / "cal.pt"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no calibration at {path}: compute one with "
+                                                          "pp.calibrate(model, batches) and .save(path)")):
+        Calibration.load(path)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path} is not a ppcompile calibration (a folder)")):
+        Calibration.load(tmp_path)
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"hello world\nthis is text\n", b"PK\x03\x04" + bytes(range(100)), pickle.dumps({"format": FORMAT}),
+    *[bytes(random.Random(seed).randrange(256) for _ in range(200)) for seed in range(20)],
+])
+def test_loading_garbage_is_a_clear_error_not_torchs(tmp_path, content):
+    path = tmp_path / "cal.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{path} is not a ppcompile calibration (torch.load cannot read "
+                                                   "it: ") + r"\w+\): pass a file written by Calibration.save"):
+        Calibration.load(path)
+
+
+@pytest.mark.parametrize("state, problem", [
+    (torch.zeros(3), "it holds a Tensor, not a dict"),
+    ({"something": 1}, "format None, expected 'ppcompile.calibration/1'"),
+    ({"format": "ppcompile.calibration/0"}, "format 'ppcompile.calibration/0'"),
+    ({"format": FORMAT, "fingerprint": "ab", "meta": {}, "batches": 1}, "missing or malformed stats"),
+    ({"format": FORMAT, "fingerprint": "ab", "meta": {}, "batches": 1, "stats": {"s": {"sq": 1}}},
+     "malformed statistics of s"),
+])
+def test_loading_a_torch_file_of_another_structure_is_a_clear_error(tmp_path, state, problem):
+    torch.save(state, tmp_path / "cal.pt")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'cal.pt'} is not a ppcompile calibration ({problem}")):
+        Calibration.load(tmp_path / "cal.pt")
+
+
+@pytest.mark.parametrize("batch, error, match", [
+    ("some text", TypeError, "calibration batch 1 is a str; expected a LongTensor (batch, seq) of token ids or a "
+                             "dict with 'input_ids' (and 'attention_mask')"),
+    ([1, 2, 3], TypeError, "calibration batch 1 is a list; expected a LongTensor"),
+    ({"attention_mask": torch.ones(2, 8)}, ValueError, "calibration batch 1 is a dict without 'input_ids'"),
+    (torch.rand(2, 8), TypeError, "calibration batch 1 is a torch.float32 tensor; expected a LongTensor"),
+    (torch.zeros(2, 0, dtype=torch.long), ValueError, "calibration batch 1 is empty (shape (2, 0))"),
+    (torch.randint(0, 128, (8,)), ValueError, "calibration batch 1 has shape (8,); expected a LongTensor"),
+])
+def test_a_wrong_calibration_batch_is_refused_before_any_pass(batch, error, match):
+    # model=None: the whole list is checked before the model is touched (fingerprint, compile, passes)
+    with pytest.raises(error, match=re.escape(match)):
+        collect(None, [torch.randint(0, 128, (2, 8)), batch])
+    with pytest.raises(error, match=re.escape(match)):  # a generator: checked as it comes
+        collect(random_model("llama-gqa"), (b for b in [torch.randint(0, 128, (2, 8)), batch]))
+
+
+@pytest.mark.parametrize("batches, match", [
+    ("some text", "calibration batches must be a list (or any iterable) of batches, got a str"),
+    (torch.randint(0, 128, (4, 8)), "got a Tensor: iterating a tensor of shape (4, 8) gives its rows: pass [ids] for "
+                                    "one batch"),
+    ({"input_ids": torch.randint(0, 128, (4, 8))}, "got a dict: a dict is one batch"),
+])
+def test_one_batch_instead_of_a_list_of_batches_is_refused(batches, match):
+    with pytest.raises(TypeError, match=re.escape(match)):
+        collect(None, batches)
+    with pytest.raises(TypeError, match=re.escape(match)):
+        pp.calibrate(random_model("llama-gqa"), batches)
+
+
+def test_a_model_on_the_meta_device_is_a_clear_error():
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(random_config("llama-gqa"))
+    with pytest.raises(ValueError, match=re.escape(
+            "the model's weights are on the meta device (not loaded): load real weights (e.g. from_pretrained without "
+            "device_map='meta' / init_empty_weights) before pp.compile")):
+        fingerprint(model)
+
+
+def test_an_empty_list_of_batches_is_refused_before_the_model_is_touched():
+    with pytest.raises(ValueError, match=re.escape("calibration got no batches: pass a list of at least one token "
+                                                   "batch (B, L)")):
+        collect(None, [])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ppcompile import cli, data
-from ppcompile.models import load_model, random_config
+from ppcompile.models import load_model, random_config, random_model
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +58,65 @@ def test_inspect_prints_sites_telemetry_and_draws_the_plot(tiny_checkpoint, tmp_
     assert code == 0
     assert "model.layers.4.mlp" in out and "FLOPs per call" in out and "telemetry over 3 batches" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a model is loaded: these errors must come before."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(cli.models, "load_model", refuse)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["eval", "--ratio", ""], "argument --ratio: takes one or more numbers in [0, 1) separated by commas, "
+                              "got '': e.g. --ratio 0.2,0.4"),
+    (["eval", "--ratio", " , "], "argument --ratio: takes one or more numbers"),
+    (["eval", "--ratio", "abc"], "argument --ratio: must be a number in [0, 1) (the fraction pruned), got 'abc': "
+                                 "e.g. --ratio 0.4"),
+    (["eval", "--ratio", "0.2,abc"], "argument --ratio: must be a number in [0, 1) (the fraction pruned), got 'abc'"),
+    (["eval", "--ratio", "1.5"], "argument --ratio: must be in [0, 1) (the fraction pruned), got '1.5'"),
+    (["eval", "--ratio", "0.2,1"], "argument --ratio: must be in [0, 1) (the fraction pruned), got '1'"),
+    (["eval", "--ratio", "-0.1"], "argument --ratio: must be in [0, 1)"),
+    (["eval", "--ratio", "nan"], "argument --ratio: must be in [0, 1)"),
+    (["inspect", "--ratio", "1.5"], "argument --ratio: must be in [0, 1) (the fraction pruned), got '1.5'"),
+    (["inspect", "--ratio", "abc"], "argument --ratio: must be a number in [0, 1) (the fraction pruned), got 'abc'"),
+    (["eval", "--seq-len", "0"], "argument --seq-len: must be an integer >= 1, got '0'"),
+    (["eval", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
+    (["eval", "--batches", "0"], "argument --batches: must be an integer >= 1, got '0'"),
+    (["eval", "--batches", "two"], "argument --batches: must be an integer >= 1, got 'two'"),
+    (["eval", "--calibration-windows", "0"], "argument --calibration-windows: must be an integer >= 1"),
+    (["inspect", "--seq-len", "-5"], "argument --seq-len: must be an integer >= 1, got '-5'"),
+    (["inspect", "--batches", "-1"], "argument --batches: must be an integer >= 0, got '-1'"),
+    (["demo", "--batches", "0"], "argument --batches: must be an integer >= 1, got '0'"),
+])
+def test_bad_numbers_are_refused_while_parsing(argv, match, capsys, no_model):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(argv)
+    assert exit.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_good_numbers_parse():
+    args = cli._parser().parse_args(["eval", "--ratio", "0, 0.2,0.4,", "--seq-len", "16"])
+    assert args.ratio == [0.0, 0.2, 0.4] and args.seq_len == 16
+    assert cli._parser().parse_args(["inspect", "--ratio", "0.3", "--batches", "0"]).ratio == 0.3
+
+
+def test_a_seq_len_past_a_local_checkpoints_positions_is_refused_before_loading(tmp_path, capsys, no_model):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 8192}))
+    for command in ("eval", "inspect"):
+        code = cli.main([command, "--model", str(tmp_path), "--seq-len", "100000"])
+        assert code == 2 and ("ppcompile: error: --seq-len 100000 is longer than the model's max_position_embeddings "
+                              "(8192): pass a smaller --seq-len (at most 8192)") in capsys.readouterr().err
+
+
+def test_a_seq_len_past_a_loaded_models_positions_is_refused_before_calibration(monkeypatch, capsys):
+    model = random_model("llama-gqa")  # max_position_embeddings 256
+    monkeypatch.setattr(cli.models, "load_model", lambda name: (model, None))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibration or evaluation ran")
+    monkeypatch.setattr(cli, "_windows_and_calibration", refuse)
+    code = cli.main(["eval", "--model", "smollm2-135m", "--seq-len", "300", "--calibration", "pydoc", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--seq-len 300 is longer than the model's max_position_embeddings (256)" in err

@@ -47,6 +47,58 @@ def test_bad_input_is_a_clear_error(kw, match):
 
 def test_options_accept_every_field_and_reject_unknown_keys():
     cfg = PPConfig.from_options({"ratio": 0.2, "policy": "full-batch", "skip_layers": [1, 0]})
-    assert (cfg.ratio, cfg.policy, cfg.skip_layers) == (0.2, "full-batch", (0, 1))
+    assert (cfg.ratio, str(cfg.policy), cfg.skip_layers) == (0.2, "full-batch", (0, 1))
     with pytest.raises(ValueError, match="unknown ppcompile option"):
         PPConfig.from_options({"ratoi": 0.2})
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    ({"ratio": "0.4"}, TypeError,
+     r"ratio must be a number in \[0, 1\), got '0.4' \(str\): pass a float, e.g. ratio=0.4"),
+    ({"ratio": True}, TypeError, r"ratio must be a number in \[0, 1\), got True \(bool\)"),
+    ({"ratio": None}, TypeError, r"ratio must be a number in \[0, 1\), got None \(NoneType\)"),
+    ({"ratio": float("nan")}, ValueError, r"ratio must be a number in \[0, 1\), got nan"),
+    ({"ratio": 1.5}, ValueError, r"ratio must be a number in \[0, 1\), got 1.5: it is the fraction pruned"),
+    ({"position_ratio": "half"}, TypeError, r"position_ratio must be a number in \(0, 1\], got 'half' \(str\)"),
+    ({"sample_ratio": [0.1]}, TypeError, r"sample_ratio must be a number in \(0, 1\], got \[0.1\] \(list\)"),
+    ({"momentum": "0.9"}, TypeError, r"momentum must be a number in \[0, 1\), got '0.9' \(str\)"),
+    ({"momentum": 1.0}, ValueError, r"momentum must be a number in \[0, 1\), got 1.0"),
+    ({"skip_layers": "012"}, TypeError,
+     r"skip_layers must be an iterable of layer indices \(ints\), got '012' \(str\): e.g. skip_layers=\(0, 1, 2\)"),
+    ({"skip_layers": 3}, TypeError, r"skip_layers must be an iterable of layer indices \(ints\), got 3 \(int\)"),
+    ({"skip_layers": (0, 1.0)}, TypeError, r"skip_layers must hold layer indices \(ints\), got 1.0 \(float\) in it"),
+    ({"skip_layers": (0, True)}, TypeError, r"skip_layers must hold layer indices \(ints\), got True \(bool\)"),
+    ({"skip_layers": (-1,)}, ValueError, r"skip_layers must hold layer indices >= 0, got \[-1\]"),
+    ({"mlp_multiple": 64.0}, TypeError, r"mlp_multiple must be an int >= 1, got 64.0 \(float\): e.g. mlp_multiple=64"),
+    ({"mlp_multiple": 0}, ValueError, r"mlp_multiple must be an int >= 1, got 0"),
+    ({"strict": "False"}, TypeError, r"strict must be True or False, got 'False' \(str\): pass a bool"),
+])
+def test_wrong_types_and_values_name_the_field_and_what_it_got(kw, error, match):
+    with pytest.raises(error, match=match):
+        PPConfig(**kw)
+
+
+def test_numbers_of_other_types_are_accepted_as_python_numbers():
+    np = pytest.importorskip("numpy")
+    import torch
+    cfg = PPConfig(ratio=np.float64(0.25), momentum=0, skip_layers=torch.tensor([2, 0, 2]), mlp_multiple=np.int64(32))
+    assert (cfg.ratio, cfg.momentum, cfg.skip_layers, cfg.mlp_multiple) == (0.25, 0.0, (0, 2), 32)
+    assert type(cfg.ratio) is float and all(type(i) is int for i in cfg.skip_layers) and type(cfg.mlp_multiple) is int
+
+
+def test_check_layers_refuses_layers_the_model_does_not_have():
+    with pytest.raises(ValueError, match=re.escape("skip_layers names layer(s) [40] but the model has 30 decoder "
+                                                   "layers (0..29): drop them from skip_layers")):
+        PPConfig(skip_layers=(0, 1, 40)).check_layers(30)
+    with pytest.raises(ValueError, match=re.escape("names layer(s) [4, 5]")):
+        PPConfig(skip_layers=(5, 4, 0)).check_layers(4)
+    PPConfig(skip_layers=(0, 1, 29)).check_layers(30)
+
+
+def test_check_layers_refuses_skipping_every_layer_at_a_positive_ratio():
+    with pytest.raises(ValueError, match=re.escape("skip_layers skips all 4 layers, so nothing would be pruned at "
+                                                   "ratio 0.4: skip fewer layers or use ratio 0")):
+        PPConfig(ratio=0.4, skip_layers=range(4)).check_layers(4)
+    PPConfig(ratio=0.0, skip_layers=range(4)).check_layers(4)  # nothing asked, nothing pruned: fine
+    PPConfig(policy="dense", skip_layers=range(4)).check_layers(4)  # dense prunes nothing anyway
+    PPConfig(ratio=0.4, skip_layers=range(3)).check_layers(4)

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -83,3 +84,22 @@ def test_timing_counts_each_batch_once():
 def test_unknown_reference_is_an_error():
     with pytest.raises(ValueError, match="reference"):
         evaluate({"pp": bigram}, BATCHES)
+
+
+@pytest.mark.parametrize("batch, error, match", [
+    ("some text", TypeError, "batch 1 is a str; expected a LongTensor (batch, seq) of token ids or a dict with "
+                             "'input_ids' (and 'attention_mask')"),
+    (BATCHES[0].float(), TypeError, "batch 1 is a torch.float32 tensor; expected a LongTensor"),
+    (BATCHES[0][0], ValueError, "batch 1 has shape (4,); expected a LongTensor (batch, seq)"),
+    ({"ids": BATCHES[0]}, ValueError, "batch 1 is a dict without 'input_ids' (keys: ['ids'])"),
+])
+def test_a_wrong_batch_is_an_error_naming_it(batch, error, match):
+    calls = []
+
+    def counting(ids, attention_mask=None):
+        calls.append(ids.shape)
+        return bigram(ids)
+
+    with pytest.raises(error, match=re.escape(match)):
+        evaluate({"toy": counting}, [BATCHES[0], batch], reference=None)
+    assert len(calls) == 2  # batch 0 (warm-up and timed) ran; batch 1 was refused before running

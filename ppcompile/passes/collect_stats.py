@@ -2,27 +2,36 @@
 
 It rewrites nothing the model computes; after each final projection it adds one node that adds
 this batch's statistics (per position and channel sums of x^2, token counts per position, per
-channel sums of x and x^2) to four tables the caller passes in as extra inputs.
+channel sums of x and x^2) to four tables, which enter as named slots (see seam.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx
 
 from .. import ops
-from .graph import Placeholders, add_outputs, call, copy_graph, final_input, graph_inputs
-from .sites import find_sites
+from .graph import call, copy_graph, final_input, graph_inputs
+from .seam import Seam, Slot
+from .sites import Site, find_sites
 
-STATS = ("sq", "count", "total", "total_sq")  # the tables per site, in input order
+STATS = ("sq", "count", "total", "total_sq")  # the tables per site
+
+
+def stat_slots(site: str, channels: int) -> list[Slot]:
+    """A site's four tables: slot names are "<stat>/<site>"."""
+    return [Slot(f"sq/{site}", (channels,), per_position=True),
+            Slot(f"count/{site}", (), per_position=True),
+            Slot(f"total/{site}", (channels,), dtype=torch.float64),
+            Slot(f"total_sq/{site}", (channels,), dtype=torch.float64)]
 
 
 @dataclass
 class StatsPass:
     gm: fx.GraphModule
-    sites: dict[str, int] = field(default_factory=dict)  # site -> channels, in input order
-    seq_len: int = 0
-    n_outputs: int = 0
+    sites: list[Site] = field(default_factory=list)  # the blocks it records
+    seam: Seam = field(default_factory=Seam)
 
 
 def run_stats_pass(gm: fx.GraphModule) -> StatsPass:
@@ -30,22 +39,18 @@ def run_stats_pass(gm: fx.GraphModule) -> StatsPass:
     g = gm.graph
     sites, _, _ = find_sites(gm)
     sites = [s for s in sites if s.status == "pruned"]  # every block the pruning pass could rewrite
-    result = StatsPass(gm)
-    if not sites:
-        result.n_outputs = add_outputs(g, [])
-        return result
-    gi = graph_inputs(gm, sites)
-    result.seq_len = gi.seq_len
-    inputs = Placeholders(g)
-    updates = []
-    for site in sites:
-        tag = site.name.replace(".", "_")
-        tables = [inputs.add(f"{tag}_{name}") for name in STATS]
-        x = final_input(g, site, gi, tag)
-        with g.inserting_after(site.final):
-            updates.append(call(g, ops.accumulate_stats_, *tables, x, gi.valid, name=f"{tag}_stats"))
-        result.sites[site.name] = site.channels
-    result.n_outputs = add_outputs(g, updates)
+    result = StatsPass(gm, sites)
+    if sites:
+        gi = graph_inputs(gm, sites)
+        result.seam.seq_source = gi.seq_source
+        for site in sites:
+            tag = site.name.replace(".", "_")
+            tables = [result.seam.input(g, slot, gi.seq_example) for slot in stat_slots(site.name, site.channels)]
+            x = final_input(g, site, gi, tag)
+            with g.inserting_after(site.final):
+                update = call(g, ops.accumulate_stats_, *tables, x, gi.valid, name=f"{tag}_stats")
+            result.seam.output(f"stats/{site.name}", update)
+    result.seam.close(g)
     g.lint()
     gm.recompile()
     return result

@@ -1,8 +1,10 @@
 """Dimension labels: which dims of each tensor in a block are batch, sequence, heads or channels.
 
-Static graphs carry literal sizes (`view(2, 16, -1, 64)`, `expand(2, 3, 3, 16, 64)`). To run a
-block on a probe (fewer rows and positions) or with fewer heads/channels, every literal that
-means one of those dims must change, and no other. Labels follow each dim through the block's
+Graphs carry sizes as literals (`view(2, 16, -1, 64)`) or, where Dynamo made a dim dynamic, as
+symbol inputs (`view(s0, s1, -1, 64)`). To run a block on a probe (fewer rows and positions) or
+with fewer heads/channels, every size argument that means one of those dims must change, and no
+other. A size here is an int or, for a dynamic dim, its symbol's expression (see graph.static):
+comparing those never adds a guard to Dynamo's shape environment. Labels follow each dim through the block's
 ops from the projections' outputs, *by position* (never by matching sizes, which collide: a
 sequence of 64 tokens and a head_dim of 64). Each dim is a tuple of atoms (a reshape merges and
 splits them); named atoms (b, s, h, kv, c) can be resized, anonymous ones (None) cannot.
@@ -28,7 +30,7 @@ class Unsupported(Exception):
 @dataclass(frozen=True)
 class Atom:
     name: str | None  # b, s, h, kv, c; None: a size that never changes
-    size: int
+    size: object  # an int, or a dynamic dim's symbol expression
 
 
 Dim = tuple[Atom, ...]
@@ -46,8 +48,13 @@ RESHAPE = {"view", "reshape", torch.reshape}
 REDUCE = {"mean", "sum", torch.mean, torch.sum}
 
 
-def size_of(dim: Dim, new: dict[str, int]) -> int:
-    return math.prod(new.get(a.name, a.size) if a.name else a.size for a in dim)
+def size_of(dim: Dim):
+    return math.prod(a.size for a in dim)
+
+
+def _shape(v) -> tuple:
+    from .graph import static  # graph imports this module
+    return tuple(static(s) for s in v.shape)
 
 
 def anon(n: int) -> Dim:
@@ -104,11 +111,11 @@ class Labeler:
     def _in(self, n: fx.Node) -> Labels:
         return self.labels[n.args[0]]
 
-    def _out_shape(self, n: fx.Node) -> tuple[int, ...]:
+    def _out_shape(self, n: fx.Node) -> tuple:
         v = value(n)
         if v is None:
             raise Unsupported(f"{n.name} has no shape")
-        return tuple(v.shape)
+        return _shape(v)
 
     def _reshape(self, n: fx.Node) -> Labels:
         atoms = [a for d in self._in(n) for a in d]
@@ -119,12 +126,13 @@ class Labeler:
                 out.append((atoms[i],))
                 i += 1
                 continue
-            while prod < size and i < len(atoms):
+            while i < len(atoms) and prod != size and _may_grow(prod, size):
                 dim.append(atoms[i])
                 prod *= atoms[i].size
                 i += 1
             if prod != size:
-                if len(dim) == 1 and dim[0].name is None:  # splitting an anonymous size: fine
+                if len(dim) == 1 and dim[0].name is None and isinstance(prod, int) and isinstance(size, int) \
+                        and prod % size == 0:  # splitting an anonymous size: fine
                     atoms.insert(i, Atom(None, prod // size))
                     dim = [Atom(None, size)]
                 else:
@@ -141,7 +149,7 @@ class Labeler:
         out = []
         for i, size in enumerate(shape):
             j = i - pad
-            if j >= 0 and size_of(lab[j], {}) == size:
+            if j >= 0 and size_of(lab[j]) == size:
                 out.append(lab[j])
             elif j < 0 or lab[j] == ():
                 out.append(anon(size))
@@ -195,7 +203,7 @@ class Labeler:
             raise Unsupported(f"{n.name}: attention inputs are not all derived from the block input")
         mask = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
         if isinstance(mask, fx.Node) and mask not in self.labels:
-            shape = value(mask).shape
+            shape = _shape(value(mask))
             need = {}
             for dim, ref in zip(range(len(shape) - 4, len(shape)), (lq[0], lq[1], lq[2], lk[2])):
                 if dim >= 0 and shape[dim] != 1 and ref:
@@ -206,7 +214,7 @@ class Labeler:
 
     def _cat(self, n: fx.Node) -> Labels:
         # an empty side operand (a fresh KV cache: cat([tensor([]), k])) changes nothing
-        tensors = [t for t in n.args[0] if t in self.labels or value(t) is None or value(t).numel()]
+        tensors = [t for t in n.args[0] if t in self.labels or value(t) is None or math.prod(_shape(value(t))) != 0]
         dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
         labs = [self.labels.get(t) for t in tensors]
         if len(labs) == 1 and labs[0] is not None:
@@ -231,13 +239,13 @@ class Labeler:
             lab = self.labels[a]
             for j, dim in enumerate(lab):
                 k = j + len(shape) - len(lab)
-                if size_of(dim, {}) == shape[k]:
+                if size_of(dim) == shape[k]:
                     if out[k] is not None and out[k] != dim and dim and out[k]:
                         raise Unsupported(f"{n.name}: operands disagree on a dimension")
                     out[k] = dim if dim or out[k] is None else out[k]
         labels = tuple(anon(shape[k]) if d is None else d for k, d in enumerate(out))
         for key, a in sides:
-            side_shape = value(a).shape
+            side_shape = _shape(value(a))
             need = {}
             for j, size in enumerate(side_shape):
                 k = j + len(shape) - len(side_shape)
@@ -262,13 +270,41 @@ class Labeler:
             raise Unsupported(f"{n.name}: slices or reduces a batch/sequence/head dimension")
 
 
-def resized_args(n: fx.Node, labels: Labels, new: dict[str, int]):
-    """Arguments of a shape op (view/reshape/expand) with every labelled literal resized."""
+def _may_grow(prod, size) -> bool:
+    """Whether a reshape's output dim may take one more input atom: while the product is below
+    the size (ints), or, with a dynamic size on either side, until the two are the same."""
+    return prod < size if isinstance(prod, int) and isinstance(size, int) else True
+
+
+def check_resizable(n: fx.Node, labels: Labels, names: set[str]) -> None:
+    """Raise Unsupported now if resizing the atoms `names` would later need the size of a dynamic
+    atom merged into the same argument (which the graph has no node for)."""
+    if n.target not in RESHAPE and n.target != "expand" and n.target is not torch.reshape:
+        return
+    for dim in labels:
+        if any(a.name in names for a in dim) and \
+                any(a.name not in names and not isinstance(a.size, int) for a in dim):
+            raise Unsupported(f"{n.name}: a resized dimension is merged with a dynamic one")
+
+
+def resized_args(n: fx.Node, labels: Labels, new: dict):
+    """Arguments of a shape op (view/reshape/expand) with every size that holds a resized atom
+    (a name in `new`: to an int or a node) rebuilt; the others stay as they were (literals or
+    symbol inputs). New product nodes go at the graph's current insertion point."""
+    from .graph import mul  # graph imports this module
     if n.target not in RESHAPE and n.target != "expand" and n.target is not torch.reshape:
         return n.args
     shape_args = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else n.args[1:]
-    sizes = tuple(a if a == -1 or not isinstance(a, int) else size_of(labels[i], new)
-                  for i, a in enumerate(shape_args))
-    if any(isinstance(a, fx.Node) for a in sizes):
-        raise Unsupported(f"{n.name}: symbolic sizes")
-    return (n.args[0], sizes)
+    sizes = []
+    for i, a in enumerate(shape_args):
+        if a == -1 and isinstance(a, int) or not any(atom.name in new for atom in labels[i]):
+            sizes.append(a)
+            continue
+        size = 1
+        for atom in labels[i]:
+            factor = new.get(atom.name, atom.size) if atom.name else atom.size
+            if not isinstance(factor, (int, fx.Node)):
+                raise Unsupported(f"{n.name}: a resized dimension is merged with a dynamic one")
+            size = mul(n.graph, size, factor, name=f"{n.name}_size") if size != 1 else factor
+        sizes.append(size)
+    return (n.args[0], tuple(sizes))

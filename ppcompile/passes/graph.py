@@ -1,27 +1,65 @@
-"""Graph-level helpers every pass shares: copy, graph inputs, new placeholders, extra outputs."""
+"""Graph-level helpers every pass shares: copy, sizes (static or symbolic), graph inputs."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+from typing import Callable
 
+import sympy
 import torch
 from torch import fx
 
 from .dims import Unsupported
-from .sites import Site, value
+from .sites import Site, recorded, value
+
+Size = "int | sympy.Expr"  # a size the pass compares without guarding: an int or a symbol's expression
+SizeArg = "int | fx.Node"  # a size as a node argument: an int, or a node that computes it
+
+
+def static(size) -> Size:
+    """An int, or (for a dynamic dim) the expression of its symbol. Comparing these never asks
+    Dynamo's shape environment anything, so the pass adds no guard."""
+    if isinstance(size, torch.SymInt):
+        expr = size.node.expr
+        return int(expr) if expr.is_number else expr
+    return int(size)
+
+
+def hint(size) -> int:
+    """The size of the example Dynamo traced with (for a dynamic dim: its symbol's hint)."""
+    return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
+
+
+def shape_of(node: fx.Node) -> tuple:
+    v = value(node)
+    if v is None:
+        raise Unsupported(f"{node.name} has no shape")
+    return tuple(static(s) for s in v.shape)
 
 
 @dataclass
 class GraphInputs:
     """Per-graph nodes every site shares."""
     valid: fx.Node | None  # (B, L) bool: real tokens
-    batch: int
-    seq_len: int
+    batch: Size
+    seq_len: Size
+    batch_arg: SizeArg  # the same sizes as node arguments
+    seq_arg: SizeArg
+    seq_source: tuple[int, int | None] | int  # where a call finds L: (input index, dim) or the int
+    seq_example: "int | torch.SymInt"  # L as Dynamo recorded it (the rows of per-position slots)
 
 
 def call(g: fx.Graph, fn, *args, name: str, **kwargs) -> fx.Node:
     node = g.call_function(fn, args, kwargs)
     node.name = g._graph_namespace.create_name(name, None)
     return node
+
+
+def mul(g: fx.Graph, a: SizeArg, b: SizeArg, name: str) -> SizeArg:
+    """a * b as an argument: an int when both are ints, else a node."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a * b
+    return call(g, operator.mul, a, b, name=name)
 
 
 def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
@@ -36,43 +74,72 @@ def input_device(example_inputs: list) -> torch.device:
     return next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
 
+def real_tensors(gm: fx.GraphModule, example_inputs: list) -> Callable[[fx.Node], torch.Tensor | None]:
+    """A graph node -> the real tensor behind it (a placeholder's example input, a get_attr's attribute)."""
+    index = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+
+    def real(node: fx.Node) -> torch.Tensor | None:
+        if node.op == "placeholder" and node.name in index:
+            t = example_inputs[index[node.name]]
+        elif node.op == "get_attr":
+            t = getattr(gm, node.target, None)
+        else:
+            return None
+        real_tensor = isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor)
+        return t if real_tensor else None
+
+    return real
+
+
 def body_start(g: fx.Graph) -> fx.Node:
     """The first node after the placeholders: graph-wide nodes go before it."""
     return next(n for n in g.nodes if n.op != "placeholder")
 
 
+def size_source(g: fx.Graph, size: Size) -> tuple[fx.Node | int, tuple[int, int | None] | int]:
+    """How the graph gets `size` (an int, or a node), and how a call finds it among the graph's
+    inputs ((input index, dim); dim None: the input is the size itself)."""
+    if isinstance(size, int):
+        return size, size
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    for i, p in enumerate(placeholders):  # Dynamo passes each free symbol as an input of its own
+        v = recorded(p)
+        if isinstance(v, torch.SymInt) and static(v) == size:
+            return p, (i, None)
+    for i, p in enumerate(placeholders):
+        v = value(p)
+        if v is not None:
+            for d, s in enumerate(v.shape):
+                if static(s) == size:
+                    with g.inserting_before(body_start(g)):
+                        node = g.call_method("size", (p, d))
+                    node.meta["example_value"] = s
+                    return node, (i, d)
+    raise Unsupported(f"no graph input carries the dynamic size {size}")
+
+
 def graph_inputs(gm: fx.GraphModule, sites: list[Site]) -> GraphInputs:
     """Batch and sequence length from the blocks' inputs; the (B, L) attention mask if there is one."""
-    shapes = [tuple(value(s.x_res).shape[:2]) for s in sites if value(s.x_res).dim() == 3]
-    if not shapes:
+    examples = [value(s.x_res).shape[:2] for s in sites if value(s.x_res).dim() == 3]
+    if not examples:
         raise Unsupported("no block input of shape (batch, sequence, hidden)")
-    batch, seq_len = shapes[0]
+    batch, seq_len = (static(s) for s in examples[0])
     g = gm.graph
+    # Dynamo may give the mask's dims symbols of their own (it cannot know they equal the ids'):
+    # match it by the sizes of the example, and the compiled graph checks they agree.
     mask = None
     for n in g.nodes:
         v = value(n)
         if n.op == "placeholder" and "attention_mask" in n.name and v is not None \
-                and tuple(v.shape) == (batch, seq_len):
+                and tuple(hint(s) for s in v.shape) == tuple(hint(s) for s in examples[0]):
             mask = n
     valid = None
     if mask is not None:
         with g.inserting_before(body_start(g)):
             valid = call(g, torch.Tensor.bool, mask, name="pp_valid")
-    return GraphInputs(valid=valid, batch=batch, seq_len=seq_len)
-
-
-class Placeholders:
-    """New graph inputs appended after the original ones, in the order the backend passes them."""
-
-    def __init__(self, g: fx.Graph):
-        self.g = g
-        self.nodes: list[fx.Node] = []
-        self._last = [n for n in g.nodes if n.op == "placeholder"][-1]
-
-    def add(self, name: str) -> fx.Node:
-        with self.g.inserting_after(self.nodes[-1] if self.nodes else self._last):
-            self.nodes.append(self.g.placeholder(name))
-        return self.nodes[-1]
+    batch_arg, _ = size_source(g, batch)
+    seq_arg, seq_source = size_source(g, seq_len)
+    return GraphInputs(valid, batch, seq_len, batch_arg, seq_arg, seq_source, examples[0][1])
 
 
 def final_input(g: fx.Graph, site: Site, gi: GraphInputs, tag: str) -> fx.Node:
@@ -80,16 +147,5 @@ def final_input(g: fx.Graph, site: Site, gi: GraphInputs, tag: str) -> fx.Node:
     x = site.final.args[0]
     if value(x).dim() == 2:
         with g.inserting_after(x):
-            x = call(g, torch.Tensor.view, x, gi.batch, gi.seq_len, -1, name=f"{tag}_final_in")
+            x = call(g, torch.Tensor.view, x, gi.batch_arg, gi.seq_arg, -1, name=f"{tag}_final_in")
     return x
-
-
-def add_outputs(g: fx.Graph, extra: list[fx.Node]) -> int:
-    """Append `extra` to the graph's outputs (as outputs, no pass drops them as dead code);
-    return how many outputs the graph had before."""
-    out_node = next(n for n in g.nodes if n.op == "output")
-    outputs = out_node.args[0]
-    outs = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
-    if extra:
-        out_node.args = (outs + tuple(extra),)
-    return len(outs)

@@ -6,7 +6,7 @@ once per site, so compile time grows with depth. Outlined, the groups with the s
 same input shapes share one identifier, and Inductor compiles that subgraph once per graph.
 
 Invariants: the group's values and their order are unchanged (the subgraph is a copy of the
-nodes); a group that reads a non-tensor value is left inline (the call takes tensors only).
+nodes); a group that reads a value other than a tensor or a dynamic size is left inline.
 """
 from __future__ import annotations
 
@@ -87,6 +87,7 @@ def _readable(name: str, tag: str, kind: str) -> str:
 
 
 def _tensor_or_unknown(n: fx.Node) -> bool:
-    """A node Dynamo recorded a tensor for, or one the pass made (no record; always a tensor)."""
+    """A node Dynamo recorded a tensor or a dynamic size for, or one the pass made (no record;
+    a tensor or a size node)."""
     v = recorded(n)
-    return v is None or isinstance(v, torch.Tensor)
+    return v is None or isinstance(v, (torch.Tensor, torch.SymInt))

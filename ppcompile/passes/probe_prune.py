@@ -1,9 +1,12 @@
 """The pass: find every block, and rewrite each with the configured policy.
 
-Policies differ only in where the kept indices come from:
-  pp          probe + history (the method)        full-batch  the whole batch is the probe
-  wanda-sp / flap  fixed from calibration (weights pre-sliced once)       dense  no rewrite
+Policies (see policies.py) differ only in where the kept indices come from: a probe (with or
+without history) chosen per call, or a static choice from calibration (weights pre-sliced once).
 Every policy then runs the whole batch on compact weights (the same `compact` rewrite).
+
+State crosses the graph's boundary as named slots and outputs (seam.py):
+  inputs   history/<site> (L, C) per position, seeded (), step ()     (policies with a history)
+  outputs  kept/<site>, share/<site> (telemetry), update/<site>, advance
 """
 from __future__ import annotations
 
@@ -17,13 +20,14 @@ from torch import fx
 from .. import baselines, ops
 from ..baselines import StaticChoice
 from ..calibration import Calibration
-from ..config import STATIC_POLICIES, PPConfig
-from .dims import Unsupported
-from .graph import GraphInputs, Placeholders, add_outputs, body_start, call, copy_graph, final_input, graph_inputs
+from ..config import PPConfig
+from ..policies import get_policy
+from .dims import Unsupported, check_resizable
+from .graph import GraphInputs, body_start, call, copy_graph, final_input, graph_inputs, mul
 from .outline import Outliner
 from .rewrite import compact, escapes, label_site, probe_activation
+from .seam import Seam, Slot
 from .sites import Site, find_sites, sdpa_qkv, value
-
 
 @dataclass
 class PassResult:
@@ -31,21 +35,29 @@ class PassResult:
     sites: list[Site]
     problems: list[str]
     n_layers: int
-    batch: int = 0
-    seq_len: int = 0
-    history_sites: list[str] = field(default_factory=list)  # order of the history inputs
-    selected_sites: list[str] = field(default_factory=list)  # order of the kept-index outputs
-    uses_step: bool = False  # the graph takes (step, seeded) after the histories
-    shares: bool = False  # telemetry: after the kept indices, each selected site's probe share
-    n_outputs: int = 0  # outputs of the original graph (extra outputs are state updates)
+    batch: object = 0  # an int, or the symbol of a dynamic batch
+    seq_len: object = 0
+    seam: Seam = field(default_factory=Seam)
 
-    def history_channels(self) -> dict[str, int]:
-        """Site -> channels of its history table, in the order the graph takes them."""
-        channels = {s.name: s.channels for s in self.sites}
-        return {name: channels[name] for name in self.history_sites}
+    @property
+    def selected_sites(self) -> list[str]:
+        """Sites whose kept indices the graph returns (every rewritten site), in order."""
+        return [name[len("kept/"):] for name in self.seam.outputs if name.startswith("kept/")]
+
+    @property
+    def dynamic(self) -> bool:
+        return not (isinstance(self.batch, int) and isinstance(self.seq_len, int))
 
 
 RealTensor = Callable[[fx.Node], "torch.Tensor | None"]  # a weight node -> its real tensor, if known
+
+SEEDED = Slot("seeded", dtype=torch.bool)  # the history holds real statistics
+STEP = Slot("step", dtype=torch.long)  # calls so far; call 0 is the warm-up
+
+
+def history_slot(site: Site) -> Slot:
+    """A site's history: mean of its final projection's input squared, per position and channel."""
+    return Slot(f"history/{site.name}", (site.channels,), per_position=True)
 
 
 def _kept(site: Site, config: PPConfig, n_layers: int) -> int:
@@ -55,7 +67,8 @@ def _kept(site: Site, config: PPConfig, n_layers: int) -> int:
 
 
 def _plan(sites: list[Site], config: PPConfig, n_layers: int, gi: GraphInputs) -> None:
-    if (why := config.unreachable(n_layers)) and config.policy != "dense":
+    policy = get_policy(config.policy)
+    if (why := config.unreachable(n_layers)) and policy.prunes:
         warnings.warn(f"ppcompile: {why}", stacklevel=2)
     for s in sites:
         s.info["B"], s.info["L"] = gi.batch, gi.seq_len
@@ -65,24 +78,36 @@ def _plan(sites: list[Site], config: PPConfig, n_layers: int, gi: GraphInputs) -
             s.status = "dense: skipped layer"
         elif config.blocks not in ("both", s.kind):
             s.status = f"dense: blocks={config.blocks}"
-        elif config.policy == "dense":
-            s.status = "dense: policy dense"
+        elif not policy.prunes:
+            s.status = f"dense: policy {policy}"
         s.kept = _kept(s, config, n_layers) if s.status == "pruned" else (s.heads or s.channels)
 
 
 def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration | None = None,
              real: RealTensor | None = None) -> PassResult:
     """Rewrite a copy of `gm`. Static policies need `calibration` and `real` (the real weights,
-    which they score and pre-slice once)."""
+    which they score and pre-slice once). Nothing a site does can fail the pass: a site the rules
+    do not cover stays dense, with the reason in its status."""
     gm = copy_graph(gm)
     g = gm.graph
     sites, problems, n_layers = find_sites(gm)
     result = PassResult(gm, sites, problems, n_layers)
-    if not sites:
-        result.n_outputs = add_outputs(g, [])
+    if {s.layer for s in sites} == set(range(n_layers)) and n_layers:  # a whole model, not a piece of one
+        config.check_layers(n_layers)
+    policy = get_policy(config.policy)
+    try:
+        gi = graph_inputs(gm, sites) if sites else None
+    except Unsupported as e:
+        for s in sites:
+            s.status, s.kept = f"dense: {e}", s.heads or s.channels
+        gi = None
+    if gi is None:
+        result.seam.close(g)
+        gm.recompile()
         return result
-    gi = graph_inputs(gm, sites)
     result.batch, result.seq_len = gi.batch, gi.seq_len
+    seam = result.seam
+    seam.seq_source = gi.seq_source
     _plan(sites, config, n_layers, gi)
     labels = {}
     for site in sites:
@@ -92,15 +117,12 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
             except Unsupported as e:
                 site.status = f"dense: {e}"
     static = None
-    if config.policy in STATIC_POLICIES:
-        static = _static_choices(config.policy, [s for s in sites if s.name in labels], labels, calibration, real,
+    if policy.static:
+        static = _static_choices(policy, [s for s in sites if s.name in labels], labels, calibration, real,
                                  config.layer_ratio(n_layers))
 
-    inputs = Placeholders(g)
-    state_nodes: list[fx.Node] = []
-    selections: list[fx.Node] = []
-    shares: list[fx.Node] = []
     step = seeded = weight = None
+    updates: list[tuple[str, fx.Node]] = []
     groups: list[tuple[list[fx.Node], str, str]] = []  # each site's selection nodes, to outline
     for site in sites:
         if site.name not in labels or site.status != "pruned":
@@ -108,28 +130,27 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
         lab, kv_whole = labels[site.name]
         tag = site.name.replace(".", "_")
         history = None
-        if config.policy == "pp":
+        if policy.history:
             if step is None:
-                seeded, step = inputs.add("pp_seeded"), inputs.add("pp_step")
+                seeded, step = seam.input(g, SEEDED), seam.input(g, STEP)
                 with g.inserting_before(body_start(g)):
                     weight = call(g, ops.ema_weight, step, seeded, config.momentum, name="pp_ema_weight")
-            history = inputs.add(f"{tag}_history")
-            result.history_sites.append(site.name)
+            history = seam.input(g, history_slot(site), gi.seq_example)
         first = min(site.projections, key=_order(g))
         before = set(g.nodes)
         with g.inserting_before(first):
             if static is None:
                 kept, share = _dynamic_select(g, site, lab, config, gi.valid, history, gi, tag)
-                shares.append(share)
                 kept_now = None
             else:
-                kept_now = static[site.name].kept
+                share, kept_now = None, static[site.name].kept
                 kept = _const(g, f"{tag}_kept", kept_now)
             chan, new_weights, kv_index = _compact_weights(g, site, kept, kept_now, kv_whole, real, tag)
         if static is None:
             groups.append(([n for n in g.nodes if n not in before], tag, site.kind))
-        selections.append(kept)
-        result.selected_sites.append(site.name)
+        seam.output(f"kept/{site.name}", kept)
+        if share is not None and config.telemetry:
+            seam.output(f"share/{site.name}", share)
         pruned_units = (site.heads or site.channels) - site.kept
         site.info["pruned_flops"] = pruned_units * _unit_cost(site, kv_whole) / _block_cost(site)
         compact(g, site, lab, new_weights, {"h": site.kept, "c": site.kept}, kv_index, tag)
@@ -140,15 +161,14 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
             with g.inserting_after(site.final):
                 upd = call(g, ops.ema_update_, history, chan, x_final, gi.valid, weight,
                            name=f"{tag}_history_update")
-            state_nodes.append(upd)
+            updates.append((f"update/{site.name}", upd))
     if step is not None:
         with g.inserting_before(next(n for n in g.nodes if n.op == "output")):
-            state_nodes.append(call(g, ops.advance_, step, seeded, name="pp_advance"))
-        result.uses_step = True
-    # Extra outputs: the kept indices (for inspection), the probe shares (telemetry), then the
-    # state updates. The backend returns only the original outputs.
-    result.shares = config.telemetry and bool(shares)
-    result.n_outputs = add_outputs(g, selections + (shares if result.shares else []) + state_nodes)
+            updates.append(("advance", call(g, ops.advance_, step, seeded, name="pp_advance")))
+    # State updates are outputs too, so that no pass drops them as dead code.
+    for name, node in updates:
+        seam.output(name, node)
+    seam.close(g)
     outliner = Outliner(gm)
     for nodes, tag, kind in groups:
         outliner.outline(nodes, tag, kind)
@@ -157,19 +177,19 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
     return result
 
 
-def _static_choices(policy: str, sites: list[Site], labels: dict, calibration: Calibration | None,
+def _static_choices(policy, sites: list[Site], labels: dict, calibration: Calibration | None,
                     real: RealTensor | None, layer_ratio: float) -> dict[str, StaticChoice]:
     if calibration is None:
-        raise ValueError(f"policy {policy!r} is static: it needs calibration statistics; pass "
+        raise ValueError(f"policy '{policy}' is static: it needs calibration statistics; pass "
                          "calibration=<token batches or a saved Calibration> to pp.compile")
     if real is None:
-        raise ValueError(f"policy {policy!r} needs the real weights of the graph to score them")
+        raise ValueError(f"policy '{policy}' needs the real weights of the graph to score them")
     weights, cost = {}, {}
     for s in sites:
         w = real(s.final.args[1])
         if w is None:
             raise ValueError(f"{s.name}: the weight of its final projection is not a real tensor "
-                             f"here, so policy {policy!r} cannot score it")
+                             f"here, so policy '{policy}' cannot score it")
         weights[s.name] = w
         cost[s.name] = _unit_cost(s, labels[s.name][1])
     choices = baselines.choose(policy, sites, weights, cost, calibration, layer_ratio)
@@ -218,6 +238,9 @@ def _labels(site: Site):
     fin = lab.labels.get(site.final.args[0])
     if fin is None or [a.name for a in fin[-1]][:1] not in (["h"], ["c"]):
         raise Unsupported("the final projection's input is not laid out by head/channel")
+    for n, labels in lab.labels.items():  # the probe resizes b and s, the compact rewrite h and c
+        check_resizable(n, labels, {"b", "s"})
+        check_resizable(n, labels, {"h", "c"})
     return lab, kv_whole
 
 
@@ -272,24 +295,24 @@ def _role(site: Site, p: fx.Node) -> str:
 
 
 def _probe_energy(g, site: Site, lab, config: PPConfig, valid, history, gi: GraphInputs, tag: str):
-    B, L = gi.batch, gi.seq_len
+    B, L = gi.batch_arg, gi.seq_arg
     x, x_res = site.x, site.x_res
     if value(x).dim() == 2:  # (B*L, d) blocks (OPT's MLP): view as (B, L, d)
         x = call(g, torch.Tensor.view, x, B, L, -1, name=f"{tag}_x")
     if value(x_res).dim() == 2:
         x_res = call(g, torch.Tensor.view, x_res, B, L, -1, name=f"{tag}_x_res")
-    if config.policy == "full-batch":
+    if get_policy(config.policy).probe == "all":
         k_b, k_t = B, L
         kept_b = call(g, torch.arange, B, name=f"{tag}_probe_b")
         kept_t = call(g, torch.arange, L, name=f"{tag}_probe_t")
     else:
-        k_b, k_t = config.probe_samples(B), config.probe_positions(L)
+        k_b, k_t = _probe_sizes(g, config, B, L, tag)
         sel = call(g, ops.select_probe, x_res, valid, k_t, k_b, config.sequence_first, name=f"{tag}_probe_select")
         kept_b = call(g, _getitem, sel, 0, name=f"{tag}_probe_b")
         kept_t = call(g, _getitem, sel, 1, name=f"{tag}_probe_t")
     p = call(g, _gather_probe, x, kept_b, kept_t, name=f"{tag}_probe_x")
     if value(site.x).dim() == 2:
-        p = call(g, torch.Tensor.reshape, p, k_b * k_t, -1, name=f"{tag}_probe_x2d")
+        p = call(g, torch.Tensor.reshape, p, mul(g, k_b, k_t, f"{tag}_probe_rows"), -1, name=f"{tag}_probe_x2d")
     act = probe_activation(g, site, lab, p, kept_b, kept_t, k_b, k_t, tag)
     act = call(g, torch.Tensor.reshape, act, k_b, k_t, -1, name=f"{tag}_probe_act")
     pvalid = call(g, _gather_probe, valid, kept_b, kept_t, name=f"{tag}_probe_valid") if valid is not None else None
@@ -300,6 +323,15 @@ def _probe_energy(g, site: Site, lab, config: PPConfig, valid, history, gi: Grap
     hist = call(g, torch.index_select, history, 0, kept_t, name=f"{tag}_history_at_probe")
     share = call(g, ops.probe_share, energy, hist, name=f"{tag}_share") if config.telemetry else None
     return call(g, ops.fuse_history, energy, hist, name=f"{tag}_fuse"), share
+
+
+def _probe_sizes(g, config: PPConfig, B, L, tag: str):
+    """Probe rows and positions: ints in a static graph, size nodes (of B and L) in a dynamic one."""
+    if isinstance(B, int) and isinstance(L, int):
+        return config.probe_samples(B), config.probe_positions(L)
+    k_b = call(g, ops.probe_count, B, *config.probe_rule("sample"), name=f"{tag}_probe_rows")
+    k_t = call(g, ops.probe_count, L, *config.probe_rule("position"), name=f"{tag}_probe_positions")
+    return k_b, k_t
 
 
 def _getitem(t, i):

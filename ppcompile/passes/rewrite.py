@@ -1,7 +1,8 @@
 """Rewrite one site: probe -> score -> select -> gather -> compact matmuls (-> history update).
 
 Invariants every rewrite keeps:
-- kept counts are Python ints, so every new node has a static shape;
+- kept counts are Python ints; probe sizes are ints in a static graph and size nodes in a dynamic
+  one, so no new node has a data-dependent shape;
 - no new node reads a tensor's value on the host (no .item(), nonzero, data-dependent shapes);
 - state (history, step) enters as placeholders and is updated in place inside the graph;
 - a site whose ops the dimension rules do not cover is left untouched (raises Unsupported first,
@@ -12,20 +13,19 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .graph import call
+from .graph import call, shape_of
 from .dims import Atom, Labeler, Labels, anon, resized_args
 from .sites import Site, sdpa_qkv, value
 
 
 def label_site(site: Site, kv_whole: bool) -> Labeler:
     """Label the block's dims from its input x: b, s from x; h/kv/c on the projections' outputs."""
-    xv = value(site.x)
-    B_L = xv.shape[:-1]
-    x_lab: Labels = ((Atom("b", B_L[0]),), (Atom("s", B_L[1]),), anon(xv.shape[-1])) if len(B_L) == 2 \
-        else ((Atom("b", site.info["B"]), Atom("s", site.info["L"])), anon(xv.shape[-1]))
+    shape = shape_of(site.x)
+    x_lab: Labels = ((Atom("b", shape[0]),), (Atom("s", shape[1]),), anon(shape[-1])) if len(shape) == 3 \
+        else ((Atom("b", site.info["B"]), Atom("s", site.info["L"])), anon(shape[-1]))
     lab = Labeler({site.x: x_lab})
     for p in site.projections:
-        out = value(p).shape[-1]
+        out = shape_of(p)[-1]
         if site.kind == "mlp":
             dim = (Atom("c", out),)
         else:
@@ -45,7 +45,7 @@ def escapes(site: Site) -> set[fx.Node]:
 
 
 def probe_activation(g: fx.Graph, site: Site, lab: Labeler, p: fx.Node, kept_b: fx.Node,
-                     kept_t: fx.Node, k_b: int, k_t: int, tag: str) -> fx.Node:
+                     kept_t: fx.Node, k_b, k_t, tag: str) -> fx.Node:
     """Copy the block from x to the final projection's input, run on the probe p (k_b, k_t, d)."""
     new = {"b": k_b, "s": k_t}
     env: dict[fx.Node, fx.Node] = {site.x: p}
@@ -86,7 +86,8 @@ def compact(g: fx.Graph, site: Site, lab: Labeler, weights: dict[fx.Node, tuple]
         proj.args = tuple(args)
     for n in site.region:
         if n in lab.labels:
-            n.args = resized_args(n, lab.labels[n], new)
+            with g.inserting_before(n):
+                n.args = resized_args(n, lab.labels[n], new)
     if kv_index is not None:  # query heads pruned, K/V whole: each kept head reads its own K/V
         q, k, v = sdpa_qkv(site.sdpa)
         with g.inserting_before(site.sdpa):
