@@ -12,7 +12,14 @@ first call, Inductor included; its on-disk caches are off unless --caches) and t
 steady call adds (CUDA: max allocated; CPU: the process's peak RSS above its level before the
 call, Linux only).
 Token ids are random: speed does not depend on them, and flap is calibrated on two random
-batches for the same reason.
+batches for the same reason. `pp` serves any shape (batch and sequence dynamic); `pp-static`
+is the same pass compiled for the one shape (dynamic=False), to measure what dynamic costs.
+
+    python bench/speed.py --model smollm2-135m --stream 50 --max-batch 16 --max-len 1024
+
+--stream N: N batches of random shapes (batch in 1..--max-batch, sequence in 8..--max-len, one
+seeded list), served one after another by dense and by pp, each compiled once, interleaved per
+batch: seconds per token over the stream with compile time included and apart, graphs compiled.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ from ppcompile.calibration import collect
 from ppcompile.models import KNOWN_MODELS, RANDOM_ARCHS, load_model, random_model
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["dense", "pp", "flap", "pp-eager"]
+METHODS = ["dense", "pp", "flap", "pp-eager"]  # also: pp-static
 
 
 def _rss_kib(field: str) -> int:
@@ -108,7 +115,7 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
     runs += [(m, r) for r in ratios for m in methods if m != "dense"]
     flops = {}
     for m, r in runs:
-        policy = m.replace("-eager", "")
+        policy = m.replace("-eager", "").replace("-static", "")
         if m != "dense" and (policy, r) not in flops:
             flops[policy, r] = pp.explain(model, ids, r, policy=policy,
                                           calibration=cal if policy == "flap" else None).flops
@@ -120,7 +127,8 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
         elif m == "flap":
             fns[m, r] = pp.compile(model, r, policy="flap", calibration=cal)
         else:
-            fns[m, r] = pp.compile(model, r, backend="eager" if m == "pp-eager" else "inductor")
+            fns[m, r] = pp.compile(model, r, backend="eager" if m == "pp-eager" else "inductor",
+                                   dynamic=m != "pp-static")
     rows = {key: {"times": []} for key in runs}
     with torch.no_grad():
         for key, fn in fns.items():  # compile + the warm-up call
@@ -151,7 +159,7 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
     out = []
     for (m, r), row in rows.items():
         median = statistics.median(row["times"])
-        f = flops.get((m.replace("-eager", ""), r))
+        f = flops.get((m.replace("-eager", "").replace("-static", ""), r))
         ratio_flops = f["pruned"] / f["dense"] if f else 1.0
         out.append({"method": m, "batch": batch, "seq_len": seq, "ratio": r,
                     "seconds": median, "spread": [min(row["times"]), max(row["times"])],
@@ -164,6 +172,58 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
                     "peak_mib": row["peak_mib"],
                     "peak_vs_dense": row["peak_mib"] / dense["peak_mib"] if dense and dense["peak_mib"] else None})
     return out
+
+
+def run_stream(model, vocab: int, n: int, max_batch: int, max_len: int, ratio: float,
+               device: torch.device) -> list[dict]:
+    """dense and pp, each compiled once (dense: batch and sequence marked dynamic, as pp does),
+    over the same stream of `n` random shapes, interleaved per batch."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(int(torch.randint(1, max_batch + 1, (), generator=gen)),
+               int(torch.randint(8, max_len + 1, (), generator=gen))) for _ in range(n)]
+    torch._dynamo.reset()
+    dense_compiled = torch.compile(model, dynamic=False)
+
+    def dense(ids):
+        ids = ids.detach()
+        torch._dynamo.maybe_mark_dynamic(ids, 0)
+        torch._dynamo.maybe_mark_dynamic(ids, 1)
+        return dense_compiled(input_ids=ids, use_cache=False)
+
+    pruned = pp.compile(model, ratio)
+    fns = {"dense": dense, "pp": lambda ids: pruned(input_ids=ids, use_cache=False)}
+    stats = {m: {"seconds": 0.0, "compile_s": 0.0, "graphs": 0} for m in fns}
+    tokens = 0
+    with torch.no_grad():
+        for b, L in shapes:
+            ids = torch.randint(0, vocab, (b, L), generator=gen).to(device)
+            tokens += b * L
+            for m, fn in fns.items():
+                compiling, graphs = _compile_seconds(), _graphs()
+                _sync(device)
+                start = time.perf_counter()
+                fn(ids)
+                _sync(device)
+                stats[m]["seconds"] += time.perf_counter() - start
+                stats[m]["compile_s"] += _compile_seconds() - compiling
+                stats[m]["graphs"] += _graphs() - graphs
+    counts = pruned.pp.runtime.counts
+    if counts["unpruned_calls"]:
+        raise RuntimeError(f"pp ran {counts['unpruned_calls']} calls unpruned: the stream is not measured")
+    rows = []
+    for m, st in stats.items():
+        steady = st["seconds"] - st["compile_s"]
+        rows.append({"method": m, "stream": n, "max_batch": max_batch, "max_len": max_len, "ratio": ratio,
+                     "tokens": tokens, "graphs": st["graphs"], "seconds": st["seconds"], "compile_s": st["compile_s"],
+                     "us_per_token": 1e6 * st["seconds"] / tokens, "us_per_token_steady": 1e6 * steady / tokens})
+    for r in rows:
+        r["vs_dense"] = r["seconds"] / rows[0]["seconds"]
+        r["vs_dense_steady"] = (r["seconds"] - r["compile_s"]) / (rows[0]["seconds"] - rows[0]["compile_s"])
+    return rows
+
+
+def _graphs() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def table(rows: list[dict]) -> str:
@@ -213,6 +273,9 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="also print a profile of one call per method")
     p.add_argument("--out", type=Path, help="JSON output (default bench/results/speed_<model>_<device>.json)")
     p.add_argument("--from-json", type=Path, nargs="+", help="print the tables of earlier runs and exit")
+    p.add_argument("--stream", type=int, default=0, help="serve N batches of random shapes instead (see above)")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--caches", action="store_true",
                    help="let Inductor reuse compiled graphs from its on-disk caches (then compile_s is not a compile time)")
     args = p.parse_args()
@@ -227,6 +290,17 @@ def main() -> None:
     model, vocab = _model(args.model, device)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    if args.stream:
+        rows = [{"model": args.model, **r, "machine": machine, "torch": torch.__version__}
+                for r in run_stream(model, vocab, args.stream, args.max_batch, args.max_len, args.ratio[0], device)]
+        out = args.out or ROOT / f"bench/results/stream_{args.model}_{device.type}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=2) + "\n")
+        cols = ["model", "method", "stream", "max_batch", "max_len", "ratio", "tokens", "graphs", "seconds",
+                "compile_s", "us_per_token", "us_per_token_steady", "vs_dense", "vs_dense_steady"]
+        print(tabulate([[r[c] for c in cols] for r in rows], headers=cols, floatfmt=".3g", tablefmt="github"))
+        print(f"\n{args.model}, {machine}, torch {torch.__version__}; JSON: {out}")
+        return
     rows = []
     for batch, seq in args.shapes:
         for r in run_shape(model, vocab, batch, seq, args.ratio, args.methods.split(","), args.reps, device,

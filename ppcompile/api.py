@@ -55,14 +55,14 @@ def compile(model: torch.nn.Module, ratio: float = 0.4, *, calibration=None, pol
         raise ValueError(f"policy '{config.policy}' is static: it needs calibration=<token batches or a "
                          "Calibration from pp.calibrate>")
     n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if isinstance(n_layers, int):  # before any compile; the pass checks again on what it finds
-        config.check_layers(n_layers)
+    if isinstance(n_layers, int):  # before any compile; the session checks again on each whole graph
+        config.check_layers(n_layers, named="skip_layers" in options)
     model_fp = fingerprint(model)
     key = {"model": model_fp, "config": {k: v for k, v in config.as_dict().items() if k not in ("strict", "telemetry")}}
     folder = dump.dump_dir(dump_dir)
     session = Session(config, runtime=Runtime(key=key, telemetry=config.telemetry),
                       inductor=backend == "inductor", dumper=dump.Dumper(folder) if folder else None,
-                      model_fingerprint=model_fp)
+                      model_fingerprint=model_fp, skip_layers_named="skip_layers" in options)
     if calibration is not None:
         session.use_calibration(resolve(calibration, model))
     model.pp = session
@@ -92,7 +92,7 @@ def _accounted(forward, model: torch.nn.Module, session: Session):
         for message in check_call(args, kwargs, max_positions=max_positions):
             warn_once(f"ppcompile: {message}")
         if config.dynamic:
-            _mark_dynamic(args, kwargs)
+            args, kwargs = _mark_dynamic(args, kwargs)
         before = runtime.counts["graph_runs"]
         out = forward(*args, **kwargs)
         if runtime.counts["graph_runs"] > before:
@@ -108,12 +108,20 @@ def _accounted(forward, model: torch.nn.Module, session: Session):
     return call
 
 
-def _mark_dynamic(args, kwargs) -> None:
-    tensors = [args[0]] if args and isinstance(args[0], torch.Tensor) else []
-    tensors += [kwargs[k] for k in BATCH_BY_SEQUENCE if isinstance(kwargs.get(k), torch.Tensor)]
-    for t in tensors:
+def _mark_dynamic(args, kwargs):
+    """The call's (batch, sequence) inputs with both dims marked dynamic: on aliases (detach: no
+    copy), so that the caller's tensors stay unmarked for other compiled models."""
+    def marked(t):
+        t = t.detach()
         for d in range(min(2, t.dim())):
             torch._dynamo.maybe_mark_dynamic(t, d)  # "maybe": a size-1 dim stays specialized
+        return t
+
+    if args and isinstance(args[0], torch.Tensor):
+        args = (marked(args[0]),) + tuple(args[1:])
+    kwargs = {k: marked(v) if k in BATCH_BY_SEQUENCE and isinstance(v, torch.Tensor) else v
+              for k, v in kwargs.items()}
+    return args, kwargs
 
 
 def _fallback_cause(model: torch.nn.Module) -> str:

@@ -13,7 +13,6 @@ import contextlib
 import warnings
 from typing import Callable
 
-import torch
 from torch import fx
 
 from .calibration import Calibration, resolve
@@ -30,8 +29,10 @@ class Session:
     """Everything one compiled model shares across its graphs and calls."""
 
     def __init__(self, config: PPConfig, *, runtime: Runtime | None = None, inductor: bool = True,
-                 dumper: Dumper | None = None, model_fingerprint: str | None = None):
+                 dumper: Dumper | None = None, model_fingerprint: str | None = None,
+                 skip_layers_named: bool = True):
         self.config = config
+        self.skip_layers_named = skip_layers_named  # the user chose skip_layers: each must exist
         self.policy = get_policy(config.policy)
         self.runtime = runtime or Runtime(telemetry=config.telemetry)
         self.runtime.telemetry = self.runtime.telemetry or config.telemetry
@@ -61,6 +62,8 @@ class Session:
             raise ValueError(f"policy '{self.policy}' is static: it needs calibration=<token batches, a "
                              "Calibration from pp.calibrate, or the path of a saved one>")
         result = run_pass(gm, self.config, calibration=self.calibration, real=real)
+        if result.whole_model:
+            self.config.check_layers(result.n_layers, named=self.skip_layers_named)
         if self.calibration is not None:
             self.calibration.check_weights({s.name: real(s.final.args[1]) for s in result.sites})
         self.passes.append(result)
@@ -127,7 +130,7 @@ def session_from_options(options: dict | None) -> Session:
         runtime, inductor = opts.pop("runtime", None), opts.pop("inductor", True)
         folder, cal = dump_dir(opts.pop("dump_dir", None)), opts.pop("calibration", None)
         session = Session(PPConfig.from_options(opts), runtime=runtime, inductor=inductor,
-                          dumper=Dumper(folder) if folder else None)
+                          dumper=Dumper(folder) if folder else None, skip_layers_named="skip_layers" in opts)
         if cal is not None:
             session.use_calibration(resolve(cal))
     if options is not None:

@@ -55,12 +55,12 @@ class PPConfig:
         if self.mlp_multiple < 1:
             raise ValueError(f"mlp_multiple must be an int >= 1, got {self.mlp_multiple}")
 
-    def check_layers(self, n_layers: int) -> None:
+    def check_layers(self, n_layers: int, *, named: bool = True) -> None:
         """Refuse skip_layers that do not fit a model of `n_layers` decoder layers: an index it does
         not have (a typo, or a config written for a deeper model), or skipping every layer while
         asking for a ratio > 0 (nothing would be pruned, silently)."""
         missing = [i for i in self.skip_layers if i >= n_layers]
-        if missing:
+        if missing and named:  # named: the user chose skip_layers (the default fits deep models)
             have = f" (0..{n_layers - 1})" if n_layers > 0 else ""
             raise ValueError(f"skip_layers names layer(s) {missing} but the model has {n_layers} decoder "
                              f"layers{have}: drop them from skip_layers")

@@ -204,7 +204,7 @@ def test_an_unreachable_ratio_warns_once_per_compiled_graph():
 def test_strict_with_no_matchable_block_is_an_error():
     from transformers import AutoConfig, AutoModelForCausalLM
     gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=64)).eval()
-    c = pp.compile(gpt2, 0.4, backend="eager", strict=True)
+    c = pp.compile(gpt2, 0.4, backend="eager", strict=True, skip_layers=())
     with pytest.raises(Exception, match="no attention or MLP block"):
         c(torch.randint(0, 64, (1, 8)))
 
@@ -252,3 +252,26 @@ def test_pp_keeps_what_probe_and_history_give_by_hand():
     energy = (alpha * P + (1 - alpha) * H).sum(0)
     scores = energy * mlp.down_proj.weight.pow(4).sum(0).sqrt()
     assert kept.tolist() == sorted(scores.topk(64).indices.tolist())
+
+
+def test_bad_calls_are_refused_before_the_model_runs():
+    model = random_model("llama-gqa", max_position_embeddings=24)
+    with pytest.raises(ValueError, match=r"skip_layers names layer\(s\) \[7\] but the model has 5"):
+        pp.compile(model, 0.4, backend="eager", skip_layers=(0, 7))
+    with pytest.raises(ValueError, match="skips all 5 layers"):
+        pp.compile(model, 0.4, backend="eager", skip_layers=range(5))
+    c = pp.compile(model, 0.4, backend="eager", **TINY)
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="input_ids must be integer token ids"):
+            c(_ids().float())
+        with pytest.raises(ValueError, match="empty|size 0"):
+            c(_ids(b=0))
+        with pytest.warns(UserWarning, match=r"longer than the model's max_position_embeddings \(24\)"):
+            c(_ids(L=30))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once
+            c(_ids(L=30, seed=1))
+    model.train()
+    with pytest.raises(RuntimeError, match="prunes inference only"):
+        c(_ids())
+    assert model.pp.runtime.counts["pruned_calls"] == 2

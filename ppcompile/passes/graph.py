@@ -5,7 +5,6 @@ import operator
 from dataclasses import dataclass
 from typing import Callable
 
-import sympy
 import torch
 from torch import fx
 

@@ -45,6 +45,11 @@ class PassResult:
         return [name[len("kept/"):] for name in self.seam.outputs if name.startswith("kept/")]
 
     @property
+    def whole_model(self) -> bool:
+        """The graph holds every decoder layer (not a piece of the model between graph breaks)."""
+        return bool(self.n_layers) and {s.layer for s in self.sites} == set(range(self.n_layers))
+
+    @property
     def dynamic(self) -> bool:
         return not (isinstance(self.batch, int) and isinstance(self.seq_len, int))
 
@@ -92,8 +97,6 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
     g = gm.graph
     sites, problems, n_layers = find_sites(gm)
     result = PassResult(gm, sites, problems, n_layers)
-    if {s.layer for s in sites} == set(range(n_layers)) and n_layers:  # a whole model, not a piece of one
-        config.check_layers(n_layers)
     policy = get_policy(config.policy)
     try:
         gi = graph_inputs(gm, sites) if sites else None

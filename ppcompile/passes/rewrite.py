@@ -15,7 +15,7 @@ from torch import fx
 
 from .graph import call, shape_of
 from .dims import Atom, Labeler, Labels, anon, resized_args
-from .sites import Site, sdpa_qkv, value
+from .sites import Site, sdpa_qkv
 
 
 def label_site(site: Site, kv_whole: bool) -> Labeler:
