@@ -71,6 +71,8 @@ def compile(model: torch.nn.Module, ratio: float = 0.4, *, calibration=None, pol
     compiled = torch.compile(model, backend=session.backend, dynamic=False, fullgraph=config.strict,
                              isolate_recompiles=True)
     compiled.forward = _accounted(compiled.forward, model, session)
+    if callable(getattr(model, "generate", None)):
+        compiled.__dict__["generate"] = _unrouted_generate(model, session)  # this object's, not the model's
     return compiled
 
 
@@ -106,6 +108,26 @@ def _accounted(forward, model: torch.nn.Module, session: Session):
         return out
 
     return call
+
+
+def _unrouted_generate(model: torch.nn.Module, session: Session):
+    """generate() on the compiled model: Hugging Face's loop calls the original module's forward,
+    which the pass never sees. Until generation goes through the pass, say so (strict: refuse)."""
+    message = ("ppcompile: generate() runs the original, unpruned model: Hugging Face's generation loop "
+               "calls the module's own forward, which does not go through the pass; call the compiled "
+               "model directly (prefill) to prune")
+
+    @functools.wraps(model.generate)
+    def generate(*args, **kwargs):
+        if session.config.strict:
+            raise RuntimeError(message + " (strict=True)")
+        session.runtime.counts["unpruned_calls"] += 1
+        if not getattr(generate, "warned", False):
+            generate.warned = True
+            warnings.warn(message, stacklevel=2)
+        return model.generate(*args, **kwargs)
+
+    return generate
 
 
 def _mark_dynamic(args, kwargs):

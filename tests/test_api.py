@@ -275,3 +275,16 @@ def test_bad_calls_are_refused_before_the_model_runs():
     with pytest.raises(RuntimeError, match="prunes inference only"):
         c(_ids())
     assert model.pp.runtime.counts["pruned_calls"] == 2
+
+
+def test_generate_is_never_silently_unpruned():
+    model = random_model("llama-gqa")
+    c = pp.compile(model, 0.4, backend="eager", **TINY)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match=r"generate\(\) runs the original, unpruned model"):
+            out = c.generate(_ids(b=1, L=6), max_new_tokens=2, do_sample=False)
+        assert torch.equal(out, model.generate(_ids(b=1, L=6), max_new_tokens=2, do_sample=False))
+    assert model.pp.runtime.counts["unpruned_calls"] == 1 and "generate" not in vars(model)
+    strict = pp.compile(random_model("llama-gqa"), 0.4, backend="eager", strict=True, **TINY)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"generate\(\).*strict=True"):
+        strict.generate(_ids(b=1, L=6), max_new_tokens=2)
