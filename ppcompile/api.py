@@ -95,13 +95,17 @@ def _accounted(forward, model: torch.nn.Module, session: Session):
             warn_once(f"ppcompile: {message}")
         if config.dynamic:
             args, kwargs = _mark_dynamic(args, kwargs)
-        before = runtime.counts["graph_runs"]
+        graphs, sites = runtime.counts["graph_runs"], runtime.counts["site_runs"]
         out = forward(*args, **kwargs)
-        if runtime.counts["graph_runs"] > before:
+        ran_graph = runtime.counts["graph_runs"] > graphs
+        if ran_graph and (runtime.counts["site_runs"] > sites or not config.policy.prunes):
             runtime.counts["pruned_calls"] += 1
             return out
         runtime.counts["unpruned_calls"] += 1
-        message = f"ppcompile: this call ran the original, unpruned forward: {_fallback_cause(model)}"
+        cause = _fallback_cause(model) if not ran_graph else (
+            "its compiled graphs held no whole attention or MLP block (graph breaks split them); run "
+            "with TORCH_LOGS=graph_breaks to see where, or compile with strict=True to make it an error")
+        message = f"ppcompile: this call ran the original, unpruned forward: {cause}"
         if config.strict:
             raise RuntimeError(message + " (strict=True)")
         warn_once(message)

@@ -90,6 +90,7 @@ class Session:
             out, named = seam.call(compiled, args, runtime.provide)
             runtime.record(named)
             runtime.counts["graph_runs"] += 1
+            runtime.counts["site_runs"] += len(result.selected_sites)
             return out
 
         return run

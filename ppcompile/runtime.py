@@ -23,8 +23,8 @@ class Runtime:
         self.sites: dict[str, dict] = {}  # site -> layer, kind, total units, pruned FLOPs fraction
         self.slots: dict[str, torch.Tensor] = {"step": torch.zeros((), dtype=torch.long),
                                                "seeded": torch.zeros((), dtype=torch.bool)}
-        # calls of the compiled model that ran pruned / as the original forward, and graph calls
-        self.counts = {"pruned_calls": 0, "unpruned_calls": 0, "graph_runs": 0}
+        # calls of the compiled model that ran pruned / unpruned, compiled graphs run, pruned sites run
+        self.counts = {"pruned_calls": 0, "unpruned_calls": 0, "graph_runs": 0, "site_runs": 0}
         self._last: dict[str, torch.Tensor] = {}
         self._agg: dict[str, dict[str, torch.Tensor | int]] = {}  # site -> running telemetry sums
 

@@ -102,7 +102,7 @@ def test_a_call_dynamo_runs_eagerly_warns_once_counts_and_raises_under_strict():
                 warnings.simplefilter("error")  # once: the second such call is counted, not warned
                 c(ids)
         torch.testing.assert_close(out, model(ids).logits)  # it really ran the original model
-    assert model.pp.runtime.counts == {"pruned_calls": 1, "unpruned_calls": 2, "graph_runs": 1}
+    assert model.pp.runtime.counts == {"pruned_calls": 1, "unpruned_calls": 2, "graph_runs": 1, "site_runs": 8}
 
     strict = pp.compile(random_model("llama-gqa"), 0.4, backend="eager", strict=True, **TINY)
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
@@ -195,3 +195,21 @@ def test_cuda_call_never_synchronizes():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert all(k.is_cuda for k in model.pp.runtime.last_selection().values())
+
+
+def test_graph_breaks_that_split_every_block_make_the_call_unpruned_and_say_so():
+    import types
+    model = random_model("llama-gqa")
+    mlp = model.model.layers[2].mlp
+
+    def broken(self, x):
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        torch._dynamo.graph_break()  # Dynamo then compiles each frame apart: no graph holds a block
+        return self.down_proj(h)
+
+    mlp.forward = types.MethodType(broken, mlp)
+    c = pp.compile(model, 0.4, backend="eager", **TINY)
+    with torch.no_grad(), pytest.warns(UserWarning, match="unpruned forward: its compiled graphs held no whole"):
+        out = c(_batch(2, 12, 0)).logits
+    torch.testing.assert_close(out, model(_batch(2, 12, 0)).logits)
+    assert model.pp.runtime.counts["unpruned_calls"] == 1 and model.pp.runtime.counts["pruned_calls"] == 0
