@@ -5,7 +5,6 @@ its cause and the fix, and raises under strict=True. Never silently unpruned."""
 from __future__ import annotations
 
 import functools
-import warnings
 from pathlib import Path
 
 import torch
@@ -81,18 +80,12 @@ def _accounted(forward, model: torch.nn.Module, session: Session):
     batch and sequence dims are marked dynamic, and a call no compiled graph ran is reported."""
     runtime, config = session.runtime, session.config
     max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    warned: set[str] = set()
-
-    def warn_once(message: str) -> None:
-        if message not in warned:
-            warned.add(message)
-            warnings.warn(message, stacklevel=3)
 
     @functools.wraps(forward)
     def call(*args, **kwargs):
         check_training(model.training)
         for message in check_call(args, kwargs, max_positions=max_positions):
-            warn_once(f"ppcompile: {message}")
+            session.warn_once(f"ppcompile: {message}")
         if config.dynamic:
             args, kwargs = _mark_dynamic(args, kwargs)
         graphs, sites = runtime.counts["graph_runs"], runtime.counts["site_runs"]
@@ -108,7 +101,7 @@ def _accounted(forward, model: torch.nn.Module, session: Session):
         message = f"ppcompile: this call ran the original, unpruned forward: {cause}"
         if config.strict:
             raise RuntimeError(message + " (strict=True)")
-        warn_once(message)
+        session.warn_once(message)
         return out
 
     return call
@@ -126,9 +119,7 @@ def _unrouted_generate(model: torch.nn.Module, session: Session):
         if session.config.strict:
             raise RuntimeError(message + " (strict=True)")
         session.runtime.counts["unpruned_calls"] += 1
-        if not getattr(generate, "warned", False):
-            generate.warned = True
-            warnings.warn(message, stacklevel=2)
+        session.warn_once(message)
         return model.generate(*args, **kwargs)
 
     return generate

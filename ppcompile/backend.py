@@ -20,7 +20,6 @@ from .config import PPConfig
 from .dump import Dumper, dump_dir, inductor_code
 from .passes.graph import real_tensors
 from .passes.probe_prune import PassResult, run_pass
-from .policies import get_policy
 from .report import left_dense_unmatched, site_rows
 from .runtime import Runtime
 
@@ -33,7 +32,6 @@ class Session:
                  skip_layers_named: bool = True):
         self.config = config
         self.skip_layers_named = skip_layers_named  # the user chose skip_layers: each must exist
-        self.policy = get_policy(config.policy)
         self.runtime = runtime or Runtime(telemetry=config.telemetry)
         self.runtime.telemetry = self.runtime.telemetry or config.telemetry
         self.inductor = inductor
@@ -41,6 +39,13 @@ class Session:
         self.model_fingerprint = model_fingerprint
         self.calibration: Calibration | None = None
         self.passes: list[PassResult] = []
+        self._warned: set[str] = set()
+
+    def warn_once(self, message: str) -> None:
+        """Warn about something the user should know once, not on every call."""
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, stacklevel=3)
 
     # ---- calibration ----
     def use_calibration(self, cal: Calibration) -> None:
@@ -48,18 +53,18 @@ class Session:
         when a graph compiles."""
         if self.model_fingerprint is not None:
             cal.check(self.model_fingerprint)
-        if self.policy.static and self.passes:
-            raise ValueError(f"policy '{self.policy}' already chose its heads and channels when the model "
+        if self.config.policy.static and self.passes:
+            raise ValueError(f"policy '{self.config.policy}' already chose its heads and channels when the model "
                              "was compiled; pass the calibration to pp.compile(..., calibration=...)")
         self.calibration = cal
-        if self.policy.history:
+        if self.config.policy.history:
             self.runtime.seed(cal.histories())
 
     # ---- what torch.compile calls for every graph ----
     def backend(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         real = real_tensors(gm, example_inputs)
-        if self.policy.static and self.calibration is None:
-            raise ValueError(f"policy '{self.policy}' is static: it needs calibration=<token batches, a "
+        if self.config.policy.static and self.calibration is None:
+            raise ValueError(f"policy '{self.config.policy}' is static: it needs calibration=<token batches, a "
                              "Calibration from pp.calibrate, or the path of a saved one>")
         result = run_pass(gm, self.config, calibration=self.calibration, real=real)
         if result.whole_model:
@@ -126,14 +131,12 @@ def session_from_options(options: dict | None) -> Session:
     if options is not None and key in _SESSIONS and _SESSIONS[key][0] is options:
         return _SESSIONS[key][1]
     opts = dict(options or {})
-    session = opts.pop("session", None)
-    if session is None:
-        runtime, inductor = opts.pop("runtime", None), opts.pop("inductor", True)
-        folder, cal = dump_dir(opts.pop("dump_dir", None)), opts.pop("calibration", None)
-        session = Session(PPConfig.from_options(opts), runtime=runtime, inductor=inductor,
-                          dumper=Dumper(folder) if folder else None, skip_layers_named="skip_layers" in opts)
-        if cal is not None:
-            session.use_calibration(resolve(cal))
+    runtime, inductor = opts.pop("runtime", None), opts.pop("inductor", True)
+    folder, cal = dump_dir(opts.pop("dump_dir", None)), opts.pop("calibration", None)
+    session = Session(PPConfig.from_options(opts), runtime=runtime, inductor=inductor,
+                      dumper=Dumper(folder) if folder else None, skip_layers_named="skip_layers" in opts)
+    if cal is not None:
+        session.use_calibration(resolve(cal))
     if options is not None:
         _SESSIONS[key] = (options, session)
     _LAST_RUNTIME = session.runtime

@@ -21,7 +21,6 @@ from .. import baselines, ops
 from ..baselines import StaticChoice
 from ..calibration import Calibration
 from ..config import PPConfig
-from ..policies import get_policy
 from .dims import Unsupported, check_resizable
 from .graph import GraphInputs, body_start, call, copy_graph, final_input, graph_inputs, mul
 from .outline import Outliner
@@ -72,7 +71,7 @@ def _kept(site: Site, config: PPConfig, n_layers: int) -> int:
 
 
 def _plan(sites: list[Site], config: PPConfig, n_layers: int, gi: GraphInputs) -> None:
-    policy = get_policy(config.policy)
+    policy = config.policy
     if (why := config.unreachable(n_layers)) and policy.prunes:
         warnings.warn(f"ppcompile: {why}", stacklevel=2)
     for s in sites:
@@ -97,7 +96,7 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
     g = gm.graph
     sites, problems, n_layers = find_sites(gm)
     result = PassResult(gm, sites, problems, n_layers)
-    policy = get_policy(config.policy)
+    policy = config.policy
     try:
         gi = graph_inputs(gm, sites) if sites else None
     except Unsupported as e:
@@ -304,7 +303,7 @@ def _probe_energy(g, site: Site, lab, config: PPConfig, valid, history, gi: Grap
         x = call(g, torch.Tensor.view, x, B, L, -1, name=f"{tag}_x")
     if value(x_res).dim() == 2:
         x_res = call(g, torch.Tensor.view, x_res, B, L, -1, name=f"{tag}_x_res")
-    if get_policy(config.policy).probe == "all":
+    if config.policy.probe == "all":
         k_b, k_t = B, L
         kept_b = call(g, torch.arange, B, name=f"{tag}_probe_b")
         kept_t = call(g, torch.arange, L, name=f"{tag}_probe_t")
