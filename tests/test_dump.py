@@ -1,5 +1,6 @@
 """Dumps: numbered files per compiled graph, valid Python, the site table, named rewrite steps."""
 import json
+import re
 
 import pytest
 import torch
@@ -18,6 +19,11 @@ def _compile_and_run(tmp_path, backend, **kw):
     return tmp_path / "graph_00"
 
 
+def _assigned(name, code):
+    """`name = ...` in a printed graph, with or without its recorded type (`name: "f32[4]cpu" = ...`)."""
+    return re.search(rf"\b{name}(: \"[^\"]*\")? = ", code) is not None
+
+
 def _check_dump(folder):
     for name in ("00_captured.py", "02_rewritten.py"):
         compile((folder / name).read_text(), name, "exec")  # valid Python
@@ -32,11 +38,11 @@ def _check_dump(folder):
     for kind in ("attention", "mlp"):  # the selection, once per kind, shared by every layer
         body = rewritten.split(f"class pp_{kind}_select_")[1]
         for step in ("_probe_select", "_probe_energy", "_score", "_select", "_gather_final_w"):
-            assert f"{kind}{step} = " in body, f"{kind}{step}"
+            assert _assigned(f"{kind}{step}", body), f"{kind}{step}"
         for i in range(1, 5):
             tag = f"model_layers_{i}_{kind}"
             for step in ("_select_call", "_select", "_gather_final_w", "_history_update"):
-                assert f"{tag}{step} = " in rewritten, f"{tag}{step}"
+                assert _assigned(f"{tag}{step}", rewritten), f"{tag}{step}"
     report = json.loads((folder / "report.json").read_text())
     assert report["pruned"] == 8 and report["config"]["ratio"] == 0.4
     return report

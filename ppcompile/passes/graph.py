@@ -90,6 +90,30 @@ def real_tensors(gm: fx.GraphModule, example_inputs: list) -> Callable[[fx.Node]
     return real
 
 
+def refresh_values(gm: fx.GraphModule) -> None:
+    """Recompute every node's recorded value (meta "val" and "example_value") by running the
+    rewritten graph on the fake values of its inputs, so that a rewritten node's meta stays true
+    (a compact projection's output has the kept width, not the dense one)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    args = [recorded(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    fakes = [a for a in args if isinstance(a, FakeTensor)]
+    if not fakes or any(a is None for a in args):  # a graph without fake values (built by hand)
+        return
+    mode = fakes[0].fake_mode  # Dynamo's; the slots' values may be in the backend's (same shapes)
+
+    def in_mode(a):
+        if not isinstance(a, FakeTensor) or a.fake_mode is mode:
+            return a
+        with mode:
+            return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
+
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*map(in_mode, args))
+    for n in gm.graph.nodes:
+        if "val" in n.meta:
+            n.meta["example_value"] = n.meta["val"]
+
+
 def body_start(g: fx.Graph) -> fx.Node:
     """The first node after the placeholders: graph-wide nodes go before it."""
     return next(n for n in g.nodes if n.op != "placeholder")

@@ -22,7 +22,7 @@ from ..baselines import StaticChoice
 from ..calibration import Calibration
 from ..config import PPConfig
 from .dims import Unsupported, check_resizable
-from .graph import GraphInputs, body_start, call, copy_graph, final_input, graph_inputs, mul
+from .graph import GraphInputs, body_start, call, copy_graph, final_input, graph_inputs, mul, refresh_values
 from .outline import Outliner
 from .rewrite import compact, escapes, label_site, probe_activation
 from .seam import Seam, Slot
@@ -176,6 +176,7 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
         outliner.outline(nodes, tag, kind)
     g.lint()
     gm.recompile()
+    refresh_values(gm)
     return result
 
 
