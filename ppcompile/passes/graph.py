@@ -1,6 +1,7 @@
 """Graph-level helpers every pass shares: copy, sizes (static or symbolic), graph inputs."""
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass
 from typing import Callable
@@ -108,7 +109,15 @@ def refresh_values(gm: fx.GraphModule) -> None:
         with mode:
             return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
 
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*map(in_mode, args))
+    class Prop(FakeTensorProp):
+        def get_attr(self, target, args, kwargs):  # constants the pass made (static policies' slices)
+            t = super().get_attr(target, args, kwargs)
+            return mode.from_tensor(t) if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor) else t
+
+    # Recording values must not constrain the graph: guards it would add stay out of Dynamo's.
+    shape_env = mode.shape_env
+    with shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext():
+        Prop(gm, mode).propagate_dont_convert_inputs(*map(in_mode, args))
     for n in gm.graph.nodes:
         if "val" in n.meta:
             n.meta["example_value"] = n.meta["val"]
