@@ -61,12 +61,14 @@ class Session:
             self.runtime.seed(cal.histories())
 
     # ---- what torch.compile calls for every graph ----
-    def backend(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+    def backend(self, gm: fx.GraphModule, example_inputs: list, phase: str = "forward") -> Callable:
+        """Rewrite and compile one graph for `phase` (forward, prefill or decode: see run_pass)."""
         real = real_tensors(gm, example_inputs)
         if self.config.policy.static and self.calibration is None:
             raise ValueError(f"policy '{self.config.policy}' is static: it needs calibration=<token batches, a "
                              "Calibration from pp.calibrate, or the path of a saved one>")
-        result = run_pass(gm, self.config, calibration=self.calibration, real=real)
+        result = run_pass(gm, self.config, calibration=self.calibration, real=real, phase=phase,
+                          stored=self.runtime.stored_sites)
         if result.whole_model:
             self.config.check_layers(result.n_layers, named=self.skip_layers_named)
         if self.calibration is not None:
@@ -77,7 +79,7 @@ class Session:
             self.dumper.write_pass(folder, gm, result, self.config)
         self._report(result)
         for s in result.sites:
-            if s.name in result.selected_sites:
+            if s.name in result.active_sites:
                 self.runtime.sites[s.name] = {"layer": s.layer, "kind": s.kind, "total": s.heads or s.channels,
                                               "pruned_flops": s.info["pruned_flops"]}
         seam, runtime = result.seam, self.runtime
@@ -95,7 +97,7 @@ class Session:
             out, named = seam.call(compiled, args, runtime.provide)
             runtime.record(named)
             runtime.counts["graph_runs"] += 1
-            runtime.counts["site_runs"] += len(result.selected_sites)
+            runtime.counts["site_runs"] += len(result.active_sites)
             return out
 
         return run

@@ -27,6 +27,7 @@ class PPConfig:
     strict: bool = False  # an unmatched block is an error instead of a warning
     telemetry: bool = False  # record per call and site what was kept (runtime.stats())
     dynamic: bool = True  # batch and sequence dims dynamic: one graph for every shape (pp.compile)
+    cache_bucket: int = 128  # generate(): the static KV cache's length, rounded up to a multiple of this
 
     def __post_init__(self) -> None:
         # types first: "0.4" < 1.0 is a TypeError deep in a comparison, and True passes as 1
@@ -34,9 +35,13 @@ class PPConfig:
                                ("momentum", "[0, 1)")):
             object.__setattr__(self, name, _number(name, getattr(self, name), interval))
         object.__setattr__(self, "skip_layers", _layer_indices(self.skip_layers))
-        if isinstance(self.mlp_multiple, bool) or not isinstance(self.mlp_multiple, numbers.Integral):
-            raise TypeError(f"mlp_multiple must be an int >= 1, got {_shown(self.mlp_multiple)}: e.g. mlp_multiple=64")
-        object.__setattr__(self, "mlp_multiple", int(self.mlp_multiple))
+        for name, example in (("mlp_multiple", 64), ("cache_bucket", 128)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name} must be an int >= 1, got {_shown(v)}: e.g. {name}={example}")
+            if v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v}")
+            object.__setattr__(self, name, int(v))
         for name in ("sequence_first", "strict", "telemetry", "dynamic"):  # "False" as a string would read as True
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {_shown(getattr(self, name))}: pass a bool")
@@ -52,8 +57,6 @@ class PPConfig:
                 raise ValueError(f"{name} must be a number in (0, 1], got {value}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be a number in [0, 1), got {self.momentum}")
-        if self.mlp_multiple < 1:
-            raise ValueError(f"mlp_multiple must be an int >= 1, got {self.mlp_multiple}")
 
     def check_layers(self, n_layers: int, *, named: bool = True) -> None:
         """Refuse skip_layers that do not fit a model of `n_layers` decoder layers: an index it does

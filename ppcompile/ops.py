@@ -104,6 +104,25 @@ def head_channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads.unsqueeze(-1) * head_dim + offsets).flatten()
 
 
+def activation_scores(act: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """GRIFFIN's statistic per channel of a block's activation act (B, L, C): each token's
+    activation divided by its L2 norm over the channels, the L2 norm of that over the sequence's
+    real tokens, summed over the sequences. (C,)"""
+    a = act.float()
+    z = a / a.norm(dim=-1, keepdim=True).clamp(min=EPS)
+    if valid is not None:
+        z = torch.where(valid.unsqueeze(-1), z, 0.0)
+    return z.pow(2).sum(1).sqrt().sum(0)
+
+
+def mask_valid(mask: torch.Tensor, seq_len) -> torch.Tensor:
+    """(B, L) real tokens from a 4-d attention mask (B, 1|H, L, K), boolean (True: attend) or
+    additive (0: attend): token t is real when it may attend to itself, in key column t (true while
+    the call's tokens start the cache: no cache, or an empty one)."""
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    return allowed[:, 0, :, :seq_len].diagonal(dim1=-2, dim2=-1)
+
+
 def position_energy(x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over the batch of x^2 per position and channel, and which positions had a token.
 

@@ -7,6 +7,8 @@ of comparing names. A new policy is a subclass registered in POLICIES.
   wanda-sp    once, from calibration: sum_i |W_ij| * sqrt(S_j), uniform kept counts
   flap        once, from calibration: standardized V_j * sum_i W_ij^2, one global threshold, bias
               compensation
+  griffin     per prompt, for generation (GRIFFIN, Dong et al. 2024): the prompt runs dense, its MLP
+              activations (normalized per token) pick the channels every decode step then uses
   dense       no rewrite
 """
 from __future__ import annotations
@@ -27,6 +29,8 @@ class Policy:
     static = False  # kept indices chosen once from calibration statistics; weights pre-sliced
     history = False  # fuses the probe with a per-position history carried between calls
     probe: str | None = "sampled"  # "sampled": top positions, then top samples; "all": the whole batch
+    kinds: tuple[str, ...] = ("attention", "mlp")  # the blocks it prunes
+    dense_prefill = False  # the selecting call runs its blocks dense and selects from their activations
 
     @property
     def needs_calibration(self) -> bool:
@@ -47,6 +51,13 @@ class ProbePruning(Policy):
 class FullBatch(Policy):
     name = "full-batch"
     probe = "all"
+
+
+class Griffin(Policy):
+    name = "griffin"
+    probe = None
+    kinds = ("mlp",)
+    dense_prefill = True
 
 
 class Dense(Policy):
@@ -97,7 +108,7 @@ class FLAP(StaticPolicy):
         return baselines.compensation(site, weight, kept, cal)
 
 
-POLICIES: dict[str, Policy] = {p.name: p for p in (ProbePruning(), FullBatch(), WandaSP(), FLAP(), Dense())}
+POLICIES: dict[str, Policy] = {p.name: p for p in (ProbePruning(), FullBatch(), Griffin(), WandaSP(), FLAP(), Dense())}
 
 
 def get_policy(policy: "str | Policy") -> Policy:

@@ -23,7 +23,7 @@ def site_rows(result: PassResult) -> list[dict]:
 def left_dense_unmatched(status: str) -> bool:
     """A block left dense because the pass could not handle it (not by the config's choice)."""
     return status.startswith("dense") and not any(
-        why in status for why in ("skipped layer", "policy dense", "blocks="))
+        why in status for why in ("skipped layer", ": policy ", "blocks="))
 
 
 def format_rows(rows: list[dict], columns: list[str] = COLUMNS) -> str:

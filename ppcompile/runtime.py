@@ -6,6 +6,9 @@ are one table each, grown to the longest sequence seen, and a graph of length L 
 rows [0, L). Compiled graphs take the slots as inputs and update them in place; nothing here is a
 Python counter the graph would specialize on.
 
+A prefill (generation) returns its selection and the compact weights it gathered as `stored/...`
+outputs; they are kept here, as the slots every decode graph of that generation reads.
+
 Telemetry keeps running aggregates per site (calls, kept-set overlaps, probe shares, how often each
 unit was kept), so its memory does not grow with the number of calls.
 """
@@ -44,10 +47,18 @@ class Runtime:
         """Site -> its history table (positions seen so far, channels)."""
         return {name.split("/", 1)[1]: t for name, t in self.slots.items() if name.startswith("history/")}
 
+    @property
+    def stored_sites(self) -> frozenset[str]:
+        """Sites whose selection a prefill stored (what a decode graph reuses)."""
+        return frozenset(n.split("/")[1] for n in self.slots if n.startswith("stored/") and n.endswith("/kept"))
+
     def provide(self, slot: Slot, rows: int, device) -> torch.Tensor:
         """The tensor of `slot` for a call (rows [0, rows) of a per-position one), on `device`;
         created with the slot's initial value, grown (new rows initial) as sequences grow."""
         t = self.slots.get(slot.name)
+        if slot.stored and t is None:
+            raise ValueError(f"{slot.name}: a decode step ran before any prefill stored a selection; "
+                             "start each generation with a prefill (generate() does)")
         if t is not None and tuple(t.shape[1 if slot.per_position else 0:]) != slot.shape:
             raise ValueError(f"state {slot.name} has shape {tuple(t.shape)}, the graph expects "
                              f"{slot.shape} per row: state from another model or config")
@@ -81,6 +92,7 @@ class Runtime:
         their device; telemetry aggregates on the device too, so recording never waits for it."""
         kept = {n[len("kept/"):]: t for n, t in outputs.items() if n.startswith("kept/")}
         self._last.update(kept)
+        self.slots.update({n: t for n, t in outputs.items() if n.startswith("stored/")})
         if self.telemetry:
             for site, k in kept.items():
                 self._aggregate(site, k, outputs.get(f"share/{site}"))

@@ -7,6 +7,8 @@ import torch
 import ppcompile as pp
 from ppcompile.models import random_model
 
+from reference import zero_pruned
+
 ARCHS = ["llama-mha", "llama-gqa", "mistral", "qwen2", "opt"]
 # 5 layers: skip layer 0 only, so that 4 layers prune (3 skipped would prune 100% at ratio 0.4)
 TINY = dict(skip_layers=(0,), mlp_multiple=16)
@@ -36,30 +38,9 @@ def test_ratio_zero_is_the_original_model(arch, policy):
 
 
 def _masked_dense_logits(model, ids, selection, head_dim, mean=None):
-    """An independent pruned forward: zero the final projections' columns of pruned heads/channels
-    (with `mean` (site -> mean input), add back the pruned columns' mean contribution, as FLAP)."""
+    """An independent pruned forward: the dense model with the pruned columns zeroed."""
     with torch.no_grad():
-        for site, kept in selection.items():
-            layer = model.get_submodule(site.rsplit(".", 1)[0])
-            attn = site.endswith("attention")
-            final = _final_projection(layer, attn)
-            cols = torch.ones(final.weight.shape[1], dtype=torch.bool)
-            idx = (kept[:, None] * head_dim + torch.arange(head_dim)).flatten() if attn else kept
-            cols[idx] = False
-            if mean is not None:
-                comp = final.weight[:, cols].double() @ mean[site][cols]
-                final.register_forward_hook(lambda m, a, out, comp=comp: out + comp.to(out.dtype))
-            final.weight[:, cols] = 0.0
-        return model(ids).logits
-
-
-def _final_projection(layer, attn):
-    for name in (["self_attn.o_proj", "self_attn.out_proj"] if attn else ["mlp.down_proj", "fc2"]):
-        try:
-            return layer.get_submodule(name)
-        except AttributeError:
-            continue
-    raise AssertionError("no final projection")
+        return zero_pruned(model, selection, head_dim, mean)(ids).logits
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -275,16 +256,3 @@ def test_bad_calls_are_refused_before_the_model_runs():
     with pytest.raises(RuntimeError, match="prunes inference only"):
         c(_ids())
     assert model.pp.runtime.counts["pruned_calls"] == 2
-
-
-def test_generate_is_never_silently_unpruned():
-    model = random_model("llama-gqa")
-    c = pp.compile(model, 0.4, backend="eager", **TINY)
-    with torch.no_grad():
-        with pytest.warns(UserWarning, match=r"generate\(\) runs the original, unpruned model"):
-            out = c.generate(_ids(b=1, L=6), max_new_tokens=2, do_sample=False)
-        assert torch.equal(out, model.generate(_ids(b=1, L=6), max_new_tokens=2, do_sample=False))
-    assert model.pp.runtime.counts["unpruned_calls"] == 1 and "generate" not in vars(model)
-    strict = pp.compile(random_model("llama-gqa"), 0.4, backend="eager", strict=True, **TINY)
-    with torch.no_grad(), pytest.raises(RuntimeError, match=r"generate\(\).*strict=True"):
-        strict.generate(_ids(b=1, L=6), max_new_tokens=2)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .sites import SDPA, sdpa_qkv, value
+from .sites import SDPA, sdpa_qkv, value, written
 
 
 class Unsupported(Exception):
@@ -73,12 +73,16 @@ class Labeler:
         for n in region:
             if n in self.labels or not any(a in self.labels for a in n.all_input_nodes):
                 continue
+            if value(n) is None and n.op == "call_method" and n.target == "size":
+                continue  # a dynamic size read off a tensor: an int, not a tensor to label
             self.labels[n] = self._rule(n)
         return self
 
     # ---- rules ----
     def _rule(self, n: fx.Node) -> Labels:
         t = n.target
+        if written(n) is not None:
+            return self._write(n)
         if n.op == "call_method" and t in RESHAPE or t is torch.reshape:
             return self._reshape(n)
         if t == "transpose" or t is torch.transpose:
@@ -211,6 +215,26 @@ class Labeler:
             key = "attn_mask" if "attn_mask" in n.kwargs else 3
             self.side[(n, key)] = {d: a for d, a in need.items() if a}
         return lq[:-1] + (lv[-1],)
+
+    def _write(self, n: fx.Node) -> Labels:
+        """A static cache's update, cache.index_copy_(dim, positions, x): the cache has x's dims but
+        for the written one, which is as long as the cache (its positions keep their label, so that
+        a probe reads its own keys and the mask's key columns at its positions)."""
+        if n.target != "index_copy_":
+            raise Unsupported(f"{n.name}: writes into a cache with {n.target} (no dimension rule)")
+        src, target = written(n), n.args[0]
+        lab = self.labels.get(src)
+        if lab is None:
+            raise Unsupported(f"{n.name}: writes a tensor not derived from the block input into a cache")
+        dim = n.args[1] % len(lab)
+        length = _shape(value(target))[dim]
+        names = [a.name for a in lab[dim] if a.name]
+        if len(lab[dim]) > 1:
+            raise Unsupported(f"{n.name}: the cache's positions are merged with another dimension")
+        out = tuple((Atom(names[0], length),) if i == dim and names else anon(length) if i == dim else d
+                    for i, d in enumerate(lab))
+        self.labels[target] = out
+        return out
 
     def _cat(self, n: fx.Node) -> Labels:
         # an empty side operand (a fresh KV cache: cat([tensor([]), k])) changes nothing

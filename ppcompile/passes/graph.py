@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import fx
 
+from .. import ops
 from .dims import Unsupported
 from .sites import Site, recorded, value
 
@@ -165,13 +166,28 @@ def graph_inputs(gm: fx.GraphModule, sites: list[Site]) -> GraphInputs:
         if n.op == "placeholder" and "attention_mask" in n.name and v is not None \
                 and tuple(hint(s) for s in v.shape) == tuple(hint(s) for s in examples[0]):
             mask = n
+    batch_arg, _ = size_source(g, batch)
+    seq_arg, seq_source = size_source(g, seq_len)
     valid = None
     if mask is not None:
         with g.inserting_before(body_start(g)):
             valid = call(g, torch.Tensor.bool, mask, name="pp_valid")
-    batch_arg, _ = size_source(g, batch)
-    seq_arg, seq_source = size_source(g, seq_len)
+    elif (mask4 := _mask_4d(g, examples[0])) is not None:  # a mask made before the call (generate)
+        with g.inserting_before(body_start(g)):
+            valid = call(g, ops.mask_valid, mask4, seq_arg, name="pp_valid")
     return GraphInputs(valid, batch, seq_len, batch_arg, seq_arg, seq_source, examples[0][1])
+
+
+def _mask_4d(g: fx.Graph, batch_seq) -> fx.Node | None:
+    """An attention_mask input of shape (B, 1|H, L, K >= L), matched by its example sizes."""
+    b, L = (hint(s) for s in batch_seq)
+    for n in g.nodes:
+        v = value(n)
+        if n.op == "placeholder" and "attention_mask" in n.name and v is not None and v.dim() == 4:
+            shape = [hint(s) for s in v.shape]
+            if shape[0] == b and shape[2] == L and shape[3] >= L:
+                return n
+    return None
 
 
 def final_input(g: fx.Graph, site: Site, gi: GraphInputs, tag: str) -> fx.Node:

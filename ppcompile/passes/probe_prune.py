@@ -4,9 +4,16 @@ Policies (see policies.py) differ only in where the kept indices come from: a pr
 without history) chosen per call, or a static choice from calibration (weights pre-sliced once).
 Every policy then runs the whole batch on compact weights (the same `compact` rewrite).
 
+Generation runs a graph in one of three phases (PHASES): `forward` selects and computes, as above;
+`prefill` also returns the selection and the compact weights it gathered, which the runtime keeps;
+`decode` reads them back: no probe, no gather, no history, compact matmuls only. In both generation
+phases an attention block keeps K/V whole, so the cache holds every K/V head.
+
 State crosses the graph's boundary as named slots and outputs (seam.py):
   inputs   history/<site> (L, C) per position, seeded (), step ()     (policies with a history)
+           stored/<site>/kept, stored/<site>/<weight>                  (decode)
   outputs  kept/<site>, share/<site> (telemetry), update/<site>, advance
+           stored/<site>/kept, stored/<site>/<weight>                  (prefill)
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from .graph import GraphInputs, body_start, call, copy_graph, final_input, graph
 from .outline import Outliner
 from .rewrite import compact, escapes, label_site, probe_activation
 from .seam import Seam, Slot
-from .sites import Site, find_sites, sdpa_qkv, value
+from .sites import Site, find_sites, module_path, sdpa_qkv, value
 
 @dataclass
 class PassResult:
@@ -37,11 +44,17 @@ class PassResult:
     batch: object = 0  # an int, or the symbol of a dynamic batch
     seq_len: object = 0
     seam: Seam = field(default_factory=Seam)
+    phase: str = "forward"
 
     @property
     def selected_sites(self) -> list[str]:
         """Sites whose kept indices the graph returns (every rewritten site), in order."""
         return [name[len("kept/"):] for name in self.seam.outputs if name.startswith("kept/")]
+
+    @property
+    def active_sites(self) -> list[str]:
+        """Sites the graph prunes or selects at (every site whose status is "pruned")."""
+        return [s.name for s in self.sites if s.status == "pruned"]
 
     @property
     def whole_model(self) -> bool:
@@ -57,6 +70,7 @@ RealTensor = Callable[[fx.Node], "torch.Tensor | None"]  # a weight node -> its 
 
 SEEDED = Slot("seeded", dtype=torch.bool)  # the history holds real statistics
 STEP = Slot("step", dtype=torch.long)  # calls so far; call 0 is the warm-up
+PHASES = ("forward", "prefill", "decode")
 
 
 def history_slot(site: Site) -> Slot:
@@ -84,18 +98,24 @@ def _plan(sites: list[Site], config: PPConfig, n_layers: int, gi: GraphInputs) -
             s.status = f"dense: blocks={config.blocks}"
         elif not policy.prunes:
             s.status = f"dense: policy {policy}"
+        elif s.kind not in policy.kinds:
+            s.status = f"dense: policy {policy} prunes {' and '.join(policy.kinds)} only"
         s.kept = _kept(s, config, n_layers) if s.status == "pruned" else (s.heads or s.channels)
 
 
 def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration | None = None,
-             real: RealTensor | None = None) -> PassResult:
-    """Rewrite a copy of `gm`. Static policies need `calibration` and `real` (the real weights,
-    which they score and pre-slice once). Nothing a site does can fail the pass: a site the rules
-    do not cover stays dense, with the reason in its status."""
+             real: RealTensor | None = None, phase: str = "forward",
+             stored: frozenset[str] = frozenset()) -> PassResult:
+    """Rewrite a copy of `gm` for `phase` (see PHASES). Static policies need `calibration` and
+    `real` (the real weights, which they score and pre-slice once); `stored`: the sites whose
+    selection a prefill stored (what a decode graph can reuse). Nothing a site does can fail the
+    pass: a site the rules do not cover stays dense, with the reason in its status."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     gm = copy_graph(gm)
     g = gm.graph
     sites, problems, n_layers = find_sites(gm)
-    result = PassResult(gm, sites, problems, n_layers)
+    result = PassResult(gm, sites, problems, n_layers, phase=phase)
     policy = config.policy
     try:
         gi = graph_inputs(gm, sites) if sites else None
@@ -111,13 +131,19 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
     seam = result.seam
     seam.seq_source = gi.seq_source
     _plan(sites, config, n_layers, gi)
+    reuse = phase == "decode" and not policy.static  # reads a prefill's selection
+    store = phase == "prefill" and not policy.static  # returns its selection for the decode
     labels = {}
     for site in sites:
-        if site.status == "pruned":
-            try:
-                labels[site.name] = _labels(site)
-            except Unsupported as e:
-                site.status = f"dense: {e}"
+        if site.status != "pruned":
+            continue
+        if reuse and site.name not in stored:
+            site.status, site.kept = "dense: no prefill stored a selection for it", site.heads or site.channels
+            continue
+        try:
+            labels[site.name] = _labels(site, whole_kv=phase != "forward")
+        except Unsupported as e:
+            site.status = f"dense: {e}"
     static = None
     if policy.static:
         static = _static_choices(policy, [s for s in sites if s.name in labels], labels, calibration, real,
@@ -131,6 +157,14 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
             continue
         lab, kv_whole = labels[site.name]
         tag = site.name.replace(".", "_")
+        dense_block = policy.dense_prefill and not reuse  # griffin: the selecting call runs dense
+        site.info["pruned_flops"] = 0.0 if dense_block else \
+            ((site.heads or site.channels) - site.kept) * _unit_cost(site, kv_whole) / _block_cost(site)
+        if reuse:
+            with g.inserting_before(min(site.projections, key=_order(g))):
+                new_weights, kv_index = _reused_weights(g, seam, site, kv_whole)
+            compact(g, site, lab, new_weights, {"h": site.kept, "c": site.kept}, kv_index, tag)
+            continue
         history = None
         if policy.history:
             if step is None:
@@ -138,24 +172,34 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
                 with g.inserting_before(body_start(g)):
                     weight = call(g, ops.ema_weight, step, seeded, config.momentum, name="pp_ema_weight")
             history = seam.input(g, history_slot(site), gi.seq_example)
-        first = min(site.projections, key=_order(g))
+        first = site.final if dense_block else min(site.projections, key=_order(g))
         before = set(g.nodes)
         with g.inserting_before(first):
-            if static is None:
-                kept, share = _dynamic_select(g, site, lab, config, gi.valid, history, gi, tag)
-                kept_now = None
-            else:
+            if static is not None:
                 share, kept_now = None, static[site.name].kept
                 kept = _const(g, f"{tag}_kept", kept_now)
-            chan, new_weights, kv_index = _compact_weights(g, site, kept, kept_now, kv_whole, real, tag)
-        if static is None:
+            elif dense_block:
+                act = final_input(g, site, gi, tag)
+                scores = call(g, ops.activation_scores, act, gi.valid, name=f"{tag}_score")
+                kept = call(g, ops.top_indices, scores, site.kept, name=f"{tag}_select")
+                share = kept_now = None
+            else:
+                kept, share = _dynamic_select(g, site, lab, config, gi.valid, history, gi, tag)
+                kept_now = None
+            chan = new_weights = kv_index = None
+            if store or not dense_block:
+                chan, new_weights, kv_index = _compact_weights(g, site, kept, kept_now, kv_whole, real, tag)
+        if static is None and not dense_block:
             groups.append(([n for n in g.nodes if n not in before], tag, site.kind))
         seam.output(f"kept/{site.name}", kept)
+        if store:
+            seam.output(f"stored/{site.name}/kept", kept)
+            for name, node in _named_weights(site, new_weights).items():
+                seam.output(f"stored/{site.name}/{name}", node)
         if share is not None and config.telemetry:
             seam.output(f"share/{site.name}", share)
-        pruned_units = (site.heads or site.channels) - site.kept
-        site.info["pruned_flops"] = pruned_units * _unit_cost(site, kv_whole) / _block_cost(site)
-        compact(g, site, lab, new_weights, {"h": site.kept, "c": site.kept}, kv_index, tag)
+        if not dense_block:
+            compact(g, site, lab, new_weights, {"h": site.kept, "c": site.kept}, kv_index, tag)
         if static is not None and static[site.name].bias is not None:
             _add_bias(g, site.final, static[site.name].bias, tag)
         if history is not None:
@@ -225,11 +269,12 @@ def _order(g: fx.Graph):
     return lambda n: pos[n]
 
 
-def _labels(site: Site):
+def _labels(site: Site, whole_kv: bool = False):
+    """Dim labels of the block, and whether its K/V stay whole (GQA, K/V in a cache, or asked)."""
     kv_whole = False
     if site.kind == "attention":
         leaked = escapes(site)
-        kv_whole = site.kv_heads != site.heads or bool(leaked)  # GQA, or K/V returned as a cache
+        kv_whole = whole_kv or site.kv_heads != site.heads or bool(leaked)
         lab = label_site(site, kv_whole)
         q_leaks = [n for n in leaked if n in lab.labels and any(a.name == "h" for d in lab.labels[n] for a in d)]
         if q_leaks:
@@ -276,25 +321,71 @@ def _compact_weights(g, site: Site, kept: fx.Node, kept_now: torch.Tensor | None
         return call(g, torch.index_select, w, dim, chan, name=f"{tag}_gather_{name}")
 
     weights = {}
+    for p, (wname, bname) in _weight_names(site, kv_whole).items():
+        dim = 1 if p is site.final else 0
+        bias = p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
+        weights[p] = (gather(p.args[1], dim, wname), gather(bias, 0, bname) if bname else None)
+    return chan, weights, _kv_index(g, site, kept, kv_whole, tag)
+
+
+def _weight_names(site: Site, kv_whole: bool) -> dict[fx.Node, tuple[str, str | None]]:
+    """Each projection whose weight is compacted -> the names of its weight and bias ("q_w", "q_b";
+    "final_w"; the bias name None when it has none)."""
+    names = {}
     for p in _pruned_projections(site, kv_whole):
         bias = p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
         role = _role(site, p)
-        weights[p] = (gather(p.args[1], 0, f"{role}_w"),
-                      gather(bias, 0, f"{role}_b") if isinstance(bias, fx.Node) else None)
-    weights[site.final] = (gather(site.final.args[1], 1, "final_w"), None)
-    kv_index = None
-    if kv_whole:
-        k_heads = value(sdpa_qkv(site.sdpa)[1]).shape[1]
-        kv_index = kept if k_heads == site.heads else \
-            call(g, torch.floor_divide, kept, site.heads // site.kv_heads, name=f"{tag}_kv_heads")
-    return chan, weights, kv_index
+        names[p] = (f"{role}_w", f"{role}_b" if isinstance(bias, fx.Node) else None)  # as _named_weights
+    names[site.final] = ("final_w", None)
+    return names
+
+
+def _named_weights(site: Site, weights: dict[fx.Node, tuple]) -> dict[str, fx.Node]:
+    """The compact weights of a site by name (see _weight_names)."""
+    out = {}
+    for proj, (w, b) in weights.items():
+        role = "final" if proj is site.final else _role(site, proj)
+        out[f"{role}_w"] = w
+        if b is not None:
+            out[f"{role}_b"] = b
+    return out
+
+
+def _reused_weights(g: fx.Graph, seam: Seam, site: Site, kv_whole: bool):
+    """A decode graph's compact weights and K/V head index: slots a prefill filled."""
+    kept = seam.input(g, Slot(f"stored/{site.name}/kept", (site.kept,), dtype=torch.long, stored=True))
+    width = site.kept * (site.head_dim if site.kind == "attention" else 1)
+    weights = {}
+    for p, (wname, bname) in _weight_names(site, kv_whole).items():
+        w = value(p.args[1])
+        shape = (w.shape[0], width) if p is site.final else (width, w.shape[1])
+        wn = seam.input(g, Slot(f"stored/{site.name}/{wname}", shape, dtype=w.dtype, stored=True))
+        bn = None
+        if bname is not None:
+            bn = seam.input(g, Slot(f"stored/{site.name}/{bname}", (width,), dtype=w.dtype, stored=True))
+        weights[p] = (wn, bn)
+    return weights, _kv_index(g, site, kept, kv_whole, site.name.replace(".", "_"))
+
+
+def _kv_index(g: fx.Graph, site: Site, kept: fx.Node, kv_whole: bool, tag: str) -> fx.Node | None:
+    """With K/V whole: the K/V head each kept query head reads."""
+    if not kv_whole:
+        return None
+    k_heads = value(sdpa_qkv(site.sdpa)[1]).shape[1]
+    return kept if k_heads == site.heads else \
+        call(g, torch.floor_divide, kept, site.heads // site.kv_heads, name=f"{tag}_kv_heads")
 
 
 def _role(site: Site, p: fx.Node) -> str:
+    """A projection's name that every graph of the model gives it alike (a prefill's stored weights
+    are found by it in the decode graph): q/k/v, else its module's name, else its rank."""
     for r, n in site.info.get("qkv", {}).items():
         if n is p:
             return r
-    return p.name
+    name = module_path(p).rsplit(".", 1)[-1]
+    if name and sum(module_path(o) == module_path(p) for o in site.projections) == 1:
+        return name
+    return f"proj{sorted(site.projections, key=_order(p.graph)).index(p)}"
 
 
 def _probe_energy(g, site: Site, lab, config: PPConfig, valid, history, gi: GraphInputs, tag: str):

@@ -15,7 +15,7 @@ from torch import fx
 
 from .graph import call, shape_of
 from .dims import Atom, Labeler, Labels, anon, resized_args
-from .sites import Site, sdpa_qkv
+from .sites import Site, sdpa_qkv, writers, written
 
 
 def label_site(site: Site, kv_whole: bool) -> Labeler:
@@ -39,9 +39,11 @@ def label_site(site: Site, kv_whole: bool) -> Labeler:
 
 
 def escapes(site: Site) -> set[fx.Node]:
-    """Region nodes read by anything outside the block (e.g. K/V returned as a cache)."""
+    """Region nodes read by anything outside the block (e.g. K/V returned as a cache), and the
+    tensors written into a cache in place."""
     inside = set(site.region) | {site.final}
-    return {n for n in site.region + site.projections for u in n.users if u not in inside}
+    leaked = {n for n in site.region + site.projections for u in n.users if u not in inside}
+    return leaked | {written(n) for n in site.region if written(n) is not None}
 
 
 def probe_activation(g: fx.Graph, site: Site, lab: Labeler, p: fx.Node, kept_b: fx.Node,
@@ -51,6 +53,11 @@ def probe_activation(g: fx.Graph, site: Site, lab: Labeler, p: fx.Node, kept_b: 
     env: dict[fx.Node, fx.Node] = {site.x: p}
     index = {"b": kept_b, "s": kept_t}
     for n in site.projections + site.region:  # side nodes of the region are copied as they are
+        if written(n) is not None:  # the probe never writes a cache: its attention reads its own K/V
+            env[n] = env[n.args[0]] = env[written(n)]
+            continue
+        if writers(n):  # a cache made in the graph (lazily): the probe has no use for it
+            continue
         args = resized_args(n, lab.labels[n], new) if n in lab.labels else n.args
 
         def remap(a):

@@ -7,6 +7,7 @@ normed input and the linear that closes it; attention is the block whose region 
 """
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass, field
 
@@ -72,6 +73,30 @@ def is_linear(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in LINEAR
 
 
+# In-place writes of a computed tensor into another (a static KV cache's update): op -> the
+# position of the written tensor among its arguments.
+_WRITES = {"index_copy_": 3, "copy_": 1, operator.setitem: 2}
+
+
+def written(node: fx.Node) -> fx.Node | None:
+    """The tensor `node` writes into its first argument in place (a cache update), or None."""
+    pos = _WRITES.get(node.target) if node.op in ("call_method", "call_function") else None
+    if pos is None or len(node.args) <= pos or not isinstance(node.args[pos], fx.Node):
+        return None
+    return node.args[pos]
+
+
+def writers(node: fx.Node) -> list[fx.Node]:
+    """The nodes that write into `node` in place: a KV cache read after its update carries what
+    was written, though no edge of the graph says so."""
+    return [u for u in node.users if u.args and u.args[0] is node and written(u) is not None]
+
+
+def data_inputs(node: fx.Node) -> list[fx.Node]:
+    """What `node`'s value depends on: its inputs, and what was written into it in place."""
+    return list(node.all_input_nodes) + writers(node)
+
+
 def _region(final: fx.Node, layer: str) -> tuple[list[fx.Node], list[fx.Node]]:
     """Walk up from the final projection's input, inside its layer, to the first linears."""
     seen: set[fx.Node] = set()
@@ -82,7 +107,8 @@ def _region(final: fx.Node, layer: str) -> tuple[list[fx.Node], list[fx.Node]]:
         if not isinstance(n, fx.Node) or n in seen:
             continue
         if n.op in ("placeholder", "get_attr"):
-            continue  # weights and buffers are side inputs
+            stack.extend(writers(n))  # weights and buffers are side inputs; a cache carries its writes
+            continue
         seen.add(n)
         info = layer_of(n)
         if info is None or info[0] != layer:  # model-level inputs (rotary, mask): side inputs
@@ -91,7 +117,7 @@ def _region(final: fx.Node, layer: str) -> tuple[list[fx.Node], list[fx.Node]]:
         if is_linear(n):
             projections.append(n)
             continue
-        stack.extend(a for a in n.all_input_nodes)
+        stack.extend(data_inputs(n))
     region = [n for n in final.graph.nodes if n in seen and n not in projections]
     return projections, region
 
@@ -203,5 +229,5 @@ def _reaches(src: fx.Node, dst: fx.Node) -> bool:
         if n in seen or not isinstance(n, fx.Node):
             continue
         seen.add(n)
-        stack.extend(n.all_input_nodes)
+        stack.extend(data_inputs(n))
     return False

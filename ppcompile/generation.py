@@ -1,0 +1,240 @@
+"""Every call of a compiled model through the pass, generation included, and accounted for.
+
+A call is routed by its KV cache to one of the pass's phases (passes/probe_prune.PHASES):
+  no cache passed              forward   select and compute (a DynamicCache made inside is returned)
+  a static cache, empty        prefill   select, compute, store the selection and compact weights
+  a static cache holding tokens decode   reuse the stored selection: compact matmuls only
+`generate()` runs Hugging Face's loop with a static cache sized to a bucket (so that prompts of
+different lengths share graphs) and the model's forward swapped for the router for its duration:
+its first forward is the prefill, every later one a decode step.
+
+Each phase is its own torch.compile region over the model class's forward (so that swapping the
+instance's forward cannot recurse). Every call counts as pruned or unpruned; a call no compiled
+graph ran warns once with its cause and the fix, and raises under strict=True.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .backend import Session
+from .inputs import check_call, check_training
+
+# Inputs whose first two dims are (batch, sequence): made dynamic on every call.
+BATCH_BY_SEQUENCE = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "labels")
+CACHE_KWARGS = ("cache", "past_key_values")  # transformers 5 / 4
+
+
+class Router:
+    """The compiled entry points of one model, by phase, and the accounting of every call."""
+
+    def __init__(self, model: torch.nn.Module, session: Session, forward):
+        self.model, self.session = model, session
+        self._entries = {"forward": forward}  # the compiled module's own forward
+        self._class_forward = type(model).forward.__get__(model)
+        max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self._max_positions = max_positions
+
+    def entry(self, phase: str):
+        if phase not in self._entries:
+            session = self.session
+            # decode: automatic dynamic, for what changes every step besides tensors (a sliding cache's
+            # position counter is a Python int): it is made symbolic on its first change
+            self._entries[phase] = torch.compile(
+                self._class_forward, backend=functools.partial(session.backend, phase=phase),
+                dynamic=None if phase == "decode" else False, fullgraph=session.config.strict,
+                isolate_recompiles=True)
+        return self._entries[phase]
+
+    # ---- plain calls ----
+    def forward(self, *args, **kwargs):
+        """model(...) on the compiled model: the phase follows from the cache it is given."""
+        return self.call(_phase_of(_cache_of(kwargs)), args, kwargs)
+
+    def call(self, phase: str, args: tuple, kwargs: dict, *, user: bool = True):
+        """Run one call in `phase`, counted. `user`: the caller's own inputs, checked first (the
+        calls generate makes carry the masks it builds)."""
+        session, runtime, config = self.session, self.session.runtime, self.session.config
+        check_training(self.model.training)
+        for message in check_call(args, kwargs, max_positions=self._max_positions) if user else ():
+            session.warn_once(f"ppcompile: {message}")
+        if phase == "decode" and config.policy.prunes and not config.policy.static and not runtime.stored_sites:
+            raise ValueError("a decode call (its static cache holds tokens) before any prefill: the decode reuses a "
+                             "prefill's selection; run the prompt first into an empty cache (generate() does)")
+        if config.dynamic:
+            args, kwargs = _mark_dynamic(args, kwargs)
+        graphs, sites = runtime.counts["graph_runs"], runtime.counts["site_runs"]
+        out = self.entry(phase)(*args, **kwargs)
+        ran_graph = runtime.counts["graph_runs"] > graphs
+        if ran_graph and (runtime.counts["site_runs"] > sites or not config.policy.prunes):
+            runtime.counts["pruned_calls"] += 1
+            return out
+        runtime.counts["unpruned_calls"] += 1
+        cause = _fallback_cause(self.model) if not ran_graph else (
+            "its compiled graphs held no whole attention or MLP block (graph breaks split them); run "
+            "with TORCH_LOGS=graph_breaks to see where, or compile with strict=True to make it an error")
+        message = f"ppcompile: this call ran the original, unpruned forward: {cause}"
+        if config.strict:
+            raise RuntimeError(message + " (strict=True)")
+        session.warn_once(message)
+        return out
+
+    # ---- generation ----
+    def generate(self, *args, **kwargs):
+        """Hugging Face's `generate`, every forward through the pass: the prefill selects, the
+        decode steps reuse its selection. Takes what `model.generate` takes; the KV cache is a
+        static one (made here unless a static, empty one is passed)."""
+        model = self.model
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise ValueError("generate() on a ppcompile model takes input_ids (batch, prompt length), e.g. "
+                             "model.generate(**tokenizer(prompts, return_tensors='pt', padding=True))")
+        check_call((ids,), {k: v for k, v in kwargs.items() if k != "input_ids"})
+        batch, prompt = ids.shape
+        new = _new_tokens(model, prompt, kwargs)
+        impl = kwargs.pop("cache_implementation", None)
+        if impl not in (None, "static"):
+            raise ValueError(f"cache_implementation={impl!r}: ppcompile generates with a static KV cache (every "
+                             "decode step one graph); leave it unset or pass 'static'")
+        cache = _given_cache(kwargs)
+        need = prompt + new
+        if cache is None:
+            cache = self._new_cache(batch, need)
+        else:
+            _check_cache(cache, need)
+        kwargs["cache"] = cache
+        kwargs["disable_compile"] = True  # Hugging Face's own compile of the forward would bypass the pass
+        calls = 0
+
+        def routed(*a, **k):
+            nonlocal calls
+            calls += 1
+            return self.call("prefill" if calls == 1 else "decode", a, k, user=False)
+
+        had_own = "forward" in model.__dict__
+        own = model.__dict__.get("forward")
+        model.forward = routed
+        try:
+            return model.generate(*args, **kwargs)
+        finally:
+            if had_own:
+                model.forward = own
+            else:
+                del model.forward
+
+    def _new_cache(self, batch: int, tokens: int):
+        from transformers import StaticCache
+        model, bucket = self.model, self.session.config.cache_bucket
+        length = math.ceil(tokens / bucket) * bucket
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and tokens > limit:
+            raise ValueError(f"the prompt and the new tokens ({tokens}) exceed the model's max_position_embeddings "
+                             f"({limit}): shorten the prompt or ask for fewer new tokens")
+        if limit is not None:
+            length = min(length, max(limit, tokens))
+        return StaticCache(config=model.config, max_cache_len=length)
+
+
+def _cache_of(kwargs: dict):
+    return next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+
+
+def _given_cache(kwargs: dict):
+    cache = None
+    for k in CACHE_KWARGS:
+        cache = kwargs.pop(k, None) or cache
+    return cache
+
+
+def _is_static(cache) -> bool:
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(getattr(layer, "max_cache_len", None) for layer in layers) \
+        and getattr(cache, "is_compileable", False)
+
+
+def _cached_tokens(cache) -> int:
+    return int(cache.get_seq_length())
+
+
+def _phase_of(cache) -> str:
+    """forward without a cache (or with an empty dynamic one); prefill into an empty static cache;
+    decode once the static cache holds tokens."""
+    if cache is None:
+        return "forward"
+    held = _cached_tokens(cache)
+    if not _is_static(cache):
+        if held == 0:
+            return "forward"
+        raise ValueError(f"a {type(cache).__name__} that holds tokens: ppcompile decodes with a static KV cache "
+                         "(every step one graph, the prefill's selection reused); pass "
+                         "cache=transformers.StaticCache(config=model.config, max_cache_len=...) or use generate()")
+    return "decode" if held else "prefill"
+
+
+def _check_cache(cache, need: int) -> None:
+    if not _is_static(cache):
+        raise ValueError(f"generate() got a {type(cache).__name__}: ppcompile generates with a static KV cache; "
+                         "pass none (one is made) or a transformers.StaticCache")
+    if _cached_tokens(cache):
+        raise ValueError("generate() got a cache that already holds tokens: ppcompile's prefill selects from the "
+                         "whole prompt; pass an empty cache (cache.reset()) and the whole prompt")
+    length = min(layer.max_cache_len for layer in cache.layers)
+    if length < need:
+        raise ValueError(f"the static cache holds {length} tokens, the prompt and the new tokens need {need}: "
+                         "pass a larger cache, or none (one is made)")
+
+
+def _new_tokens(model, prompt: int, kwargs: dict) -> int:
+    config = kwargs.get("generation_config") or model.generation_config
+    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if new is None:
+        new = kwargs.get("max_length", config.max_length) - prompt
+    if new < 1:
+        raise ValueError(f"nothing to generate: max_new_tokens={new} for a prompt of {prompt} tokens; pass "
+                         "max_new_tokens=N")
+    return new
+
+
+def _mark_dynamic(args, kwargs):
+    """The call's (batch, sequence) inputs with both dims marked dynamic: on aliases (detach: no
+    copy), so that the caller's tensors stay unmarked for other compiled models. A 4-d mask
+    (B, 1, L, K), as generate passes, has its sequence in dim 2."""
+    def marked(t):
+        t = t.detach()
+        for d in ((0, 2) if t.dim() == 4 else range(min(2, t.dim()))):
+            torch._dynamo.maybe_mark_dynamic(t, d)  # "maybe": a size-1 dim stays specialized
+        return t
+
+    if args and isinstance(args[0], torch.Tensor):
+        args = (marked(args[0]),) + tuple(args[1:])
+    def mark(k, v):
+        if k not in BATCH_BY_SEQUENCE:
+            return v
+        if isinstance(v, dict):  # one mask per kind of layer (full / sliding attention)
+            return {name: marked(m) if isinstance(m, torch.Tensor) else m for name, m in v.items()}
+        return marked(v) if isinstance(v, torch.Tensor) else v
+
+    kwargs = {k: mark(k, v) for k, v in kwargs.items()}
+    return args, kwargs
+
+
+def _fallback_cause(model: torch.nn.Module) -> str:
+    """Why Dynamo ran the original forward, and what to do about it."""
+    from torch._dynamo import config as dynamo_config
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list, _stance
+    if _stance.stance != "default":
+        return (f"torch.compiler.set_stance({_stance.stance!r}) is in effect; set the stance back to "
+                "'default' to prune")
+    if dynamo_config.disable:
+        return "Dynamo is disabled (torch._dynamo.config.disable / TORCHDYNAMO_DISABLE); enable it to prune"
+    cached = len(_debug_get_cache_entry_list(type(model).forward))
+    if cached >= dynamo_config.recompile_limit:
+        return (f"Dynamo reached its recompile limit ({dynamo_config.recompile_limit} graphs of "
+                f"{type(model).__name__}.forward); inputs other than batch and sequence length change "
+                "between calls (other keyword arguments, dtypes, devices): keep them fixed, or raise "
+                "torch._dynamo.config.recompile_limit")
+    return ("Dynamo did not run a compiled graph (a graph break or a guard it could not compile); "
+            "run with TORCH_LOGS=graph_breaks,recompiles to see where, or compile with strict=True "
+            "to make it an error")

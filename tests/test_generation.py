@@ -1,0 +1,223 @@
+"""generate() and cached calls through the pass, on tiny random models (eager route, one Inductor
+check): the prefill selects, every decode step reuses its selection."""
+import warnings
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache
+
+import ppcompile as pp
+from ppcompile.models import random_model
+
+from reference import zero_pruned
+
+TINY = dict(skip_layers=(0,), mlp_multiple=16)
+NEW = 5
+
+
+def _prompts(b=3, L=12, seed=0):
+    """Token ids with left padding (row 0: 3 pads, row 2: 5 pads) and their mask; pads are 0."""
+    ids = torch.randint(1, 128, (b, L), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(b, L, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[b - 1, :5] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _generate(model, ids, mask, **kwargs):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                              **kwargs)
+
+
+def _calibration():
+    return [torch.randint(1, 128, (2, 24), generator=torch.Generator().manual_seed(10 + i)) for i in range(2)]
+
+
+@pytest.mark.parametrize("policy", ["pp", "full-batch", "griffin", "wanda-sp", "flap", "dense"])
+def test_ratio_zero_generates_the_dense_tokens(policy):
+    ids, mask = _prompts()
+    dense = _generate(random_model("llama-gqa"), ids, mask)
+    model = random_model("llama-gqa")
+    cal = _calibration() if policy in ("wanda-sp", "flap") else None
+    c = pp.compile(model, 0.0, policy=policy, backend="eager", strict=True, calibration=cal, **TINY)
+    assert torch.equal(_generate(c, ids, mask), dense)
+    assert model.pp.runtime.counts == {"pruned_calls": NEW, "unpruned_calls": 0, "graph_runs": NEW,
+                                       "site_runs": NEW * len(model.pp.passes[-1].active_sites)}
+
+
+@pytest.mark.parametrize("arch,policy", [("llama-mha", "pp"), ("llama-gqa", "pp"), ("qwen2", "pp"),
+                                         ("mistral", "full-batch"), ("llama-gqa", "griffin")])
+def test_decode_equals_dense_with_the_prefills_pruned_columns_zeroed(arch, policy):
+    ids, mask = _prompts()
+    model = random_model(arch)
+    c = pp.compile(model, 0.4, policy=policy, backend="eager", strict=True, **TINY)
+    out = _generate(c, ids, mask, output_logits=True, return_dict_in_generate=True)
+    steps = torch.stack(out.logits, 1)  # (B, NEW, vocab)
+    kept = model.pp.runtime.last_selection()
+    assert set(kept) == {s for s in model.pp.runtime.stored_sites}
+    # the reference: the prefill runs on the pruned model (griffin: the dense one), fills a cache,
+    # and the generated tokens run teacher-forced on the pruned model
+    ref = random_model(arch)
+    cache = StaticCache(config=ref.config, max_cache_len=32)
+    griffin = policy == "griffin"
+    with torch.no_grad():
+        if not griffin:
+            zero_pruned(ref, kept, head_dim=16)
+        first = ref(ids, attention_mask=mask, cache=cache).logits[:, -1]
+        if griffin:
+            zero_pruned(ref, kept, head_dim=16)
+        gen = out.sequences[:, ids.shape[1]:-1]
+        mask2 = torch.cat([mask, torch.ones_like(gen)], 1)
+        rest = ref(gen, attention_mask=mask2, cache=cache).logits
+    torch.testing.assert_close(steps, torch.cat([first[:, None], rest], 1), rtol=1e-4, atol=1e-4)
+    if not griffin:  # one pruned forward over the whole sequence, with the prefill's selection
+        with torch.no_grad():
+            whole = ref(out.sequences[:, :-1], attention_mask=mask2).logits[:, ids.shape[1] - 1:]
+        torch.testing.assert_close(steps, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_graph_reads_the_stored_weights_and_gathers_none():
+    ids, mask = _prompts()
+    model = random_model("llama-gqa")
+    _generate(pp.compile(model, 0.4, backend="eager", strict=True, **TINY), ids, mask)
+    prefill, decode = model.pp.passes
+    assert (prefill.phase, decode.phase) == ("prefill", "decode")
+    gm = decode.gm
+    assert not [n for n in gm.graph.nodes if n.target in (torch.index_select, torch.topk)
+                and "gather_k" not in n.name and "gather_v" not in n.name]  # no probe, no weight gather
+    assert not [s for s in decode.seam.slots if s.name.startswith("history/")]  # no history in decode
+    stored = {s.name for s in decode.seam.slots}
+    site = "model.layers.1.mlp"
+    assert {f"stored/{site}/{w}" for w in ("kept", "gate_proj_w", "up_proj_w", "final_w")} <= stored
+    w = model.pp.runtime.slots[f"stored/{site}/final_w"]
+    kept = model.pp.runtime.slots[f"stored/{site}/kept"]
+    assert torch.equal(w, model.model.layers[1].mlp.down_proj.weight[:, kept])  # the kept columns
+    # K/V whole: the cache holds every K/V head
+    attn = "model.layers.1.attention"
+    assert f"stored/{attn}/k_w" not in stored and f"stored/{attn}/q_w" in stored
+
+
+def test_history_learns_from_the_prefill_only():
+    ids, mask = _prompts()
+    a = random_model("llama-gqa")
+    ca = pp.compile(a, 0.4, backend="eager", **TINY)
+    b = random_model("llama-gqa")
+    cb = pp.compile(b, 0.4, backend="eager", **TINY)
+    with torch.no_grad():
+        for c in (ca, cb):  # a warm-up call first, so that the next call writes the history
+            c(*_prompts(seed=7))
+        _generate(ca, ids, mask)
+        cb(ids, attention_mask=mask)  # the prompt alone, no generation
+    ha, hb = a.pp.runtime.state_dict(), b.pp.runtime.state_dict()
+    assert ha.keys() == hb.keys() and int(ha["step"]) == 2
+    for k in ha:
+        if k.startswith("history."):
+            torch.testing.assert_close(ha[k], hb[k], rtol=1e-5, atol=1e-7, msg=k)
+            assert ha[k].shape[0] == ids.shape[1]  # no row for a generated token
+
+
+def test_left_padding_does_not_change_what_a_prompt_generates():
+    ids, mask = _prompts()
+    c = pp.compile(random_model("llama-mha"), 0.0, backend="eager", **TINY)
+    batch = _generate(c, ids, mask)
+    for row in range(ids.shape[0]):
+        real = ids[row, mask[row].bool()][None]
+        alone = _generate(c, real, torch.ones_like(real))
+        assert torch.equal(alone[0, -NEW:], batch[row, -NEW:]), row
+
+
+def test_griffin_keeps_what_its_statistic_gives_by_hand():
+    ids, mask = _prompts()
+    model = random_model("llama-gqa")
+    acts = {}
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: acts.setdefault(i, a[0]))
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    c = pp.compile(model, 0.4, policy="griffin", backend="eager", strict=True, **TINY)
+    _generate(c, ids, mask)
+    kept = model.pp.runtime.last_selection()
+    k = model.pp.config.kept_channels(128, 5)
+    for i in range(1, 5):
+        z = acts[i] / acts[i].norm(dim=-1, keepdim=True)  # (B, L, C): each token normalized
+        z = z * mask[..., None]  # pad tokens have no say
+        stat = z.pow(2).sum(1).sqrt().sum(0)  # norm over the prompt, summed over sequences
+        assert kept[f"model.layers.{i}.mlp"].tolist() == sorted(stat.topk(k).indices.tolist())
+    rows = {r["site"]: r["status"] for r in model.pp.summary()}
+    assert rows["model.layers.1.attention"] == "dense: policy griffin prunes mlp only"
+
+
+def test_prompts_of_one_bucket_share_two_graphs():
+    model = random_model("llama-gqa")
+    c = pp.compile(model, 0.4, backend="eager", strict=True, **TINY)
+    for i in range(20):
+        ids, mask = _prompts(b=2, L=6 + i, seed=i)
+        _generate(c, ids, mask)
+    assert [r.phase for r in model.pp.passes] == ["prefill", "decode"]  # compiled once each
+    assert model.pp.runtime.counts["unpruned_calls"] == 0
+
+
+def test_cached_calls_route_by_the_cache():
+    ids, mask = _prompts()
+    model = random_model("llama-gqa")
+    c = pp.compile(model, 0.4, backend="eager", strict=True, **TINY)
+    cache = StaticCache(config=model.config, max_cache_len=24)
+    more = torch.randint(1, 128, (3, 4))
+    with torch.no_grad():
+        c(ids, attention_mask=mask)  # no cache: forward
+        c(ids, attention_mask=mask, cache=cache)  # an empty static cache: prefill
+        c(more, attention_mask=torch.cat([mask, torch.ones_like(more)], 1), cache=cache)  # decode
+    assert [r.phase for r in model.pp.passes] == ["forward", "prefill", "decode"]
+
+
+def test_bad_generation_inputs_are_refused_with_the_fix():
+    ids, mask = _prompts()
+    model = random_model("llama-gqa")
+    c = pp.compile(model, 0.4, backend="eager", **TINY)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="leave it unset or pass 'static'"):
+            c.generate(ids, attention_mask=mask, max_new_tokens=2, cache_implementation="dynamic")
+        with pytest.raises(ValueError, match="pass none .* or a transformers.StaticCache"):
+            c.generate(ids, attention_mask=mask, max_new_tokens=2, cache=DynamicCache(config=model.config))
+        with pytest.raises(ValueError, match="the static cache holds 8 tokens, the prompt and the new tokens need 14"):
+            c.generate(ids, attention_mask=mask, max_new_tokens=2, cache=StaticCache(config=model.config,
+                                                                                       max_cache_len=8))
+        with pytest.raises(ValueError, match="exceed the model's max_position_embeddings"):
+            c.generate(ids, attention_mask=mask, max_new_tokens=model.config.max_position_embeddings)
+        with pytest.raises(ValueError, match="before any prefill"):
+            cache = StaticCache(config=model.config, max_cache_len=16)
+            random_model("llama-gqa")(ids, cache=cache)  # a cache filled elsewhere
+            c(ids[:, :1], cache=cache)
+        held = StaticCache(config=model.config, max_cache_len=32)
+        c(ids, attention_mask=mask, cache=held)
+        with pytest.raises(ValueError, match="already holds tokens"):
+            c.generate(ids, attention_mask=mask, max_new_tokens=2, cache=held)
+        dyn = c(ids, attention_mask=mask, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="decodes with a static KV cache"):
+            c(ids[:, :1], cache=dyn)
+
+
+def test_strict_generation_is_pruned_and_silent():
+    ids, mask = _prompts()
+    model = random_model("llama-gqa")
+    c = pp.compile(model, 0.4, backend="eager", strict=True, **TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            c.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=True, top_k=5, pad_token_id=0)
+    assert model.pp.runtime.counts["pruned_calls"] == 3 and "forward" not in vars(model)
+
+
+@pytest.mark.inductor
+def test_inductor_generation_equals_the_eager_route():
+    ids, mask = _prompts()
+    outs = []
+    for backend in ("eager", "inductor"):
+        torch._dynamo.reset()
+        c = pp.compile(random_model("llama-gqa"), 0.4, backend=backend, strict=True, **TINY)
+        outs.append(_generate(c, ids, mask, output_logits=True, return_dict_in_generate=True))
+    torch.testing.assert_close(torch.stack(outs[1].logits), torch.stack(outs[0].logits), rtol=1e-4, atol=1e-4)
+    assert torch.equal(outs[1].sequences, outs[0].sequences)
