@@ -65,6 +65,7 @@ def compile(model: torch.nn.Module, ratio: float = 0.4, *, calibration=None, pol
     # strict: a graph break or the recompile limit raises inside Dynamo instead of running eager.
     compiled = torch.compile(model, backend=session.backend, dynamic=False, fullgraph=config.strict,
                              isolate_recompiles=True)
+    compiled.__dict__["pp"] = session  # this compiled object's own (model.pp: the last compile's)
     router = Router(model, session, compiled.forward)
     compiled.forward = router.forward
     if callable(getattr(model, "generate", None)):

@@ -1,4 +1,4 @@
-"""Command line: `ppcompile demo | eval | inspect | fetch`."""
+"""Command line: `ppcompile demo | eval | generate | inspect | fetch`."""
 from __future__ import annotations
 
 import argparse
@@ -120,6 +120,19 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--plot", type=Path, help="draw how often each head/channel was kept (PNG)")
     ins.add_argument("--dump-dir", type=Path, help="also dump the graphs, sites and Inductor code here")
 
+    gen = sub.add_parser("generate", help="generate a continuation of --prompt through the pass; print it and "
+                                          "the prefill time and decode tokens/s")
+    gen.add_argument("--model", default="smollm2-135m")
+    gen.add_argument("--prompt", default="The history of the city begins", help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=_count(2), default=64)
+    gen.add_argument("--ratio", type=_ratio, default=0.4)
+    gen.add_argument("--policy", default="pp")
+    gen.add_argument("--calibration", metavar="SOURCE", help="calibration text: seeds pp's history; wanda-sp and "
+                                                             "flap need it")
+    gen.add_argument("--calibration-windows", type=_count(1), default=16)
+    gen.add_argument("--backend", choices=["inductor", "eager"], default="inductor")
+    gen.add_argument("--compare", action="store_true", help="also generate with dense, compiled the same way")
+
     fetch = sub.add_parser("fetch", help="download a corpus into the cache")
     fetch.add_argument("corpus", choices=["brown"])
     return p
@@ -202,6 +215,48 @@ def _run_inspect(args) -> None:
         print(f"wrote {plot_kept(model.pp.runtime, args.plot, title)}")
 
 
+def _run_generate(args) -> None:
+    model, tokenizer = _loaded(args.model, 1)
+    cal = None
+    if args.calibration:
+        windows = data.token_windows(data.load_documents(args.calibration), tokenizer, 256,
+                                     n_windows=args.calibration_windows, mode="random", seed=0)
+        cal = collect(model, data.iter_batches(windows, 8))
+    runs = ([("dense", 0.0)] if args.compare else []) + [(args.policy, args.ratio)]
+    _generate_and_print(model, tokenizer, tokenizer(args.prompt, return_tensors="pt").input_ids, runs,
+                        args.max_new_tokens, cal, args.backend)
+
+
+def _generate_and_print(model, tokenizer, ids: torch.Tensor, runs: list[tuple[str, float]], new: int,
+                        cal=None, backend: str = "inductor") -> None:
+    """Each (policy, ratio) compiled by pp.compile generates `new` greedy tokens after `ids` (1, L):
+    print the continuation, prefill time and decode tokens/s (after a first, compiling call)."""
+    from .api import compile as pp_compile
+    from .generation import timed_generate
+    prompt = tokenizer.decode(ids[0], skip_special_tokens=True)
+    for policy, ratio in runs:
+        compiled = pp_compile(model, ratio, policy=policy, calibration=cal, backend=backend)
+        with torch.no_grad():
+            start = time.perf_counter()
+            timed_generate(compiled, ids, new=2, pad_token_id=tokenizer.pad_token_id)  # compiles both graphs
+            first = time.perf_counter() - start
+            out, prefill, step = timed_generate(compiled, ids, new=new, pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        label = "dense" if policy == "dense" else f"{policy} at ratio {ratio}"
+        print(f"--- {label} ({backend}): prefill {prefill * 1e3:.0f} ms, decode {1 / step:.1f} tokens/s "
+              f"(first call, compiling: {first:.0f} s)\n{prompt}[{text}]\n", flush=True)
+
+
+def _run_demo(args) -> None:
+    rows = _run_eval("smollm2-135m", "brown:a", 256, 4, args.batches, ["dense", "pp"], [0.4], True)
+    _print_table(rows)
+    model, tokenizer = _loaded("smollm2-135m", 256)
+    windows = data.token_windows(data.load_documents("brown:a"), tokenizer, 48, n_windows=1)
+    print("\ngeneration: 32 greedy tokens after the first 48 tokens of brown:a, dense and pp both "
+          "compiled the same way (pp.compile, Inductor, static KV cache):\n")
+    _generate_and_print(model, tokenizer, windows[:1], [("dense", 0.0), ("pp", 0.4)], 32)
+
+
 def _row(result: MethodResult, method: str, ratio: float, context: dict) -> dict:
     row = result.as_dict()
     row.update(method=method, ratio=ratio, **context)
@@ -231,8 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             _run_inspect(args)
             return 0
+        if args.command == "generate":
+            _run_generate(args)
+            return 0
         if args.command == "demo":
-            rows = _run_eval("smollm2-135m", "brown:a", 256, 4, args.batches, ["dense", "pp"], [0.4], True)
+            _run_demo(args)
+            return 0
         else:
             rows = _run_eval(args.model, args.data, args.seq_len, args.batch_size, args.batches,
                              parse_methods(args.methods), args.ratio, not args.quiet,

@@ -142,6 +142,24 @@ def _result(name: str, t: _Tally, ref: str | None) -> MethodResult:
     )
 
 
+def continuation_nll(model, ids: torch.Tensor, prompt: int, *, whole: bool = False) -> tuple[float, int]:
+    """(summed NLL, tokens) of ids[:, prompt:] given the rest, as generation sees them: the first
+    `prompt` tokens are a prefill into an empty static cache (a ppcompile model selects there), the
+    rest run teacher-forced in one call on that cache (a ppcompile model decodes with the prefill's
+    selection). `whole`: one forward over the whole window instead (the oracle selects from all of
+    it). No padding: every window is full."""
+    from transformers import StaticCache
+    if whole:
+        logits = model(ids, use_cache=False).logits[:, prompt - 1:-1]
+    else:
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1])
+        first = model(ids[:, :prompt], cache=cache).logits[:, -1:]  # predicts ids[:, prompt]
+        logits = torch.cat([first, model(ids[:, prompt:-1], cache=cache).logits], 1)
+    targets = ids[:, prompt:]  # (B, L - prompt)
+    nll = -torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1))
+    return nll.double().sum().item(), targets.numel()
+
+
 def log_progress(enabled: bool, message: str) -> None:
     if enabled:
         print(f"[ppcompile] {message}", file=sys.stderr, flush=True)

@@ -33,3 +33,18 @@ def graph_flops(gm: fx.GraphModule, args: list) -> dict[str, int]:
     counting = _Counting(gm)
     counting.run(*args)
     return {"total": counting.flops["probe"] + counting.flops["rest"], "probe": counting.flops["probe"]}
+
+
+def weight_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of the weights one call of `gm` reads in its linear ops (the recorded values of their
+    weight arguments: a compact projection's is its compact weight). In a decode step, where the
+    batch is a few tokens, reading them is most of the time."""
+    import math
+    from .passes.graph import hint
+    from .passes.sites import is_linear, value
+    total = 0
+    for n in gm.graph.nodes:
+        w = value(n.args[1]) if is_linear(n) else None
+        if w is not None:
+            total += math.prod(hint(s) for s in w.shape) * w.element_size()
+    return total

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 
 import torch
 
@@ -238,3 +239,32 @@ def _fallback_cause(model: torch.nn.Module) -> str:
     return ("Dynamo did not run a compiled graph (a graph break or a guard it could not compile); "
             "run with TORCH_LOGS=graph_breaks,recompiles to see where, or compile with strict=True "
             "to make it an error")
+
+
+def timed_generate(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, new: int,
+                   **kwargs) -> tuple[torch.Tensor, float, float]:
+    """(sequences, prefill seconds, decode seconds per step): greedy `generate` of exactly `new`
+    tokens, timed by a streamer that stamps each new token (the prefill ends at the first)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.times, self.calls = [], 0
+
+        def put(self, value):  # the first put is the prompt
+            self.calls += 1
+            if self.calls > 1:
+                if ids.device.type == "cuda":
+                    torch.cuda.synchronize()
+                self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    stamps = Stamps()
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         streamer=stamps, **kwargs)
+    step = (stamps.times[-1] - stamps.times[0]) / (new - 1) if new > 1 else float("nan")
+    return out, stamps.times[0] - start, step

@@ -16,7 +16,12 @@ MethodBuilder = Callable[[torch.nn.Module, float, "Calibration | None", str], Lo
 
 
 def _dense(model: torch.nn.Module, ratio: float, calibration: Calibration | None, backend: str) -> LogitsFn:
-    return model_logits_fn(model)  # the model as it is, eager
+    """The model unpruned, run the way the pruned methods run: compiled by the same route with
+    Inductor (policy "dense": the graph unchanged), or as it is with backend "eager"."""
+    if backend == "eager":
+        return model_logits_fn(model)
+    from .api import compile as pp_compile
+    return model_logits_fn(pp_compile(model, 0.0, policy="dense"))
 
 
 def _policy(policy: str) -> MethodBuilder:

@@ -123,6 +123,11 @@ def mask_valid(mask: torch.Tensor, seq_len) -> torch.Tensor:
     return allowed[:, 0, :, :seq_len].diagonal(dim1=-2, dim2=-1)
 
 
+def scatter_heads(q: torch.Tensor, kept: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, k, L, D) kept query heads -> (B, heads, L, D), the pruned heads zero."""
+    return q.new_zeros(q.shape[0], heads, *q.shape[2:]).index_copy(1, kept, q)
+
+
 def position_energy(x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over the batch of x^2 per position and channel, and which positions had a token.
 

@@ -120,3 +120,22 @@ def test_a_seq_len_past_a_loaded_models_positions_is_refused_before_calibration(
     code = cli.main(["eval", "--model", "smollm2-135m", "--seq-len", "300", "--calibration", "pydoc", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "--seq-len 300 is longer than the model's max_position_embeddings (256)" in err
+
+
+@pytest.mark.real_model
+def test_generate_prints_the_continuation_of_dense_and_pp(tiny_checkpoint, capsys):
+    code = cli.main(["generate", "--model", str(tiny_checkpoint), "--prompt", "The city of", "--max-new-tokens",
+                     "4", "--backend", "eager", "--compare"])
+    assert code == 0
+    out = capsys.readouterr().out
+    blocks = [b for b in out.split("--- ") if b]
+    assert [b.split(" (")[0] for b in blocks] == ["dense", "pp at ratio 0.4"]
+    assert all("tokens/s" in b for b in blocks)
+    # dense's continuation is what the model itself generates greedily
+    model, tokenizer = load_model(str(tiny_checkpoint))
+    ids = tokenizer("The city of", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    text = tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    assert f"The city of[{text}]" in blocks[0]

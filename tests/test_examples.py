@@ -32,3 +32,10 @@ def test_torch_compile_backend(tmp_path):
 def test_calibration_reuse(tmp_path):
     out = _run(str(EXAMPLES / "calibration_reuse.py"), str(tmp_path / "cal.pt"), cwd=tmp_path)
     assert (tmp_path / "cal.pt").is_file() and "flap@0.4" in out
+
+
+@pytest.mark.real_model
+@pytest.mark.inductor
+def test_generate(tmp_path):
+    out = _run(str(EXAMPLES / "generate.py"), cwd=tmp_path)
+    assert "forwards pruned (1 prefill + decode steps), 0 unpruned" in out and out.count("  pp   : ") == 2

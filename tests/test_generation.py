@@ -46,10 +46,14 @@ def test_ratio_zero_generates_the_dense_tokens(policy):
                                        "site_runs": NEW * len(model.pp.passes[-1].active_sites)}
 
 
-@pytest.mark.parametrize("arch,policy", [("llama-mha", "pp"), ("llama-gqa", "pp"), ("qwen2", "pp"),
-                                         ("mistral", "full-batch"), ("llama-gqa", "griffin")])
-def test_decode_equals_dense_with_the_prefills_pruned_columns_zeroed(arch, policy):
+@pytest.mark.parametrize("arch,policy,padded", [
+    ("llama-mha", "pp", True), ("llama-gqa", "pp", True), ("qwen2", "pp", True), ("mistral", "full-batch", True),
+    ("llama-gqa", "griffin", True),
+    ("llama-gqa", "pp", False)])  # no padding: no mask, the prefill attends to the cache cut to the prompt
+def test_decode_equals_dense_with_the_prefills_pruned_columns_zeroed(arch, policy, padded):
     ids, mask = _prompts()
+    if not padded:
+        ids, mask = ids.clamp(min=1), torch.ones_like(mask)
     model = random_model(arch)
     c = pp.compile(model, 0.4, policy=policy, backend="eager", strict=True, **TINY)
     out = _generate(c, ids, mask, output_logits=True, return_dict_in_generate=True)
@@ -85,7 +89,9 @@ def test_decode_graph_reads_the_stored_weights_and_gathers_none():
     assert (prefill.phase, decode.phase) == ("prefill", "decode")
     gm = decode.gm
     assert not [n for n in gm.graph.nodes if n.target in (torch.index_select, torch.topk)
-                and "gather_k" not in n.name and "gather_v" not in n.name]  # no probe, no weight gather
+                and "kept_heads" not in n.name]  # no probe, no gather of weights or K/V
+    # attention on all heads (the pruned ones zero), the kept heads' outputs taken back
+    assert len([n for n in gm.graph.nodes if "kept_heads" in n.name]) == 4
     assert not [s for s in decode.seam.slots if s.name.startswith("history/")]  # no history in decode
     stored = {s.name for s in decode.seam.slots}
     site = "model.layers.1.mlp"

@@ -66,6 +66,8 @@ class Labeler:
 
     def __init__(self, start: dict[fx.Node, Labels]):
         self.labels: dict[fx.Node, Labels] = dict(start)
+        # the block's sequence atom: a cache sliced to exactly its length holds the block's tokens
+        self.seq = next((a for lab in start.values() for d in lab for a in d if a.name == "s"), None)
         # side inputs that must be gathered: (node, arg position or kwarg name) -> {dim: atom name}
         self.side: dict[tuple[fx.Node, int | str], dict[int, str]] = {}
 
@@ -180,6 +182,8 @@ class Labeler:
             elif isinstance(i, slice):
                 if i == slice(None):
                     out.append(lab[d])
+                elif self._cache_prefix(lab[d], i, n, len(out)):
+                    out.append((self.seq,))  # an empty cache's first L positions: this call's tokens
                 else:
                     self._fixed(lab[d], n)
                     out.append(None)  # filled from the shape below
@@ -187,6 +191,13 @@ class Labeler:
         out.extend(lab[d:])
         shape = self._out_shape(n)
         return tuple(anon(shape[k]) if dim is None else dim for k, dim in enumerate(out))
+
+    def _cache_prefix(self, dim: Dim, i: slice, n: fx.Node, k: int) -> bool:
+        """cache[..., :L, ...]: a cache's positions cut to the block's sequence length (what a
+        prefill into an empty static cache attends to)."""
+        if self.seq is None or len(dim) != 1 or dim[0].name != "s" or i.start not in (None, 0) or i.step is not None:
+            return False
+        return self._out_shape(n)[k] == self.seq.size
 
     def _reduce(self, n: fx.Node) -> Labels:
         lab = list(self._in(n))

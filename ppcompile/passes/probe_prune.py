@@ -162,8 +162,10 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
             ((site.heads or site.channels) - site.kept) * _unit_cost(site, kv_whole) / _block_cost(site)
         if reuse:
             with g.inserting_before(min(site.projections, key=_order(g))):
-                new_weights, kv_index = _reused_weights(g, seam, site, kv_whole)
-            compact(g, site, lab, new_weights, {"h": site.kept, "c": site.kept}, kv_index, tag)
+                new_weights, kept = _reused_weights(g, seam, site, kv_whole)
+            # K/V whole (both generation phases): the short query attends on all heads, the cache in place
+            compact(g, site, lab, new_weights, {"h": site.kept, "c": site.kept}, None, tag,
+                    full_heads=kept if site.kind == "attention" else None)
             continue
         history = None
         if policy.history:
@@ -352,7 +354,7 @@ def _named_weights(site: Site, weights: dict[fx.Node, tuple]) -> dict[str, fx.No
 
 
 def _reused_weights(g: fx.Graph, seam: Seam, site: Site, kv_whole: bool):
-    """A decode graph's compact weights and K/V head index: slots a prefill filled."""
+    """A decode graph's compact weights and kept units: slots a prefill filled."""
     kept = seam.input(g, Slot(f"stored/{site.name}/kept", (site.kept,), dtype=torch.long, stored=True))
     width = site.kept * (site.head_dim if site.kind == "attention" else 1)
     weights = {}
@@ -364,7 +366,7 @@ def _reused_weights(g: fx.Graph, seam: Seam, site: Site, kv_whole: bool):
         if bname is not None:
             bn = seam.input(g, Slot(f"stored/{site.name}/{bname}", (width,), dtype=w.dtype, stored=True))
         weights[p] = (wn, bn)
-    return weights, _kv_index(g, site, kept, kv_whole, site.name.replace(".", "_"))
+    return weights, kept
 
 
 def _kv_index(g: fx.Graph, site: Site, kept: fx.Node, kv_whole: bool, tag: str) -> fx.Node | None:

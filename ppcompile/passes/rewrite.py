@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .. import ops
 from .graph import call, shape_of
 from .dims import Atom, Labeler, Labels, anon, resized_args
 from .sites import Site, sdpa_qkv, writers, written
@@ -83,8 +84,10 @@ def probe_activation(g: fx.Graph, site: Site, lab: Labeler, p: fx.Node, kept_b: 
 
 
 def compact(g: fx.Graph, site: Site, lab: Labeler, weights: dict[fx.Node, tuple], new: dict[str, int],
-            kv_index: fx.Node | None, tag: str) -> None:
-    """Run the whole batch on compact weights: swap the projections' weights, resize literals."""
+            kv_index: fx.Node | None, tag: str, full_heads: fx.Node | None = None) -> None:
+    """Run the whole batch on compact weights: swap the projections' weights, resize literals.
+    With K/V whole, each kept query head reads its K/V head (gathered), or, given `full_heads`
+    (the kept heads), the attention runs on all heads with the pruned ones zero."""
     for proj, (w, b) in weights.items():
         args = list(proj.args) + [None] * (3 - len(proj.args))
         args[1] = w
@@ -95,7 +98,9 @@ def compact(g: fx.Graph, site: Site, lab: Labeler, weights: dict[fx.Node, tuple]
         if n in lab.labels:
             with g.inserting_before(n):
                 n.args = resized_args(n, lab.labels[n], new)
-    if kv_index is not None:  # query heads pruned, K/V whole: each kept head reads its own K/V
+    if full_heads is not None:
+        _attend_all_heads(g, site, full_heads, tag)
+    elif kv_index is not None:  # query heads pruned, K/V whole: each kept head reads its own K/V
         q, k, v = sdpa_qkv(site.sdpa)
         with g.inserting_before(site.sdpa):
             k2 = call(g, torch.index_select, k, 1, kv_index, name=f"{tag}_gather_k")
@@ -106,3 +111,16 @@ def compact(g: fx.Graph, site: Site, lab: Labeler, weights: dict[fx.Node, tuple]
         if kwargs.get("enable_gqa"):
             kwargs["enable_gqa"] = False
         site.sdpa.kwargs = kwargs
+
+
+def _attend_all_heads(g: fx.Graph, site: Site, kept: fx.Node, tag: str) -> None:
+    """Kept query heads placed among zero heads, the attention op as the model had it (K/V read
+    in place, GQA as it was), and the kept heads' outputs taken back: cheaper than gathering K/V
+    per kept head when the query is short and the cache long (decode)."""
+    q = sdpa_qkv(site.sdpa)[0]
+    with g.inserting_before(site.sdpa):
+        full = call(g, ops.scatter_heads, q, kept, site.heads, name=f"{tag}_all_heads")
+    site.sdpa.replace_input_with(q, full)
+    with g.inserting_after(site.sdpa):
+        out = call(g, torch.index_select, site.sdpa, 1, kept, name=f"{tag}_kept_heads")
+    site.sdpa.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)

@@ -1,0 +1,242 @@
+"""Generation benchmark: dense vs pp vs griffin vs flap vs wanda-sp, every one compiled by the same
+route (pp.compile, Inductor, Hugging Face's generate on a static KV cache; dense is policy "dense":
+the same loop and cache, the graph unchanged), interleaved in one process.
+
+    python bench/generate.py                                  # LLaMA-2B-shaped, batch 1 and 8, prompt 128 and 512
+    python bench/generate.py --model smollm2-135m
+    python bench/generate.py --model llama-2b-shaped --layers 24  # deeper, same width
+    python bench/generate.py --quality                        # SmolLM2 on real text (see below)
+
+Speed, per shape (batch x prompt) and method: prefill seconds (the call until the first new token),
+decode tokens/s over the other new tokens (a streamer stamps each token), both medians over --reps
+rounds after a warm-up generation that compiles; the peak memory of a generation; the weight bytes
+a decode step's matmuls read (flops.weight_bytes of the decode graph) and pp's **byte limit**:
+dense decode time x pp's bytes / dense's bytes, the time a decode step would take if it cost only
+its weight reads. Token ids are random and generation runs --new tokens whatever it samples.
+
+Quality (--quality): SmolLM2 on Brown genre a, calibration on f-h (as the quality bench),
+512-token windows: the first 256 tokens are the prompt that selects (a prefill into an empty
+static cache), the last 256 are scored teacher-forced with that selection (one decode call on the
+cache): continuation perplexity per method, the full-batch oracle selecting from the whole window;
+and greedy agreement with dense over 64 new tokens from the same prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+import ppcompile as pp
+from ppcompile.flops import weight_bytes
+from ppcompile.generation import timed_generate
+from ppcompile.models import KNOWN_MODELS, RANDOM_ARCHS, load_model, random_model
+from speed import PeakMemory  # bench/ is the script's folder: on sys.path
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ["dense", "pp", "griffin", "flap", "wanda-sp"]
+CALIBRATED = {"flap", "wanda-sp", "pp"}
+
+
+def _model(name: str, layers: int | None, device: torch.device):
+    if name in RANDOM_ARCHS:
+        overrides = {"num_hidden_layers": layers} if layers else {}
+        return random_model(name, **overrides).to(device), 32000 if "2b" in name else 128
+    model, tokenizer = load_model(name, device=device)
+    return model, len(tokenizer)
+
+
+def _compiled(model, method: str, ratio: float, cal):
+    if method == "dense":
+        return pp.compile(model, 0.0, policy="dense")
+    return pp.compile(model, ratio, policy=method, calibration=cal if method in CALIBRATED else None)
+
+
+def _generate(fn, ids, new: int):
+    return timed_generate(fn, ids, new=new, pad_token_id=0)
+
+
+def run_shape(model, vocab, batch, prompt, new, ratio, methods, reps, device) -> list[dict]:
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, prompt), generator=gen).to(device)
+    cal = pp.calibrate(model, [torch.randint(0, vocab, (2, prompt), generator=gen).to(device) for _ in range(2)]) \
+        if CALIBRATED & set(methods) else None
+    torch._dynamo.reset()
+    fns = {m: _compiled(model, m, ratio, cal) for m in methods}
+    rows = {m: {"prefill": [], "decode": []} for m in methods}
+    with torch.no_grad():
+        for m, fn in fns.items():  # compiles the prefill and the decode graph
+            start = time.perf_counter()
+            _generate(fn, ids, new)
+            rows[m]["first_s"] = time.perf_counter() - start
+        for rep in range(reps):
+            for m, fn in fns.items():
+                with PeakMemory(device) as mem:
+                    _, prefill, step = _generate(fn, ids, new)
+                rows[m]["prefill"].append(prefill)
+                rows[m]["decode"].append(step)
+                if rep == 0:
+                    rows[m]["peak_mib"] = mem.mib
+    out = []
+    for m in methods:
+        session = fns[m].pp
+        if session.runtime.counts["unpruned_calls"]:
+            raise RuntimeError(f"{m}: {session.runtime.counts['unpruned_calls']} calls ran unpruned: not measured")
+        decode = next(r for r in reversed(session.passes) if r.phase == "decode")
+        step = statistics.median(rows[m]["decode"])
+        out.append({"method": m, "batch": batch, "prompt": prompt, "new": new, "ratio": 0.0 if m == "dense" else ratio,
+                    "prefill_s": statistics.median(rows[m]["prefill"]),
+                    "decode_tok_s": batch / step, "decode_step_s": step,
+                    "decode_spread": [min(rows[m]["decode"]), max(rows[m]["decode"])],
+                    "weight_bytes": weight_bytes(decode.gm), "first_call_s": rows[m]["first_s"],
+                    "peak_mib": rows[m]["peak_mib"]})
+    dense = next((r for r in out if r["method"] == "dense"), None)
+    for r in out:
+        if dense:
+            r["decode_vs_dense"] = r["decode_step_s"] / dense["decode_step_s"]
+            r["prefill_vs_dense"] = r["prefill_s"] / dense["prefill_s"]
+            r["bytes_ratio"] = r["weight_bytes"] / dense["weight_bytes"]
+            limit = dense["decode_step_s"] * r["bytes_ratio"]
+            r["vs_byte_limit"] = r["decode_step_s"] / limit
+    flap = next((r for r in out if r["method"] == "flap"), None)
+    if dense and flap:
+        cut = 1 - flap["decode_vs_dense"]
+        for r in out:
+            r["share_of_flap_cut"] = (1 - r["decode_vs_dense"]) / cut if cut > 0 else None
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["model", "batch", "prompt", "new", "method", "ratio", "prefill_s", "prefill_vs_dense", "decode_tok_s",
+            "decode_vs_dense", "bytes_ratio", "vs_byte_limit", "share_of_flap_cut", "peak_mib"]
+    return tabulate([[r.get(c) for c in cols] for r in rows], headers=cols, floatfmt=".3g", tablefmt="github")
+
+
+# ---- quality ----
+def continuation_quality(args) -> list[dict]:
+    from ppcompile import data
+    from ppcompile.cli import _windows_and_calibration
+    from ppcompile.evaluate import continuation_nll
+    model, tokenizer = load_model(args.model)
+    half, rows = args.seq_len // 2, []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        windows, cal, _ = _windows_and_calibration(model, tokenizer, args.data, args.seq_len,
+                                                   args.batch_size * args.batches, args.batch_size,
+                                                   args.calibration, args.calibration_windows, seed, False)
+        batches = list(data.iter_batches(windows, args.batch_size))
+        runs = [("dense", 0.0)] + [(m, r) for r in args.ratios for m in ["full-batch", *METHODS[1:]]]
+        for method, ratio in runs:
+            torch._dynamo.reset()
+            fn = model if method == "dense" else pp.compile(
+                model, ratio, policy=method, calibration=cal if method in CALIBRATED else None)
+            nll = tokens = 0
+            with torch.no_grad():
+                for b in batches:
+                    n, t = continuation_nll(fn, b, half, whole=method == "full-batch")
+                    nll, tokens = nll + n, tokens + t
+            agree = 1.0 if method == "dense" else _greedy_agreement(model, fn, batches[0][:, :half], args.greedy)
+            rows.append({"method": method, "ratio": ratio, "seed": seed, "ppl": math.exp(nll / tokens),
+                         "tokens": tokens, "greedy_agreement": agree})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+_DENSE_TOKENS: dict = {}
+
+
+def _greedy_agreement(model, fn, prompts, new: int) -> float:
+    """Fraction of the `new` greedy tokens equal to dense's, position by position."""
+    key = (id(model), prompts.data_ptr(), new)
+    with torch.no_grad():
+        if key not in _DENSE_TOKENS:
+            _DENSE_TOKENS[key] = _generate(model, prompts, new)[0][:, -new:]
+        mine = _generate(fn, prompts, new)[0][:, -new:]
+    return float((mine == _DENSE_TOKENS[key]).float().mean())
+
+
+def quality_table(rows: list[dict]) -> str:
+    dense = {r["seed"]: r["ppl"] for r in rows if r["method"] == "dense"}
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["ratio"] if r["method"] != "dense" else "-"), []).append(r)
+    body = []
+    for (m, ratio), rs in groups.items():
+        mult = [r["ppl"] / dense[r["seed"]] for r in rs]
+        body.append([m, ratio, len(rs), statistics.median(r["ppl"] for r in rs), statistics.median(mult),
+                     f"{min(mult):.2f}-{max(mult):.2f}", statistics.median(r["greedy_agreement"] for r in rs)])
+    return tabulate(body, headers=["method", "ratio", "seeds", "continuation ppl", "x dense", "range",
+                                   "greedy agreement"], floatfmt=".3g", tablefmt="github")
+
+
+def _shapes(s: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(b), int(l)) for b, l in (x.lower().split("x") for x in s.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes {s!r}: expected BATCHxPROMPT,..., e.g. 1x128,8x512") from None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-2b-shaped",
+                   help=f"a known model ({', '.join(KNOWN_MODELS)}) or a random arch ({', '.join(RANDOM_ARCHS)})")
+    p.add_argument("--layers", type=int, help="random archs: this many decoder layers")
+    p.add_argument("--shapes", type=_shapes, default=[(1, 128), (8, 128), (1, 512), (8, 512)])
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--ratio", type=float, default=0.4)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--from-json", type=Path, nargs="+", help="print the tables of earlier runs and exit")
+    p.add_argument("--quality", action="store_true", help="continuation perplexity and greedy agreement instead")
+    p.add_argument("--data", default="brown:a")
+    p.add_argument("--calibration", default="brown:fgh")
+    p.add_argument("--calibration-windows", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.4])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--greedy", type=int, default=64, help="--quality: new tokens compared with dense's")
+    args = p.parse_args()
+    if args.from_json:
+        rows = [r for f in args.from_json for r in json.loads(f.read_text())]
+        print(quality_table(rows) if "greedy_agreement" in rows[0] else table(rows))
+        return
+    machine = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)" \
+        if args.device == "cpu" else torch.cuda.get_device_name()
+    if args.quality:
+        if args.model not in KNOWN_MODELS and not Path(args.model).is_dir():
+            raise SystemExit("--quality needs a real model (e.g. smollm2-135m): random weights have no quality")
+        rows = [{"model": args.model, "data": args.data, "seq_len": args.seq_len, **r, "machine": machine,
+                 "torch": torch.__version__} for r in continuation_quality(args)]
+        out = args.out or ROOT / f"bench/results/continuation_{args.model}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=2) + "\n")
+        print(quality_table(rows) + f"\n\n{args.model}, {args.data}, {machine}; JSON: {out}")
+        return
+    device = torch.device(args.device)
+    torch._inductor.config.force_disable_caches = True
+    model, vocab = _model(args.model, args.layers, device)
+    name = args.model + (f"-{args.layers}l" if args.layers else "")
+    rows = []
+    for batch, prompt in args.shapes:
+        for r in run_shape(model, vocab, batch, prompt, args.new, args.ratio, args.methods.split(","), args.reps,
+                           device):
+            rows.append({"model": name, **r, "machine": machine, "torch": torch.__version__})
+            print(json.dumps(rows[-1]), flush=True)
+    out = args.out or ROOT / f"bench/results/generate_{name}_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    print(table(rows) + f"\n\n{name}, {machine}, torch {torch.__version__}, median of {args.reps} rounds; JSON: {out}")
+
+
+if __name__ == "__main__":
+    main()
