@@ -71,6 +71,8 @@ def test_options_accept_every_field_and_reject_unknown_keys():
     ({"skip_layers": (-1,)}, ValueError, r"skip_layers must hold layer indices >= 0, got \[-1\]"),
     ({"mlp_multiple": 64.0}, TypeError, r"mlp_multiple must be an int >= 1, got 64.0 \(float\): e.g. mlp_multiple=64"),
     ({"mlp_multiple": 0}, ValueError, r"mlp_multiple must be an int >= 1, got 0"),
+    ({"cache_bucket": 0}, ValueError, r"cache_bucket must be an int >= 1, got 0"),
+    ({"cache_bucket": 12.5}, TypeError, r"cache_bucket must be an int >= 1, got 12.5 \(float\): e.g. cache_bucket=128"),
     ({"strict": "False"}, TypeError, r"strict must be True or False, got 'False' \(str\): pass a bool"),
 ])
 def test_wrong_types_and_values_name_the_field_and_what_it_got(kw, error, match):
