@@ -35,8 +35,7 @@ class Router:
         self.model, self.session = model, session
         self._entries = {"forward": forward}  # the compiled module's own forward
         self._class_forward = type(model).forward.__get__(model)
-        max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        self._max_positions = max_positions
+        self._max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
     def entry(self, phase: str):
         if phase not in self._entries:
@@ -143,10 +142,8 @@ def _cache_of(kwargs: dict):
 
 
 def _given_cache(kwargs: dict):
-    cache = None
-    for k in CACHE_KWARGS:
-        cache = kwargs.pop(k, None) or cache
-    return cache
+    given = [c for c in (kwargs.pop(k, None) for k in CACHE_KWARGS) if c is not None]
+    return given[0] if given else None
 
 
 def _is_static(cache) -> bool:

@@ -188,15 +188,15 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
             else:
                 kept, share = _dynamic_select(g, site, lab, config, gi.valid, history, gi, tag)
                 kept_now = None
-            chan = new_weights = kv_index = None
+            chan = new_weights = kv_index = named = None
             if store or not dense_block:
-                chan, new_weights, kv_index = _compact_weights(g, site, kept, kept_now, kv_whole, real, tag)
+                chan, new_weights, kv_index, named = _compact_weights(g, site, kept, kept_now, kv_whole, real, tag)
         if static is None and not dense_block:
             groups.append(([n for n in g.nodes if n not in before], tag, site.kind))
         seam.output(f"kept/{site.name}", kept)
         if store:
             seam.output(f"stored/{site.name}/kept", kept)
-            for name, node in _named_weights(site, new_weights).items():
+            for name, node in named.items():
                 seam.output(f"stored/{site.name}/{name}", node)
         if share is not None and config.telemetry:
             seam.output(f"share/{site.name}", share)
@@ -309,7 +309,8 @@ def _compact_weights(g, site: Site, kept: fx.Node, kept_now: torch.Tensor | None
                      real: RealTensor | None, tag: str):
     """The kept rows of the first projections and columns of the final one. With indices known
     now (static policies) and real weights, they are sliced once here and enter as constants;
-    otherwise the graph gathers them on every call. Returns (channels, weights, K/V head index)."""
+    otherwise the graph gathers them on every call. Returns (channels, projection -> (weight, bias),
+    K/V head index, the same weights by name: see _weight_names)."""
     if site.kind == "attention":
         chan = call(g, ops.head_channels, kept, site.head_dim, name=f"{tag}_channels")
         chan_now = None if kept_now is None else ops.head_channels(kept_now, site.head_dim)
@@ -322,12 +323,14 @@ def _compact_weights(g, site: Site, kept: fx.Node, kept_now: torch.Tensor | None
             return _const(g, f"{tag}_{name}", t.detach().index_select(dim, chan_now.to(t.device)))
         return call(g, torch.index_select, w, dim, chan, name=f"{tag}_gather_{name}")
 
-    weights = {}
+    weights, named = {}, {}
     for p, (wname, bname) in _weight_names(site, kv_whole).items():
-        dim = 1 if p is site.final else 0
         bias = p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
-        weights[p] = (gather(p.args[1], dim, wname), gather(bias, 0, bname) if bname else None)
-    return chan, weights, _kv_index(g, site, kept, kv_whole, tag)
+        w = named[wname] = gather(p.args[1], 1 if p is site.final else 0, wname)
+        b = named[bname] = gather(bias, 0, bname) if bname else None
+        weights[p] = (w, b)
+    named.pop(None, None)
+    return chan, weights, _kv_index(g, site, kept, kv_whole, tag), named
 
 
 def _weight_names(site: Site, kv_whole: bool) -> dict[fx.Node, tuple[str, str | None]]:
@@ -337,20 +340,9 @@ def _weight_names(site: Site, kv_whole: bool) -> dict[fx.Node, tuple[str, str | 
     for p in _pruned_projections(site, kv_whole):
         bias = p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
         role = _role(site, p)
-        names[p] = (f"{role}_w", f"{role}_b" if isinstance(bias, fx.Node) else None)  # as _named_weights
+        names[p] = (f"{role}_w", f"{role}_b" if isinstance(bias, fx.Node) else None)
     names[site.final] = ("final_w", None)
     return names
-
-
-def _named_weights(site: Site, weights: dict[fx.Node, tuple]) -> dict[str, fx.Node]:
-    """The compact weights of a site by name (see _weight_names)."""
-    out = {}
-    for proj, (w, b) in weights.items():
-        role = "final" if proj is site.final else _role(site, proj)
-        out[f"{role}_w"] = w
-        if b is not None:
-            out[f"{role}_b"] = b
-    return out
 
 
 def _reused_weights(g: fx.Graph, seam: Seam, site: Site, kv_whole: bool):
