@@ -37,7 +37,7 @@ import ppcompile as pp
 from ppcompile.flops import weight_bytes
 from ppcompile.generation import timed_generate
 from ppcompile.models import KNOWN_MODELS, RANDOM_ARCHS, load_model, random_model
-from speed import PeakMemory  # bench/ is the script's folder: on sys.path
+from speed import PeakMemory, _shapes  # bench/ is the script's folder: on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["dense", "pp", "griffin", "flap", "wanda-sp"]
@@ -190,13 +190,6 @@ def quality_table(rows: list[dict]) -> str:
                      f"{min(mult):.2f}-{max(mult):.2f}", statistics.median(r["greedy_agreement"] for r in rs)])
     return tabulate(body, headers=["method", "ratio", "seeds", "continuation ppl", "x dense", "range",
                                    "greedy agreement"], floatfmt=".3g", tablefmt="github")
-
-
-def _shapes(s: str) -> list[tuple[int, int]]:
-    try:
-        return [(int(b), int(l)) for b, l in (x.lower().split("x") for x in s.split(","))]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shapes {s!r}: expected BATCHxPROMPT,..., e.g. 1x128,8x512") from None
 
 
 def main() -> None:
