@@ -207,6 +207,7 @@ def _mark_dynamic(args, kwargs):
 
     if args and isinstance(args[0], torch.Tensor):
         args = (marked(args[0]),) + tuple(args[1:])
+
     def mark(k, v):
         if k not in BATCH_BY_SEQUENCE:
             return v

@@ -152,42 +152,40 @@ def size_source(g: fx.Graph, size: Size) -> tuple[fx.Node | int, tuple[int, int 
 
 
 def graph_inputs(gm: fx.GraphModule, sites: list[Site]) -> GraphInputs:
-    """Batch and sequence length from the blocks' inputs; the (B, L) attention mask if there is one."""
+    """Batch and sequence length from the blocks' inputs; the real tokens (B, L) from the attention
+    mask if there is one."""
     examples = [value(s.x_res).shape[:2] for s in sites if value(s.x_res).dim() == 3]
     if not examples:
         raise Unsupported("no block input of shape (batch, sequence, hidden)")
     batch, seq_len = (static(s) for s in examples[0])
     g = gm.graph
-    # Dynamo may give the mask's dims symbols of their own (it cannot know they equal the ids'):
-    # match it by the sizes of the example, and the compiled graph checks they agree.
-    mask = None
-    for n in g.nodes:
-        v = value(n)
-        if n.op == "placeholder" and "attention_mask" in n.name and v is not None \
-                and tuple(hint(s) for s in v.shape) == tuple(hint(s) for s in examples[0]):
-            mask = n
     batch_arg, _ = size_source(g, batch)
     seq_arg, seq_source = size_source(g, seq_len)
+    mask = _attention_mask(g, examples[0])
     valid = None
     if mask is not None:
         with g.inserting_before(body_start(g)):
-            valid = call(g, torch.Tensor.bool, mask, name="pp_valid")
-    elif (mask4 := _mask_4d(g, examples[0])) is not None:  # a mask made before the call (generate)
-        with g.inserting_before(body_start(g)):
-            valid = call(g, ops.mask_valid, mask4, seq_arg, name="pp_valid")
+            valid = call(g, torch.Tensor.bool, mask, name="pp_valid") if value(mask).dim() == 2 else \
+                call(g, ops.mask_valid, mask, seq_arg, name="pp_valid")  # a 4-d mask made before the call
     return GraphInputs(valid, batch, seq_len, batch_arg, seq_arg, seq_source, examples[0][1])
 
 
-def _mask_4d(g: fx.Graph, batch_seq) -> fx.Node | None:
-    """An attention_mask input of shape (B, 1|H, L, K >= L), matched by its example sizes."""
+def _attention_mask(g: fx.Graph, batch_seq) -> fx.Node | None:
+    """The attention_mask input: (B, L), or else (B, 1|H, L, K >= L) as generate passes it.
+    Dynamo may give the mask's dims symbols of their own (it cannot know they equal the ids'):
+    it is matched by the sizes of the example, and the compiled graph checks they agree."""
     b, L = (hint(s) for s in batch_seq)
+    two_d = four_d = None
     for n in g.nodes:
         v = value(n)
-        if n.op == "placeholder" and "attention_mask" in n.name and v is not None and v.dim() == 4:
-            shape = [hint(s) for s in v.shape]
-            if shape[0] == b and shape[2] == L and shape[3] >= L:
-                return n
-    return None
+        if n.op != "placeholder" or "attention_mask" not in n.name or v is None:
+            continue
+        shape = [hint(s) for s in v.shape]
+        if shape == [b, L]:
+            two_d = n
+        elif four_d is None and v.dim() == 4 and shape[0] == b and shape[2] == L and shape[3] >= L:
+            four_d = n
+    return two_d if two_d is not None else four_d
 
 
 def final_input(g: fx.Graph, site: Site, gi: GraphInputs, tag: str) -> fx.Node:

@@ -325,11 +325,11 @@ def _compact_weights(g, site: Site, kept: fx.Node, kept_now: torch.Tensor | None
 
     weights, named = {}, {}
     for p, (wname, bname) in _weight_names(site, kv_whole).items():
-        bias = p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
         w = named[wname] = gather(p.args[1], 1 if p is site.final else 0, wname)
-        b = named[bname] = gather(bias, 0, bname) if bname else None
+        b = None
+        if bname is not None:
+            b = named[bname] = gather(_bias(p), 0, bname)
         weights[p] = (w, b)
-    named.pop(None, None)
     return chan, weights, _kv_index(g, site, kept, kv_whole, tag), named
 
 
@@ -338,11 +338,14 @@ def _weight_names(site: Site, kv_whole: bool) -> dict[fx.Node, tuple[str, str | 
     "final_w"; the bias name None when it has none)."""
     names = {}
     for p in _pruned_projections(site, kv_whole):
-        bias = p.args[2] if len(p.args) > 2 else p.kwargs.get("bias")
         role = _role(site, p)
-        names[p] = (f"{role}_w", f"{role}_b" if isinstance(bias, fx.Node) else None)
+        names[p] = (f"{role}_w", f"{role}_b" if isinstance(_bias(p), fx.Node) else None)
     names[site.final] = ("final_w", None)
     return names
+
+
+def _bias(linear: fx.Node):
+    return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
 
 
 def _reused_weights(g: fx.Graph, seam: Seam, site: Site, kv_whole: bool):
