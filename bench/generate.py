@@ -9,7 +9,9 @@ the same loop and cache, the graph unchanged), interleaved in one process.
 
 Speed, per shape (batch x prompt) and method: prefill seconds (the call until the first new token),
 decode tokens/s over the other new tokens (a streamer stamps each token), both medians over --reps
-rounds after a warm-up generation that compiles; the peak memory of a generation; the weight bytes
+rounds after a warm-up generation that compiles; dense's and pp's plain forward of the prompt
+(what a prefill is compared with: it adds generate's own work and, for pp, storing the selection);
+the peak memory of a generation; the weight bytes
 a decode step's matmuls read (flops.weight_bytes of the decode graph) and pp's **byte limit**:
 dense decode time x pp's bytes / dense's bytes, the time a decode step would take if it cost only
 its weight reads. Token ids are random and generation runs --new tokens whatever it samples.
@@ -42,6 +44,7 @@ from speed import PeakMemory, _shapes  # bench/ is the script's folder: on sys.p
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["dense", "pp", "griffin", "flap", "wanda-sp"]
 CALIBRATED = {"flap", "wanda-sp", "pp"}
+FORWARD = {"dense", "pp"}  # also timed on a plain forward of the prompt (prefill = forward + generate's own work)
 
 
 def _model(name: str, layers: int | None, device: torch.device):
@@ -81,7 +84,7 @@ def run(model, vocab: int, shapes: list[tuple[int, int]], new: int, ratio: float
                 start = time.perf_counter()
                 _generate(fn, ids, new)
                 rows[m]["first_s"] = time.perf_counter() - start
-                if m == "pp":
+                if m in FORWARD:
                     fn(input_ids=ids, use_cache=False)
             for rep in range(reps):
                 for m, fn in fns.items():
@@ -91,7 +94,7 @@ def run(model, vocab: int, shapes: list[tuple[int, int]], new: int, ratio: float
                     rows[m]["decode"].append(step)
                     if rep == 0:
                         rows[m]["peak_mib"] = mem.mib
-                    if m == "pp":  # the plain forward of the prompt: what the prefill is compared with
+                    if m in FORWARD:  # the plain forward of the prompt: what the prefill is compared with
                         start = time.perf_counter()
                         fn(input_ids=ids, use_cache=False)
                         rows[m]["forward"].append(time.perf_counter() - start)

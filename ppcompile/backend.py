@@ -146,8 +146,48 @@ def session_from_options(options: dict | None) -> Session:
 
 
 def ppcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None):
-    """`torch.compile(model, backend="ppcompile", options={...})`: see `session_from_options`."""
-    return session_from_options(options).backend(gm, example_inputs)
+    """`torch.compile(model, backend="ppcompile", options={...})`: see `session_from_options`.
+    The model's `generate` is routed through the same session (see _route_generation)."""
+    session = session_from_options(options)
+    _route_generation(session)
+    return session.backend(gm, example_inputs)
+
+
+def _route_generation(session: Session) -> None:
+    """`generate` on what torch.compile returns reaches the module's own method, whose forwards
+    would bypass the compiled one: unpruned, and silently. The module being compiled (the `self`
+    of the frame Dynamo traces) gets, as its own attribute, the generate pp.compile gives, on this
+    session. If that module cannot be found, the session says so once."""
+    model = _traced_module()
+    if model is None:
+        session.warn_once("ppcompile: generate() on a model compiled with torch.compile(backend='ppcompile') "
+                          "could not be routed through the pass and would run unpruned; use pp.compile")
+        return
+    from .generation import Router
+    current = model.__dict__.get("generate")  # a user's own generate is left alone
+    routed = getattr(current, "__self__", None)
+    if callable(getattr(model, "generate", None)) and (
+            current is None or (isinstance(routed, Router) and routed.session is not session)):
+        model.__dict__["generate"] = Router(model, session).generate
+        model.__dict__["pp"] = session
+
+
+def _traced_module():
+    """The nn.Module Dynamo is tracing now, or None: found among the root frame's locals (`self`
+    of a forward; `fn`, a module or its bound method, in torch.compile's wrapper frame; the first
+    of `args` in a decorator's wrapper, as transformers puts around forward)."""
+    import torch
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        local = InstructionTranslator.current_tx().output.root_tx.f_locals
+    except Exception:  # a private API: if it changes, the caller says generation is not routed
+        return None
+    fn, args = local.get("fn"), local.get("args")
+    first = args[0] if isinstance(args, tuple) and args else None
+    for v in (local.get("self"), fn, getattr(fn, "__self__", None), first):
+        if isinstance(v, torch.nn.Module):
+            return v
+    return None
 
 
 def last_runtime() -> Runtime | None:

@@ -31,9 +31,9 @@ CACHE_KWARGS = ("cache", "past_key_values")  # transformers 5 / 4
 class Router:
     """The compiled entry points of one model, by phase, and the accounting of every call."""
 
-    def __init__(self, model: torch.nn.Module, session: Session, forward):
+    def __init__(self, model: torch.nn.Module, session: Session, forward=None):
         self.model, self.session = model, session
-        self._entries = {"forward": forward}  # the compiled module's own forward
+        self._entries = {"forward": forward} if forward else {}  # the compiled module's own forward
         self._class_forward = type(model).forward.__get__(model)
         self._max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
@@ -117,7 +117,7 @@ class Router:
         own = model.__dict__.get("forward")
         model.forward = routed
         try:
-            return model.generate(*args, **kwargs)
+            return type(model).generate(model, *args, **kwargs)  # the class's: model.generate may be this
         finally:
             if had_own:
                 model.forward = own

@@ -6,8 +6,8 @@ are one table each, grown to the longest sequence seen, and a graph of length L 
 rows [0, L). Compiled graphs take the slots as inputs and update them in place; nothing here is a
 Python counter the graph would specialize on.
 
-A prefill (generation) returns its selection and the compact weights it gathered as `stored/...`
-outputs; they are kept here, as the slots every decode graph of that generation reads.
+A prefill (generation) writes its selection and the compact weights it gathered into `stored/...`
+slots, in place; every decode graph of that generation reads them.
 
 Telemetry keeps running aggregates per site (calls, kept-set overlaps, probe shares, how often each
 unit was kept), so its memory does not grow with the number of calls.
@@ -56,7 +56,7 @@ class Runtime:
         """The tensor of `slot` for a call (rows [0, rows) of a per-position one), on `device`;
         created with the slot's initial value, grown (new rows initial) as sequences grow."""
         t = self.slots.get(slot.name)
-        if slot.stored and t is None:
+        if slot.required and t is None:
             raise ValueError(f"{slot.name}: a decode step ran before any prefill stored a selection; "
                              "start each generation with a prefill (generate() does)")
         if t is not None and tuple(t.shape[1 if slot.per_position else 0:]) != slot.shape:
@@ -92,7 +92,6 @@ class Runtime:
         their device; telemetry aggregates on the device too, so recording never waits for it."""
         kept = {n[len("kept/"):]: t for n, t in outputs.items() if n.startswith("kept/")}
         self._last.update(kept)
-        self.slots.update({n: t for n, t in outputs.items() if n.startswith("stored/")})
         if self.telemetry:
             for site, k in kept.items():
                 self._aggregate(site, k, outputs.get(f"share/{site}"))
@@ -169,6 +168,7 @@ class Runtime:
         self.seeded.copy_(state["seeded"])
 
     def reset(self) -> None:
+        self.slots = {n: t for n, t in self.slots.items() if not n.startswith("stored/")}  # no prefill ran
         for t in self.slots.values():
             t.zero_()
         self._last.clear()

@@ -151,6 +151,27 @@ def test_torch_compile_route_keeps_one_history_across_shapes_and_checks_the_cali
         other(_batch(2, 12, 0))
 
 
+def test_torch_compile_route_generates_through_the_pass_as_pp_compile_does():
+    ids = _batch(2, 10, 3)
+    outs = []
+    for route in ("torch.compile", "pp.compile"):
+        torch._dynamo.reset()
+        model = random_model("llama-gqa")  # the same weights each time
+        if route == "pp.compile":
+            c = pp.compile(model, 0.4, backend="eager", strict=True, **TINY)
+        else:
+            c = torch.compile(model, backend="ppcompile", options={"ratio": 0.4, "inductor": False, "strict": True,
+                                                                     **TINY})
+        with torch.no_grad():
+            c(ids)  # the backend meets the model here (a generate before any call is not routed: README)
+            outs.append(c.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
+        session = model.pp
+        assert session.runtime.step.item() == 2  # the call and the prefill updated the history
+        assert [r.phase for r in session.passes] == ["forward", "prefill", "decode"]
+        assert session.runtime.counts["pruned_calls"] == 4 + (route == "pp.compile")  # every generate forward
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_telemetry_memory_does_not_grow_with_calls():
     model = random_model("llama-gqa")
     c = pp.compile(model, 0.4, backend="eager", telemetry=True, **TINY)

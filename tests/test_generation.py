@@ -98,7 +98,8 @@ def test_decode_graph_reads_the_stored_weights_and_gathers_none():
     assert {f"stored/{site}/{w}" for w in ("kept", "gate_proj_w", "up_proj_w", "final_w")} <= stored
     w = model.pp.runtime.slots[f"stored/{site}/final_w"]
     kept = model.pp.runtime.slots[f"stored/{site}/kept"]
-    assert torch.equal(w, model.model.layers[1].mlp.down_proj.weight[:, kept])  # the kept columns
+    assert torch.equal(w.t(), model.model.layers[1].mlp.down_proj.weight[:, kept])  # the kept columns
+    assert w.is_contiguous()  # stored transposed: (kept, out)
     # K/V whole: the cache holds every K/V head
     attn = "model.layers.1.attention"
     assert f"stored/{attn}/k_w" not in stored and f"stored/{attn}/q_w" in stored

@@ -27,7 +27,7 @@ class Slot:
     per_position: bool = False  # a leading dim of one row per token position: (L, *shape)
     dtype: torch.dtype = torch.float32
     init: float = 0.0
-    stored: bool = False  # filled by another graph's outputs (a prefill's selection), never created
+    required: bool = False  # must exist already (what a decode reads, a prefill wrote): never created
 
     def new(self, rows: int, device) -> torch.Tensor:
         lead = (rows,) if self.per_position else ()
