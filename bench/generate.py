@@ -151,7 +151,8 @@ def continuation_quality(args) -> list[dict]:
                                                    args.batch_size * args.batches, args.batch_size,
                                                    args.calibration, args.calibration_windows, seed, False)
         batches = list(data.iter_batches(windows, args.batch_size))
-        runs = [("dense", 0.0)] + [(m, r) for r in args.ratios for m in ["full-batch", *METHODS[1:]]]
+        methods = [m for m in (args.methods or ",".join(["full-batch", *METHODS[1:]])).split(",") if m != "dense"]
+        runs = [("dense", 0.0)] + [(m, r) for r in args.ratios for m in methods]
         prompts = batches[0][:, :half]  # greedy agreement: the first batch's prompts, against dense (run first)
         for method, ratio in runs:
             torch._dynamo.reset()
@@ -199,7 +200,8 @@ def main() -> None:
     p.add_argument("--shapes", type=_shapes, default=[(1, 128), (8, 128), (1, 512), (8, 512)])
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--ratio", type=float, default=0.4)
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", help=f"default: {','.join(METHODS)}; --quality: full-batch and the pruned ones "
+                                     "(dense always runs)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path)
@@ -236,7 +238,8 @@ def main() -> None:
     model, vocab = _model(args.model, args.layers, device)
     name = args.model + (f"-{args.layers}l" if args.layers else "")
     rows = [{"model": name, **r, "machine": machine, "torch": torch.__version__}
-            for r in run(model, vocab, args.shapes, args.new, args.ratio, args.methods.split(","), args.reps, device)]
+            for r in run(model, vocab, args.shapes, args.new, args.ratio, (args.methods or ",".join(METHODS)).split(","),
+                         args.reps, device)]
     out = args.out or ROOT / f"bench/results/generate_{name}_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")

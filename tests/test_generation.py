@@ -84,7 +84,10 @@ def test_decode_equals_dense_with_the_prefills_pruned_columns_zeroed(arch, polic
 def test_decode_graph_reads_the_stored_weights_and_gathers_none():
     ids, mask = _prompts()
     model = random_model("llama-gqa")
-    _generate(pp.compile(model, 0.4, backend="eager", strict=True, **TINY), ids, mask)
+    c = pp.compile(model, 0.4, backend="eager", strict=True, **TINY)
+    _generate(c, *_prompts(seed=1))
+    first = dict(model.pp.runtime.slots)
+    _generate(c, ids, mask)
     prefill, decode = model.pp.passes
     assert (prefill.phase, decode.phase) == ("prefill", "decode")
     gm = decode.gm
@@ -100,6 +103,8 @@ def test_decode_graph_reads_the_stored_weights_and_gathers_none():
     kept = model.pp.runtime.slots[f"stored/{site}/kept"]
     assert torch.equal(w.t(), model.model.layers[1].mlp.down_proj.weight[:, kept])  # the kept columns
     assert w.is_contiguous()  # stored transposed: (kept, out)
+    # the second prefill wrote into the first one's tensors (in place: no allocation per generation)
+    assert all(model.pp.runtime.slots[n] is t for n, t in first.items() if n.startswith("stored/"))
     # K/V whole: the cache holds every K/V head
     attn = "model.layers.1.attention"
     assert f"stored/{attn}/k_w" not in stored and f"stored/{attn}/q_w" in stored

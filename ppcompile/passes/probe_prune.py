@@ -351,8 +351,8 @@ def _bias(linear: fx.Node):
 def _stored(site: Site, kv_whole: bool) -> dict[str, Slot]:
     """What a prefill stores for `site` and its decode steps read, by name ("kept", "q_w", ...):
     the kept units, and each compact weight transposed, (in, out) contiguous: the layout a matmul
-    of a few tokens reads fastest (on this CPU, 1.4-2.3x faster than nn.Linear's (out, in) at 8
-    tokens; equal at 1 and at hundreds)."""
+    of a few tokens reads fastest (bench/layout.py: about 2x nn.Linear's (out, in) at 8 tokens on
+    the development CPU)."""
     width = site.kept * (site.head_dim if site.kind == "attention" else 1)
     slots = {"kept": Slot(f"stored/{site.name}/kept", (site.kept,), dtype=torch.long)}
     for p, (wname, bname) in _weight_names(site, kv_whole).items():
