@@ -1,6 +1,6 @@
 """Why the decode reads its compact weights transposed: the time of one matmul of a few token rows
 by a weight stored as nn.Linear stores it, (out, in), against the same weight stored (in, out)
-contiguous, for the compact projection shapes of a model at a ratio. Medians over repetitions.
+contiguous, for the compact projection shapes of a model at a ratio (torch.utils.benchmark medians).
 
     python bench/layout.py                        # SmolLM2-135M's shapes at 0.4, rows 1, 8, 16
     python bench/layout.py --hidden 2048 --mlp 5632 --rows 1,8
@@ -8,23 +8,16 @@ contiguous, for the compact projection shapes of a model at a ratio. Medians ove
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from tabulate import tabulate
+from torch.utils.benchmark import Timer
 
 
-def _time(fn, reps: int) -> float:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(20):
-            fn()
-        times.append((time.perf_counter() - start) / 20)
-    return statistics.median(times)
+def _time(fn) -> float:
+    """Median seconds of one call (torch's blocked autorange: blocks of calls, at least 0.2 s)."""
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())  # its default is 1
+    return timer.blocked_autorange(min_run_time=0.2).median
 
 
 def main() -> None:
@@ -34,7 +27,6 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--rows", default="1,8,16")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--reps", type=int, default=15)
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     kept_h, kept_c = round(args.hidden * (1 - args.ratio)), round(args.mlp * (1 - args.ratio))
@@ -47,12 +39,12 @@ def main() -> None:
             x = torch.randn(m, inp, generator=gen).to(dtype)
             w = torch.randn(out, inp, generator=gen).to(dtype)  # (out, in): nn.Linear's layout
             w_t = w.t().contiguous()  # (in, out): what the prefill stores
-            linear = _time(lambda: torch.mm(x, w.t()), args.reps)
-            stored = _time(lambda: torch.mm(x, w_t), args.reps)
+            linear = _time(lambda: torch.mm(x, w.t()))
+            stored = _time(lambda: torch.mm(x, w_t))
             rows.append([m, name, f"{out}x{inp}", linear * 1e6, stored * 1e6, linear / stored])
     print(tabulate(rows, headers=["rows", "projection", "weight (out x in)", "(out, in) us", "(in, out) us",
                                   "speedup"], floatfmt=".3g", tablefmt="github"))
-    print(f"\n{args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.reps}")
+    print(f"\n{args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}, medians of blocked autorange")
 
 
 if __name__ == "__main__":
