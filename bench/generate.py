@@ -1,6 +1,8 @@
 """Generation benchmark: dense vs pp vs griffin vs flap vs wanda-sp, every one compiled by the same
 route (pp.compile, Inductor, Hugging Face's generate on a static KV cache; dense is policy "dense":
-the same loop and cache, the graph unchanged), interleaved in one process.
+the same loop and cache, the graph unchanged), interleaved in one process. "pp@0" is pp at ratio 0:
+the pass's decode path with nothing pruned (its attention reads the cache in place, its weights
+are stored transposed), so that what pruning gains is read apart from what the rewrite gains.
 
     python bench/generate.py                                  # LLaMA-2B-shaped, batch 1 and 8, prompt 128 and 512
     python bench/generate.py --model smollm2-135m
@@ -42,7 +44,8 @@ from ppcompile.models import KNOWN_MODELS, RANDOM_ARCHS, load_model, random_mode
 from speed import PeakMemory, _shapes  # bench/ is the script's folder: on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["dense", "pp", "griffin", "flap", "wanda-sp"]
+METHODS = ["dense", "pp@0", "pp", "griffin", "flap", "wanda-sp"]
+QUALITY_METHODS = ["full-batch", "pp", "griffin", "flap", "wanda-sp"]
 CALIBRATED = {"flap", "wanda-sp", "pp"}
 FORWARD = {"dense", "pp"}  # also timed on a plain forward of the prompt (prefill = forward + generate's own work)
 
@@ -55,9 +58,18 @@ def _model(name: str, layers: int | None, device: torch.device):
     return model, len(tokenizer)
 
 
+def _policy_ratio(method: str, ratio: float) -> tuple[str, float]:
+    """A method's policy and ratio: "dense" is ratio 0; "pp@0" is pp at ratio 0 (the pass's decode
+    path with nothing pruned: what the rewrite gains besides pruning); else the bench's ratio."""
+    if method == "dense":
+        return "dense", 0.0
+    policy, _, at = method.partition("@")
+    return policy, float(at) if at else ratio
+
+
 def _compiled(model, method: str, ratio: float, cal, cache_len: int):
-    ratio, policy = (0.0, "dense") if method == "dense" else (ratio, method)
-    return pp.compile(model, ratio, policy=policy, calibration=cal if method in CALIBRATED else None,
+    policy, ratio = _policy_ratio(method, ratio)
+    return pp.compile(model, ratio, policy=policy, calibration=cal if policy in CALIBRATED else None,
                       cache_bucket=cache_len)
 
 
@@ -71,7 +83,7 @@ def run(model, vocab: int, shapes: list[tuple[int, int]], new: int, ratio: float
     graphs), then per shape: a warm-up generation each, and `reps` rounds interleaved."""
     gen = torch.Generator().manual_seed(0)
     cal = pp.calibrate(model, [torch.randint(0, vocab, (2, 128), generator=gen).to(device) for _ in range(2)]) \
-        if CALIBRATED & set(methods) else None
+        if CALIBRATED & {_policy_ratio(m, ratio)[0] for m in methods} else None
     torch._dynamo.reset()
     cache_len = 128 * math.ceil(max(p + new for _, p in shapes) / 128)
     fns = {m: _compiled(model, m, ratio, cal, cache_len) for m in methods}
@@ -111,7 +123,7 @@ def _rows(fns, rows, batch, prompt, new, ratio, cache_len) -> list[dict]:
         decode = next(r for r in reversed(session.passes) if r.phase == "decode")
         step = statistics.median(rows[m]["decode"])
         out.append({"method": m, "batch": batch, "prompt": prompt, "new": new, "cache_len": cache_len,
-                    "ratio": 0.0 if m == "dense" else ratio,
+                    "ratio": _policy_ratio(m, ratio)[1],
                     "prefill_s": statistics.median(rows[m]["prefill"]),
                     "forward_s": statistics.median(rows[m]["forward"]) if rows[m]["forward"] else None,
                     "decode_tok_s": batch / step, "decode_step_s": step,
@@ -151,7 +163,7 @@ def continuation_quality(args) -> list[dict]:
                                                    args.batch_size * args.batches, args.batch_size,
                                                    args.calibration, args.calibration_windows, seed, False)
         batches = list(data.iter_batches(windows, args.batch_size))
-        methods = [m for m in (args.methods or ",".join(["full-batch", *METHODS[1:]])).split(",") if m != "dense"]
+        methods = [m for m in (args.methods or ",".join(QUALITY_METHODS)).split(",") if m != "dense"]
         runs = [("dense", 0.0)] + [(m, r) for r in args.ratios for m in methods]
         prompts = batches[0][:, :half]  # greedy agreement: the first batch's prompts, against dense (run first)
         for method, ratio in runs:
@@ -200,8 +212,8 @@ def main() -> None:
     p.add_argument("--shapes", type=_shapes, default=[(1, 128), (8, 128), (1, 512), (8, 512)])
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--ratio", type=float, default=0.4)
-    p.add_argument("--methods", help=f"default: {','.join(METHODS)}; --quality: full-batch and the pruned ones "
-                                     "(dense always runs)")
+    p.add_argument("--methods", help=f"default: {','.join(METHODS)} (pp@0: pp at ratio 0); --quality: "
+                                     f"{','.join(QUALITY_METHODS)} (dense always runs)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path)

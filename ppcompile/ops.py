@@ -123,9 +123,25 @@ def mask_valid(mask: torch.Tensor, seq_len) -> torch.Tensor:
     return allowed[:, 0, :, :seq_len].diagonal(dim1=-2, dim2=-1)
 
 
-def scatter_heads(q: torch.Tensor, kept: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, k, L, D) kept query heads -> (B, heads, L, D), the pruned heads zero."""
-    return q.new_zeros(q.shape[0], heads, *q.shape[2:]).index_copy(1, kept, q)
+def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, heads: int,
+                     mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+    """scaled_dot_product_attention of one query token per kept head, written as two reductions
+    that Inductor fuses with the gathers: each kept head reads its K/V rows where they lie (no
+    copy of the cache, no pruned head read), in fp32. A decode step's attention.
+
+    q (B, k, 1, D) the kept query heads; k, v (B, Hk, T, D) with Hk the model's query heads (K/V
+    repeated per query head) or its K/V heads (GQA); kept (k,) query heads of `heads`; mask
+    broadcastable to (B, heads, 1, T), boolean (True: attend) or additive. Returns (B, k, 1, D)."""
+    kv = kept // (heads // k.shape[1])  # the K/V head each kept query head reads
+    keys, values = k.index_select(1, kv).float(), v.index_select(1, kv).float()  # (B, k, T, D)
+    scores = (q.float() * keys).sum(-1) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, k, T)
+    if mask is not None:
+        if mask.dim() == 4 and mask.shape[1] == heads > 1:  # one mask per head
+            mask = mask.index_select(1, kept)
+        mask = mask[..., 0, :] if mask.dim() > 1 else mask  # the query's row: (B|1, k|1, T)
+        scores = torch.where(mask, scores, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    out = (scores.softmax(-1).unsqueeze(-1) * values).sum(-2)  # (B, k, D)
+    return out.unsqueeze(2).to(q.dtype)
 
 
 def position_energy(x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 import ppcompile as pp
+from ppcompile import ops
 from ppcompile.models import random_model
 
 from reference import zero_pruned
@@ -91,10 +92,12 @@ def test_decode_graph_reads_the_stored_weights_and_gathers_none():
     prefill, decode = model.pp.passes
     assert (prefill.phase, decode.phase) == ("prefill", "decode")
     gm = decode.gm
-    assert not [n for n in gm.graph.nodes if n.target in (torch.index_select, torch.topk)
-                and "kept_heads" not in n.name]  # no probe, no gather of weights or K/V
-    # attention on all heads (the pruned ones zero), the kept heads' outputs taken back
-    assert len([n for n in gm.graph.nodes if "kept_heads" in n.name]) == 4
+    assert not [n for n in gm.graph.nodes if n.target in (torch.index_select, torch.topk)]  # no probe, no gather
+    # each pruned attention site: its kept heads attend on the cache in place, no attention op left
+    attend = [n for n in gm.graph.nodes if n.target is ops.attend_one_query]
+    assert len(attend) == len([s for s in decode.active_sites if s.endswith("attention")]) > 0
+    assert not [n for n in gm.graph.nodes if n.target is torch.nn.functional.scaled_dot_product_attention
+                and "layers.0" not in str(n.meta.get("nn_module_stack"))]
     assert not [s for s in decode.seam.slots if s.name.startswith("history/")]  # no history in decode
     stored = {s.name for s in decode.seam.slots}
     site = "model.layers.1.mlp"
@@ -178,11 +181,16 @@ def test_cached_calls_route_by_the_cache():
     c = pp.compile(model, 0.4, backend="eager", strict=True, **TINY)
     cache = StaticCache(config=model.config, max_cache_len=24)
     more = torch.randint(1, 128, (3, 4))
+    mask2 = torch.cat([mask, torch.ones_like(more)], 1)
     with torch.no_grad():
         c(ids, attention_mask=mask)  # no cache: forward
         c(ids, attention_mask=mask, cache=cache)  # an empty static cache: prefill
-        c(more, attention_mask=torch.cat([mask, torch.ones_like(more)], 1), cache=cache)  # decode
+        got = c(more, attention_mask=mask2, cache=cache).logits  # decode of 4 tokens: K/V gathered per kept head
     assert [r.phase for r in model.pp.passes] == ["forward", "prefill", "decode"]
+    ref = zero_pruned(random_model("llama-gqa"), model.pp.runtime.last_selection(), head_dim=16)
+    with torch.no_grad():
+        want = ref(torch.cat([ids, more], 1), attention_mask=mask2).logits[:, -4:]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_generation_inputs_are_refused_with_the_fix():

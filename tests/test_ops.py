@@ -85,3 +85,30 @@ def test_ema_warmup_weight_is_zero_and_pads_do_not_count():
     valid = torch.tensor([[True, False], [True, False]])  # position 1 is padding everywhere
     ops.ema_update_(H, torch.tensor([0]), x, valid, torch.tensor(1.0))
     assert H.tolist() == [[10.0], [0.0]]  # mean of 4 and 16; position 1 untouched
+
+
+def _attention_case(seed=0, B=2, H=6, KV=2, T=7, D=4):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, 1, D, generator=g)
+    k, v = torch.randn(B, KV, T, D, generator=g), torch.randn(B, KV, T, D, generator=g)
+    return q, k, v
+
+
+def test_one_query_attention_of_kept_heads_equals_sdpa_on_those_heads():
+    F = torch.nn.functional
+    q, k, v = _attention_case()
+    B, H, _, D = q.shape
+    KV, T = k.shape[1], k.shape[2]
+    kept = torch.tensor([1, 2, 5])
+    k_rep, v_rep = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)  # (B, H, T, D)
+    allowed = torch.rand(B, 1, 1, T, generator=torch.Generator().manual_seed(1)) > 0.3
+    allowed[..., -1] = True  # the query attends at least to itself
+    per_head = torch.randn(B, H, 1, T)  # an additive mask per head (e.g. ALiBi)
+    for mask in (None, allowed, torch.where(allowed, 0.0, float("-inf")), per_head):
+        for scale in (None, 0.3):
+            full = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask, scale=scale)  # (B, H, 1, D)
+            want = full.index_select(1, kept)
+            qk = q.index_select(1, kept)
+            # K/V repeated per query head, and K/V heads as they are (GQA): the same result
+            torch.testing.assert_close(ops.attend_one_query(qk, k_rep, v_rep, kept, H, mask, scale), want)
+            torch.testing.assert_close(ops.attend_one_query(qk, k, v, kept, H, mask, scale), want)

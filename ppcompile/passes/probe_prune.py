@@ -33,7 +33,7 @@ from .graph import GraphInputs, body_start, call, copy_graph, final_input, graph
 from .outline import Outliner
 from .rewrite import compact, escapes, label_site, probe_activation
 from .seam import Seam, Slot
-from .sites import Site, find_sites, module_path, sdpa_qkv, value
+from .sites import Site, find_sites, module_path, value
 
 @dataclass
 class PassResult:
@@ -163,9 +163,8 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
         if reuse:
             with g.inserting_before(min(site.projections, key=_order(g))):
                 new_weights, kept = _reused_weights(g, seam, site, kv_whole)
-            # K/V whole (both generation phases): the short query attends on all heads, the cache in place
-            compact(g, site, lab, new_weights, {"h": site.kept, "c": site.kept}, None, tag,
-                    full_heads=kept if site.kind == "attention" else None)
+            compact(g, site, lab, new_weights, {"h": site.kept, "c": site.kept},
+                    kept if site.kind == "attention" else None, tag)  # K/V whole in decode
             continue
         history = None
         if policy.history:
@@ -188,9 +187,9 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
             else:
                 kept, share = _dynamic_select(g, site, lab, config, gi.valid, history, gi, tag)
                 kept_now = None
-            chan = new_weights = kv_index = named = None
+            chan = new_weights = named = None
             if store or not dense_block:
-                chan, new_weights, kv_index, named = _compact_weights(g, site, kept, kept_now, kv_whole, real, tag)
+                chan, new_weights, named = _compact_weights(g, site, kept, kept_now, kv_whole, real, tag)
         if static is None and not dense_block:
             groups.append(([n for n in g.nodes if n not in before], tag, site.kind))
         seam.output(f"kept/{site.name}", kept)
@@ -200,7 +199,7 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
         if share is not None and config.telemetry:
             seam.output(f"share/{site.name}", share)
         if not dense_block:
-            compact(g, site, lab, new_weights, {"h": site.kept, "c": site.kept}, kv_index, tag)
+            compact(g, site, lab, new_weights, {"h": site.kept, "c": site.kept}, kept if kv_whole else None, tag)
         if static is not None and static[site.name].bias is not None:
             _add_bias(g, site.final, static[site.name].bias, tag)
         if history is not None:
@@ -309,7 +308,7 @@ def _compact_weights(g, site: Site, kept: fx.Node, kept_now: torch.Tensor | None
     """The kept rows of the first projections and columns of the final one. With indices known
     now (static policies) and real weights, they are sliced once here and enter as constants;
     otherwise the graph gathers them on every call. Returns (channels, projection -> (weight, bias),
-    K/V head index, the same weights by name: see _weight_names)."""
+    the same weights by name: see _weight_names)."""
     if site.kind == "attention":
         chan = call(g, ops.head_channels, kept, site.head_dim, name=f"{tag}_channels")
         chan_now = None if kept_now is None else ops.head_channels(kept_now, site.head_dim)
@@ -330,7 +329,7 @@ def _compact_weights(g, site: Site, kept: fx.Node, kept_now: torch.Tensor | None
         if bname is not None:
             b = named[bname] = gather(_bias(p), 0, bname)
         weights[p] = (w, b)
-    return chan, weights, _kv_index(g, site, kept, kv_whole, tag), named
+    return chan, weights, named
 
 
 def _weight_names(site: Site, kv_whole: bool) -> dict[fx.Node, tuple[str, str | None]]:
@@ -388,15 +387,6 @@ def _reused_weights(g: fx.Graph, seam: Seam, site: Site, kv_whole: bool):
 
     weights = {p: (read(w), read(b)) for p, (w, b) in _weight_names(site, kv_whole).items()}
     return weights, nodes["kept"]
-
-
-def _kv_index(g: fx.Graph, site: Site, kept: fx.Node, kv_whole: bool, tag: str) -> fx.Node | None:
-    """With K/V whole: the K/V head each kept query head reads."""
-    if not kv_whole:
-        return None
-    k_heads = value(sdpa_qkv(site.sdpa)[1]).shape[1]
-    return kept if k_heads == site.heads else \
-        call(g, torch.floor_divide, kept, site.heads // site.kv_heads, name=f"{tag}_kv_heads")
 
 
 def _role(site: Site, p: fx.Node) -> str:

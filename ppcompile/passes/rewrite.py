@@ -16,7 +16,7 @@ from torch import fx
 from .. import ops
 from .graph import call, shape_of
 from .dims import Atom, Labeler, Labels, anon, resized_args
-from .sites import Site, sdpa_qkv, writers, written
+from .sites import Site, writers, written
 
 
 def label_site(site: Site, kv_whole: bool) -> Labeler:
@@ -84,10 +84,10 @@ def probe_activation(g: fx.Graph, site: Site, lab: Labeler, p: fx.Node, kept_b: 
 
 
 def compact(g: fx.Graph, site: Site, lab: Labeler, weights: dict[fx.Node, tuple], new: dict[str, int],
-            kv_index: fx.Node | None, tag: str, full_heads: fx.Node | None = None) -> None:
+            kept_heads: fx.Node | None, tag: str) -> None:
     """Run the whole batch on compact weights: swap the projections' weights, resize literals.
-    With K/V whole, each kept query head reads its K/V head (gathered), or, given `full_heads`
-    (the kept heads), the attention runs on all heads with the pruned ones zero."""
+    `kept_heads`: the kept query heads of an attention whose K/V stay whole; each reads its own
+    K/V head (attend_kept)."""
     for proj, (w, b) in weights.items():
         args = list(proj.args) + [None] * (3 - len(proj.args))
         args[1] = w
@@ -98,29 +98,34 @@ def compact(g: fx.Graph, site: Site, lab: Labeler, weights: dict[fx.Node, tuple]
         if n in lab.labels:
             with g.inserting_before(n):
                 n.args = resized_args(n, lab.labels[n], new)
-    if full_heads is not None:
-        _attend_all_heads(g, site, full_heads, tag)
-    elif kv_index is not None:  # query heads pruned, K/V whole: each kept head reads its own K/V
-        q, k, v = sdpa_qkv(site.sdpa)
-        with g.inserting_before(site.sdpa):
-            k2 = call(g, torch.index_select, k, 1, kv_index, name=f"{tag}_gather_k")
-            v2 = call(g, torch.index_select, v, 1, kv_index, name=f"{tag}_gather_v")
-        site.sdpa.args = (q, k2, v2) + tuple(site.sdpa.args[3:])
-        kwargs = dict(site.sdpa.kwargs)
-        kwargs.pop("key", None), kwargs.pop("value", None), kwargs.pop("query", None)
-        if kwargs.get("enable_gqa"):
-            kwargs["enable_gqa"] = False
-        site.sdpa.kwargs = kwargs
+    if kept_heads is not None:
+        attend_kept(g, site, kept_heads, tag)
 
 
-def _attend_all_heads(g: fx.Graph, site: Site, kept: fx.Node, tag: str) -> None:
-    """Kept query heads placed among zero heads, the attention op as the model had it (K/V read
-    in place, GQA as it was), and the kept heads' outputs taken back: cheaper than gathering K/V
-    per kept head when the query is short and the cache long (decode)."""
-    q = sdpa_qkv(site.sdpa)[0]
-    with g.inserting_before(site.sdpa):
-        full = call(g, ops.scatter_heads, q, kept, site.heads, name=f"{tag}_all_heads")
-    site.sdpa.replace_input_with(q, full)
-    with g.inserting_after(site.sdpa):
-        out = call(g, torch.index_select, site.sdpa, 1, kept, name=f"{tag}_kept_heads")
-    site.sdpa.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def attend_kept(g: fx.Graph, site: Site, kept: fx.Node, tag: str) -> None:
+    """The kept query heads attend on whole K/V. One query token (decode) with a plain mask:
+    ops.attend_one_query, which reads the kept heads' K/V in place. Otherwise the K/V heads the
+    kept heads read are gathered and the attention op runs on them (a copy, paid back by a long
+    query)."""
+    sdpa = site.sdpa
+    p = dict(zip(SDPA_PARAMS, sdpa.args)) | dict(sdpa.kwargs)
+    q, k, v = p["query"], p["key"], p["value"]
+    if shape_of(q)[2] == 1 and p.get("dropout_p", 0.0) == 0.0 and p.get("is_causal", False) is False:
+        with g.inserting_before(sdpa):
+            out = call(g, ops.attend_one_query, q, k, v, kept, site.heads, p.get("attn_mask"), p.get("scale"),
+                       name=f"{tag}_attend")
+        sdpa.replace_all_uses_with(out)
+        g.erase_node(sdpa)
+        site.sdpa = out
+        return
+    k_heads = shape_of(k)[1]
+    with g.inserting_before(sdpa):
+        kv = kept if k_heads == site.heads else \
+            call(g, torch.floor_divide, kept, site.heads // k_heads, name=f"{tag}_kv_heads")
+        p["key"] = call(g, torch.index_select, k, 1, kv, name=f"{tag}_gather_k")
+        p["value"] = call(g, torch.index_select, v, 1, kv, name=f"{tag}_gather_v")
+    p["enable_gqa"] = False
+    sdpa.args, sdpa.kwargs = (q, p.pop("key"), p.pop("value")), {n: a for n, a in p.items() if n != "query"}
