@@ -106,10 +106,10 @@ SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "
 
 
 def attend_kept(g: fx.Graph, site: Site, kept: fx.Node, tag: str) -> None:
-    """The kept query heads attend on whole K/V. One query token (decode) with a plain mask:
-    ops.attend_one_query, which reads the kept heads' K/V in place. Otherwise the K/V heads the
-    kept heads read are gathered and the attention op runs on them (a copy, paid back by a long
-    query)."""
+    """The kept query heads attend on whole K/V. One query token (a decode step), no dropout, no
+    causal flag: ops.attend_one_query, which reads the kept heads' K/V in place. Otherwise the K/V
+    heads the kept heads read are gathered and the attention op runs on them (a copy, paid back by
+    a long query)."""
     sdpa = site.sdpa
     p = dict(zip(SDPA_PARAMS, sdpa.args)) | dict(sdpa.kwargs)
     q, k, v = p["query"], p["key"], p["value"]
