@@ -206,8 +206,8 @@ def quality_table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-2b-shaped",
-                   help=f"a known model ({', '.join(KNOWN_MODELS)}) or a random arch ({', '.join(RANDOM_ARCHS)})")
+    p.add_argument("--model", help=f"a known model ({', '.join(KNOWN_MODELS)}) or a random arch "
+                                   f"({', '.join(RANDOM_ARCHS)}); default: llama-2b-shaped, with --quality smollm2-135m")
     p.add_argument("--layers", type=int, help="random archs: this many decoder layers")
     p.add_argument("--shapes", type=_shapes, default=[(1, 128), (8, 128), (1, 512), (8, 512)])
     p.add_argument("--new", type=int, default=128)
@@ -229,6 +229,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2", help="--quality: calibration seeds")
     p.add_argument("--greedy", type=int, default=64, help="--quality: new tokens compared with dense's")
     args = p.parse_args()
+    args.model = args.model or ("smollm2-135m" if args.quality else "llama-2b-shaped")
     if args.from_json:
         rows = [r for f in args.from_json for r in json.loads(f.read_text())]
         print(quality_table(rows) if "greedy_agreement" in rows[0] else table(rows))
