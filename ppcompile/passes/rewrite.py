@@ -16,7 +16,7 @@ from torch import fx
 from .. import ops
 from .graph import call, shape_of
 from .dims import Atom, Labeler, Labels, anon, resized_args
-from .sites import Site, writers, written
+from .sites import Site, sdpa_params, writers, written
 
 
 def label_site(site: Site, kv_whole: bool) -> Labeler:
@@ -102,16 +102,13 @@ def compact(g: fx.Graph, site: Site, lab: Labeler, weights: dict[fx.Node, tuple]
         attend_kept(g, site, kept_heads, tag)
 
 
-SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-
 def attend_kept(g: fx.Graph, site: Site, kept: fx.Node, tag: str) -> None:
     """The kept query heads attend on whole K/V. One query token (a decode step), no dropout, no
     causal flag: ops.attend_one_query, which reads the kept heads' K/V in place. Otherwise the K/V
     heads the kept heads read are gathered and the attention op runs on them (a copy, paid back by
     a long query)."""
     sdpa = site.sdpa
-    p = dict(zip(SDPA_PARAMS, sdpa.args)) | dict(sdpa.kwargs)
+    p = sdpa_params(sdpa)
     q, k, v = p["query"], p["key"], p["value"]
     if shape_of(q)[2] == 1 and p.get("dropout_p", 0.0) == 0.0 and p.get("is_causal", False) is False:
         with g.inserting_before(sdpa):

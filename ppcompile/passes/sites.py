@@ -201,9 +201,17 @@ def _describe_attention(site: Site) -> None:
         site.status = "dense: query heads are not a multiple of key/value heads"
 
 
+SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def sdpa_params(sdpa: fx.Node) -> dict:
+    """An attention op's arguments by name, however the call passed them."""
+    return dict(zip(SDPA_PARAMS, sdpa.args)) | dict(sdpa.kwargs)
+
+
 def sdpa_qkv(sdpa: fx.Node) -> list[fx.Node]:
-    names = ("query", "key", "value")
-    return [sdpa.args[i] if i < len(sdpa.args) else sdpa.kwargs[names[i]] for i in range(3)]
+    p = sdpa_params(sdpa)
+    return [p["query"], p["key"], p["value"]]
 
 
 def _qkv_projections(site: Site) -> dict[str, fx.Node] | None:
