@@ -9,6 +9,9 @@ are stored transposed), so that what pruning gains is read apart from what the r
     python bench/generate.py --model llama-2b-shaped --layers 24  # deeper, same width
     python bench/generate.py --quality                        # SmolLM2 on real text (see below)
 
+--dtype: speed runs by default in the dtype a user who wants speed runs (`auto`: bfloat16 on CUDA
+and on a CPU with a bf16 matrix unit, else float32), quality in float32.
+
 Speed, per shape (batch x prompt) and method: prefill seconds (the call until the first new token),
 decode tokens/s over the other new tokens (a streamer stamps each token), both medians over --reps
 rounds after a warm-up generation that compiles; dense's and pp's plain forward of the prompt
@@ -40,7 +43,7 @@ from tabulate import tabulate
 import ppcompile as pp
 from ppcompile.flops import weight_bytes
 from ppcompile.generation import timed_generate
-from ppcompile.models import KNOWN_MODELS, RANDOM_ARCHS, load_model, random_model
+from ppcompile.models import KNOWN_MODELS, RANDOM_ARCHS, dtype_name, load_model, parse_dtype, random_model
 from speed import PeakMemory, _shapes  # bench/ is the script's folder: on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,11 +53,11 @@ CALIBRATED = {"flap", "wanda-sp", "pp"}
 FORWARD = {"dense", "pp"}  # also timed on a plain forward of the prompt (prefill = forward + generate's own work)
 
 
-def _model(name: str, layers: int | None, device: torch.device):
+def _model(name: str, layers: int | None, device: torch.device, dtype: torch.dtype):
     if name in RANDOM_ARCHS:
         overrides = {"num_hidden_layers": layers} if layers else {}
-        return random_model(name, **overrides).to(device), 32000 if "2b" in name else 128
-    model, tokenizer = load_model(name, device=device)
+        return random_model(name, dtype=dtype, **overrides).to(device), 32000 if "2b" in name else 128
+    model, tokenizer = load_model(name, dtype=dtype, device=device)
     return model, len(tokenizer)
 
 
@@ -145,18 +148,18 @@ def _rows(fns, rows, batch, prompt, new, ratio, cache_len) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["model", "batch", "prompt", "new", "method", "ratio", "prefill_s", "prefill_vs_dense", "forward_s",
+    cols = ["model", "dtype", "batch", "prompt", "new", "method", "ratio", "prefill_s", "prefill_vs_dense", "forward_s",
             "decode_tok_s",
             "decode_vs_dense", "bytes_ratio", "vs_byte_limit", "share_of_flap_cut", "peak_mib"]
     return tabulate([[r.get(c) for c in cols] for r in rows], headers=cols, floatfmt=".3g", tablefmt="github")
 
 
 # ---- quality ----
-def continuation_quality(args) -> list[dict]:
+def continuation_quality(args, dtype: torch.dtype) -> list[dict]:
     from ppcompile import data
     from ppcompile.cli import _windows_and_calibration
     from ppcompile.evaluate import continuation_nll
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=dtype)
     half, rows = args.seq_len // 2, []
     for seed in [int(s) for s in args.seeds.split(",")]:
         windows, cal, _ = _windows_and_calibration(model, tokenizer, args.data, args.seq_len,
@@ -216,7 +219,10 @@ def main() -> None:
                                      f"{','.join(QUALITY_METHODS)} (dense always runs)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path)
+    p.add_argument("--dtype", help="float32, bfloat16, float16 or auto; default auto, with --quality float32")
+    p.add_argument("--out", type=Path, help="default bench/results/generate_<model>_<device>[_<dtype>].json "
+                                            "(continuation_<model>[_<dtype>].json with --quality; no dtype in the "
+                                            "name for float32)")
     p.add_argument("--from-json", type=Path, nargs="+", help="print the tables of earlier runs and exit")
     p.add_argument("--quality", action="store_true", help="continuation perplexity and greedy agreement instead")
     p.add_argument("--data", default="brown:a")
@@ -234,29 +240,31 @@ def main() -> None:
         rows = [r for f in args.from_json for r in json.loads(f.read_text())]
         print(quality_table(rows) if "greedy_agreement" in rows[0] else table(rows))
         return
+    dtype = parse_dtype(args.dtype or ("float32" if args.quality else "auto"), args.device)
+    suffix = "" if dtype == torch.float32 else f"_{dtype_name(dtype)}"
     machine = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)" \
         if args.device == "cpu" else torch.cuda.get_device_name()
     if args.quality:
         if args.model not in KNOWN_MODELS and not Path(args.model).is_dir():
             raise SystemExit("--quality needs a real model (e.g. smollm2-135m): random weights have no quality")
-        rows = [{"model": args.model, "data": args.data, "seq_len": args.seq_len, **r, "machine": machine,
-                 "torch": torch.__version__} for r in continuation_quality(args)]
-        out = args.out or ROOT / f"bench/results/continuation_{args.model}.json"
+        rows = [{"model": args.model, "dtype": dtype_name(dtype), "data": args.data, "seq_len": args.seq_len, **r,
+                 "machine": machine, "torch": torch.__version__} for r in continuation_quality(args, dtype)]
+        out = args.out or ROOT / f"bench/results/continuation_{args.model}{suffix}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=2) + "\n")
-        print(quality_table(rows) + f"\n\n{args.model}, {args.data}, {machine}; JSON: {out}")
+        print(quality_table(rows) + f"\n\n{args.model} ({dtype_name(dtype)}), {args.data}, {machine}; JSON: {out}")
         return
     device = torch.device(args.device)
     torch._inductor.config.force_disable_caches = True
-    model, vocab = _model(args.model, args.layers, device)
+    model, vocab = _model(args.model, args.layers, device, dtype)
     name = args.model + (f"-{args.layers}l" if args.layers else "")
-    rows = [{"model": name, **r, "machine": machine, "torch": torch.__version__}
+    rows = [{"model": name, "dtype": dtype_name(dtype), **r, "machine": machine, "torch": torch.__version__}
             for r in run(model, vocab, args.shapes, args.new, args.ratio, (args.methods or ",".join(METHODS)).split(","),
                          args.reps, device)]
-    out = args.out or ROOT / f"bench/results/generate_{name}_{device.type}.json"
+    out = args.out or ROOT / f"bench/results/generate_{name}_{device.type}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")
-    print(table(rows) + f"\n\n{name}, {machine}, torch {torch.__version__}, median of {args.reps} rounds; JSON: {out}")
+    print(table(rows) + f"\n\n{name} ({dtype_name(dtype)}), {machine}, torch {torch.__version__}, median of {args.reps} rounds; JSON: {out}")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ multiples of dense next to the reference implementation's; writes bench/results/
     python bench/quality.py                 # the protocol: SmolLM2-135M, Brown a / fgh, 512 x 8 x 4
     python bench/quality.py --seeds 0       # one calibration sample only
     python bench/quality.py --no-readme     # only print and write the JSON
+    python bench/quality.py --dtype bfloat16 --seeds 0,1,2   # bf16, next to the fp32 run's same seeds
 
 The calibration windows are a random sample, and which windows it draws moves the calibrated
 methods' perplexity by a few percent, so by default the calibrated methods run once per
 calibration seed and the table gives the median multiple with its range over the seeds.
-Full-batch uses no calibration: it runs once.
+Full-batch uses no calibration: it runs once. In another dtype than float32 the table also gives
+each multiple of the float32 run (its JSON, the same seeds) and how far the two are apart.
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import re
 import statistics
 from pathlib import Path
 
+import torch
 from tabulate import tabulate
 
 from ppcompile.cli import _run_eval
+from ppcompile.models import dtype_name, parse_dtype
 from ppcompile.policies import POLICIES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,15 +37,27 @@ REFERENCE = {0.2: {"full-batch": 1.35, "pp": 1.46, "wanda-sp": 1.44, "flap": 1.6
 CALIBRATED = {name for name, p in POLICIES.items() if p.history or p.static}  # the methods whose choices depend on the calibration sample
 
 
-def table(rows: list[dict]) -> str:
-    """One line per method and ratio: medians over the calibration seeds, with the multiple's range."""
+def _multiples(rows: list[dict]) -> dict[tuple, dict[int, float]]:
+    """(method, ratio) -> calibration seed -> perplexity / that seed's dense perplexity."""
     dense = {r["calibration"]["seed"]: r["ppl"] for r in rows if r["method"] == "dense"}
+    out: dict[tuple, dict[int, float]] = {}
+    for r in rows:
+        seed = r["calibration"]["seed"]
+        out.setdefault((r["method"], r["ratio"]), {})[seed] = r["ppl"] / dense[seed]
+    return out
+
+
+def table(rows: list[dict], fp32: list[dict] | None = None) -> str:
+    """One line per method and ratio: medians over the calibration seeds, with the multiple's range;
+    with `fp32` (the float32 run's rows), its median multiple over the same seeds, and the ratio."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["ratio"]), []).append(r)
+    theirs = _multiples(fp32) if fp32 else {}
     out = []
     for (method, ratio), rs in groups.items():
-        multiples = [r["ppl"] / dense[r["calibration"]["seed"]] for r in rs]
+        mine = _multiples(rows)[method, ratio]
+        multiples = list(mine.values())
         multiple = statistics.median(multiples)
         ref = REFERENCE.get(ratio, {}).get(method)
         med = {k: statistics.median(r[k] for r in rs) for k in ("ppl", "kl", "top1", "seconds_per_batch")}
@@ -49,15 +65,20 @@ def table(rows: list[dict]) -> str:
                     f"{min(multiples):.2f}-{max(multiples):.2f}" if len(rs) > 1 else "-",
                     f"{ref:.2f}" if ref else "-", f"{100 * (multiple / ref - 1):+.1f}%" if ref else "-",
                     f"{med['kl']:.3f}", f"{med['top1']:.3f}", f"{med['seconds_per_batch']:.2f}"])
-    return tabulate(out, headers=["method", "ratio", "seeds", "ppl", "x dense", "range", "reference x dense",
-                                  "vs reference", "KL to dense", "top-1 agree", "s / batch"], tablefmt="github")
+        if fp32:
+            same = [theirs.get((method, ratio), {}).get(seed) for seed in mine]
+            base = statistics.median(same) if same and None not in same else None
+            out[-1] += [f"{base:.2f}" if base else "-", f"{100 * (multiple / base - 1):+.1f}%" if base else "-"]
+    headers = ["method", "ratio", "seeds", "ppl", "x dense", "range", "reference x dense", "vs reference",
+               "KL to dense", "top-1 agree", "s / batch"] + (["fp32 x dense (same seeds)", "vs fp32"] if fp32 else [])
+    return tabulate(out, headers=headers, tablefmt="github")
 
 
 def context(rows: list[dict]) -> str:
     r = rows[0]
     cal = r["calibration"]
     seeds = sorted({x["calibration"]["seed"] for x in rows})
-    return (f"{r['model']} (fp32), evaluation text {r['text']} (first {r['batches'] * r['batch_size']} "
+    return (f"{r['model']} ({r.get('dtype', 'float32')}), evaluation text {r['text']} (first {r['batches'] * r['batch_size']} "
             f"non-overlapping {r['seq_len']}-token windows, batch {r['batch_size']}, first batch run once "
             f"as warm-up), calibration {cal['windows']} seeded-random {cal['seq_len']}-token windows of "
             f"{cal['text']} (seeds {', '.join(str(s) for s in seeds)}; {r['calibration_seconds']:.0f} s "
@@ -77,10 +98,15 @@ def main() -> None:
     p.add_argument("--ratios", default="0.2,0.4")
     p.add_argument("--seeds", default="0,1,2,3,4", help="calibration seeds (the calibrated methods run once per seed)")
     p.add_argument("--backend", choices=["inductor", "eager"], default="inductor")
-    p.add_argument("--out", type=Path, default=ROOT / "bench/results/quality_smollm2_brown-a.json")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--out", type=Path, help="default bench/results/quality_smollm2_brown-a[_<dtype>].json "
+                                            "(no dtype in the name for float32)")
     p.add_argument("--from-json", type=Path, help="only format an earlier run's JSON")
     p.add_argument("--no-readme", action="store_true")
     args = p.parse_args()
+    dtype = parse_dtype(args.dtype)
+    suffix = "" if dtype == torch.float32 else f"_{dtype_name(dtype)}"
+    out_path = args.out or ROOT / f"bench/results/quality_smollm2_brown-a{suffix}.json"
     if args.from_json:
         rows = json.loads(args.from_json.read_text())
     else:
@@ -90,18 +116,23 @@ def main() -> None:
             methods = METHODS if i == 0 else [m for m in METHODS if m == "dense" or m in CALIBRATED]
             rows += _run_eval(args.model, args.data, args.seq_len, args.batch_size, args.batches, methods,
                               ratios, True, calibration=args.calibration,
-                              calibration_windows=args.calibration_windows, seed=seed, backend=args.backend)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    text = f"{table(rows)}\n\n{context(rows)}."
+                              calibration_windows=args.calibration_windows, seed=seed, backend=args.backend,
+                              dtype=dtype)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(rows, indent=2) + "\n")
+    suffix = "" if rows[0].get("dtype", "float32") == "float32" else f"_{rows[0]['dtype']}"  # the run's, not --dtype
+    fp32_path = ROOT / "bench/results/quality_smollm2_brown-a.json"
+    fp32 = json.loads(fp32_path.read_text()) if suffix and fp32_path.is_file() else None
+    text = f"{table(rows, fp32)}\n\n{context(rows)}."
     print(text)
     if not args.no_readme:
         readme = ROOT / "README.md"
-        block = f"<!-- quality:start -->\n{text}\n<!-- quality:end -->"
-        new = re.sub(r"<!-- quality:start -->.*?<!-- quality:end -->", lambda m: block,
+        name = f"quality{suffix.replace('_', '-')}"  # the README block of this dtype's table
+        block = f"<!-- {name}:start -->\n{text}\n<!-- {name}:end -->"
+        new = re.sub(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", lambda m: block,
                      readme.read_text(), flags=re.S)
-        if "<!-- quality:start -->" not in new:
-            raise SystemExit("README.md has no <!-- quality:start --> ... <!-- quality:end --> block")
+        if f"<!-- {name}:start -->" not in new:
+            raise SystemExit(f"README.md has no <!-- {name}:start --> ... <!-- {name}:end --> block")
         readme.write_text(new)
 
 

@@ -3,6 +3,12 @@ run eagerly, all in one process and interleaved, so that the ratios are honest o
 
     python bench/speed.py                                   # the target: LLaMA-2B-shaped, batch 8, seq 512, r 0.4
     python bench/speed.py --model smollm2-135m --shapes 1x128,8x512 --ratio 0.2,0.4,0.6
+    python bench/speed.py --dtype float32 --busy            # fp32; and again beside a CPU-bound process
+
+--dtype: the model's dtype; by default the one a user who wants speed runs (`auto`: bfloat16 on
+CUDA and on a CPU with a bf16 matrix unit, else float32), so that pp is measured against the
+fastest dense. --busy: time every method a second time while another CPU-bound process runs
+(the bench starts it), so that what a busy machine does to each method is a figure.
 
 Per shape, every method at every ratio is timed against one dense baseline. Per configuration:
 median seconds per batch over --reps timed rounds (after a compile/warm-up call), tokens/s, time
@@ -24,9 +30,12 @@ batch: seconds per token over the stream with compile time included and apart, g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,7 +44,7 @@ from tabulate import tabulate
 
 import ppcompile as pp
 from ppcompile.calibration import collect
-from ppcompile.models import KNOWN_MODELS, RANDOM_ARCHS, load_model, random_model
+from ppcompile.models import KNOWN_MODELS, RANDOM_ARCHS, dtype_name, load_model, parse_dtype, random_model
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["dense", "pp", "flap", "pp-eager"]  # also: pp-static
@@ -77,11 +86,26 @@ class PeakMemory:
             self.mib = (_rss_kib("VmHWM") * 1024 - self.base) / 2**20
 
 
-def _model(name: str, device: torch.device):
+def _model(name: str, device: torch.device, dtype: torch.dtype):
     if name in RANDOM_ARCHS:
-        return random_model(name).to(device), 32000 if "2b" in name else 128
-    model, tokenizer = load_model(name, device=device)
+        return random_model(name, dtype=dtype).to(device), 32000 if "2b" in name else 128
+    model, tokenizer = load_model(name, dtype=dtype, device=device)
     return model, len(tokenizer)
+
+
+@contextlib.contextmanager
+def busy_machine(on: bool):
+    """While open (and `on`): one other CPU-bound process, a Python loop that keeps one core busy."""
+    if not on:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let it start spinning before anything is timed
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def _sync(device: torch.device) -> None:
@@ -102,8 +126,9 @@ def _compile_seconds() -> float:
 
 
 def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], methods: list[str], reps: int,
-              device: torch.device, profile: bool = False) -> list[dict]:
-    """Every method at every ratio on one (batch, seq), against one dense baseline, interleaved."""
+              device: torch.device, profile: bool = False, busy: bool = False) -> list[dict]:
+    """Every method at every ratio on one (batch, seq), against one dense baseline, interleaved;
+    with `busy`, the rounds again beside another CPU-bound process."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     # flap's calibration (random batches: speed does not depend on them), shared by the timed
@@ -147,18 +172,20 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
         for rep in range(reps):
             for key, fn in fns.items():
                 with PeakMemory(device) as mem:  # the peak of a steady call: the first round's
-                    _sync(device)
-                    start = time.perf_counter()
-                    fn(input_ids=ids, use_cache=False)
-                    _sync(device)
-                    rows[key]["times"].append(time.perf_counter() - start)
+                    rows[key]["times"].append(_timed(fn, ids, device))
                 if rep == 0:
                     rows[key]["peak_mib"] = mem.mib
+        with busy_machine(busy):
+            for rep in range(reps if busy else 0):
+                for key, fn in fns.items():
+                    rows[key].setdefault("busy_times", []).append(_timed(fn, ids, device))
     dense = rows.get(("dense", 0.0))
     dense_s = statistics.median(dense["times"]) if dense else None
+    dense_busy = statistics.median(dense["busy_times"]) if dense and busy else None
     out = []
     for (m, r), row in rows.items():
         median = statistics.median(row["times"])
+        busy_s = statistics.median(row["busy_times"]) if busy else None
         f = flops.get((m.replace("-eager", "").replace("-static", ""), r))
         ratio_flops = f["pruned"] / f["dense"] if f else 1.0
         out.append({"method": m, "batch": batch, "seq_len": seq, "ratio": r,
@@ -170,8 +197,17 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
                     "vs_flops_limit": median / (dense_s * ratio_flops) if dense_s else None,
                     "first_call_s": row["first_call_s"], "compile_s": row["compile_s"],
                     "peak_mib": row["peak_mib"],
-                    "peak_vs_dense": row["peak_mib"] / dense["peak_mib"] if dense and dense["peak_mib"] else None})
+                    "peak_vs_dense": row["peak_mib"] / dense["peak_mib"] if dense and dense["peak_mib"] else None,
+                    "busy_seconds": busy_s, "busy_vs_dense": busy_s / dense_busy if dense_busy else None})
     return out
+
+
+def _timed(fn, ids: torch.Tensor, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn(input_ids=ids, use_cache=False)
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def run_stream(model, vocab: int, n: int, max_batch: int, max_len: int, ratio: float,
@@ -227,30 +263,37 @@ def _graphs() -> int:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["model", "batch", "seq_len", "ratio", "method", "seconds", "tokens_per_second", "vs_dense",
+    cols = ["model", "dtype", "batch", "seq_len", "ratio", "method", "seconds", "tokens_per_second", "vs_dense",
             "flops_ratio", "vs_flops_limit", "probe_flops", "compile_s", "peak_mib", "peak_vs_dense"]
+    if any(r.get("busy_vs_dense") for r in rows):
+        cols.append("busy_vs_dense")
     return tabulate([[r.get(c) for c in cols] for r in rows], headers=cols, floatfmt=".3g", tablefmt="github")
 
 
 def matrix(rows: list[dict]) -> str:
-    """One line per (model, shape, ratio): each method's time relative to that shape's dense, the
-    FLOPs ratios, and pp's compile time relative to dense's."""
-    dense_compile = {(r["model"], r["batch"], r["seq_len"]): r["compile_s"] for r in rows if r["method"] == "dense"}
+    """One line per (model, dtype, shape, ratio): each method's time relative to that shape's
+    dense, the FLOPs ratios, and pp's compile time relative to dense's."""
+    def shape(r):
+        return r["model"], r.get("dtype", "float32"), r["batch"], r["seq_len"]
+
+    dense_compile = {shape(r): r["compile_s"] for r in rows if r["method"] == "dense"}
     cells: dict[tuple, dict] = {}
     for r in rows:
         if r["method"] == "dense":
             continue
-        key = (r["model"], r["batch"], r["seq_len"], r["ratio"])
+        key = (*shape(r), r["ratio"])
         cell = cells.setdefault(key, {})
         cell[r["method"]] = r["vs_dense"]
         if r["method"] == "pp":
             cell["pp FLOPs"], cell["probe FLOPs"] = r["flops_ratio"], r["probe_flops"]
-            base = dense_compile.get(key[:3])
+            base = dense_compile.get(key[:4])
             cell["pp compile"] = r["compile_s"] / base if base else None
-    cols = ["pp", "flap", "pp-eager", "pp FLOPs", "probe FLOPs", "pp compile"]
+            cell["pp busy"] = r.get("busy_vs_dense")
+    cols = ["pp", "flap", "pp-eager", "pp FLOPs", "probe FLOPs", "pp compile", "pp busy"]
     headers = [c if "FLOPs" in c else f"{c} / dense" for c in cols]
     body = [[*key, *(cell.get(c) for c in cols)] for key, cell in cells.items()]
-    return tabulate(body, headers=["model", "batch", "seq_len", "ratio", *headers], floatfmt=".3g", tablefmt="github")
+    return tabulate(body, headers=["model", "dtype", "batch", "seq_len", "ratio", *headers], floatfmt=".3g",
+                    tablefmt="github")
 
 
 def _shapes(s: str) -> list[tuple[int, int]]:
@@ -270,8 +313,11 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (see above)")
+    p.add_argument("--busy", action="store_true", help="also time every method beside a CPU-bound process")
     p.add_argument("--profile", action="store_true", help="also print a profile of one call per method")
-    p.add_argument("--out", type=Path, help="JSON output (default bench/results/speed_<model>_<device>.json)")
+    p.add_argument("--out", type=Path, help="JSON output (default bench/results/speed_<model>_<device>[_<dtype>].json, "
+                                            "no dtype in the name for float32)")
     p.add_argument("--from-json", type=Path, nargs="+", help="print the tables of earlier runs and exit")
     p.add_argument("--stream", type=int, default=0, help="serve N batches of random shapes instead (see above)")
     p.add_argument("--max-batch", type=int, default=16)
@@ -287,31 +333,35 @@ def main() -> None:
     # by default every graph compiles from scratch, so that compile_s measures compiling
     torch._inductor.config.force_disable_caches = not args.caches
     _warm_inductor(device)
-    model, vocab = _model(args.model, device)
+    dtype = parse_dtype(args.dtype, device)
+    model, vocab = _model(args.model, device, dtype)
+    tag = f"{args.model}_{device.type}" + ("" if dtype == torch.float32 else f"_{dtype_name(dtype)}")
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     if args.stream:
-        rows = [{"model": args.model, **r, "machine": machine, "torch": torch.__version__}
+        rows = [{"model": args.model, "dtype": dtype_name(dtype), **r, "machine": machine, "torch": torch.__version__}
                 for r in run_stream(model, vocab, args.stream, args.max_batch, args.max_len, args.ratio[0], device)]
-        out = args.out or ROOT / f"bench/results/stream_{args.model}_{device.type}.json"
+        out = args.out or ROOT / f"bench/results/stream_{tag}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=2) + "\n")
         cols = ["model", "method", "stream", "max_batch", "max_len", "ratio", "tokens", "graphs", "seconds",
                 "compile_s", "us_per_token", "us_per_token_steady", "vs_dense", "vs_dense_steady"]
         print(tabulate([[r[c] for c in cols] for r in rows], headers=cols, floatfmt=".3g", tablefmt="github"))
-        print(f"\n{args.model}, {machine}, torch {torch.__version__}; JSON: {out}")
+        print(f"\n{args.model} ({dtype_name(dtype)}), {machine}, torch {torch.__version__}; JSON: {out}")
         return
     rows = []
     for batch, seq in args.shapes:
         for r in run_shape(model, vocab, batch, seq, args.ratio, args.methods.split(","), args.reps, device,
-                           args.profile):
-            rows.append({"model": args.model, **r, "machine": machine, "torch": torch.__version__})
+                           args.profile, args.busy):
+            rows.append({"model": args.model, "dtype": dtype_name(dtype), **r, "machine": machine,
+                         "torch": torch.__version__})
             print(json.dumps(rows[-1]), flush=True)
-    out = args.out or ROOT / f"bench/results/speed_{args.model}_{device.type}.json"
+    out = args.out or ROOT / f"bench/results/speed_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")
     print(table(rows) + "\n\n" + matrix(rows))
-    print(f"\n{args.model}, {machine}, torch {torch.__version__}, median of {args.reps} rounds; JSON: {out}")
+    print(f"\n{args.model} ({dtype_name(dtype)}), {machine}, torch {torch.__version__}, median of {args.reps} rounds"
+          f"{'; busy: beside one CPU-bound process' if args.busy else ''}; JSON: {out}")
 
 
 if __name__ == "__main__":

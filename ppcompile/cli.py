@@ -53,6 +53,19 @@ def _count(minimum: int):
     return parse
 
 
+def _dtype(spec: str) -> torch.dtype:
+    try:
+        return models.parse_dtype(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_dtype(parser, default: str) -> None:
+    parser.add_argument("--dtype", type=_dtype, default=default,
+                        help=f"the model's dtype: {', '.join(models.DTYPES)}, or auto (bfloat16 where the CPU has "
+                             f"a bf16 matrix unit or on CUDA, else float32); default {default}")
+
+
 def _check_seq_len(seq_len: int, limit: int | None) -> None:
     """Windows longer than the model's positions would evaluate positions it was never trained on."""
     if limit is not None and seq_len > limit:
@@ -71,10 +84,10 @@ def _check_seq_len_early(model_name: str, seq_len: int) -> None:
     _check_seq_len(seq_len, limit if isinstance(limit, int) else None)
 
 
-def _loaded(model_name: str, seq_len: int):
+def _loaded(model_name: str, seq_len: int, dtype: torch.dtype = torch.float32):
     """(model, tokenizer), refusing a --seq-len past the model's positions before any pass runs."""
     _check_seq_len_early(model_name, seq_len)
-    model, tokenizer = models.load_model(model_name)
+    model, tokenizer = models.load_model(model_name, dtype=dtype)
     _check_seq_len(seq_len, getattr(model.config, "max_position_embeddings", None))
     return model, tokenizer
 
@@ -101,9 +114,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="how the pruned methods run the rewritten graph")
     ev.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
     ev.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _add_dtype(ev, "float32")
 
     demo = sub.add_parser("demo", help="dense vs Probe Pruning at 0.4 on the packaged model")
     demo.add_argument("--batches", type=_count(1), default=2)
+    _add_dtype(demo, "auto")
 
     ins = sub.add_parser("inspect", help="what the pass does: sites, kept counts, FLOPs; with --batches, "
                                          "per-layer telemetry of what each batch kept")
@@ -119,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--backend", choices=["inductor", "eager"], default="inductor")
     ins.add_argument("--plot", type=Path, help="draw how often each head/channel was kept (PNG)")
     ins.add_argument("--dump-dir", type=Path, help="also dump the graphs, sites and Inductor code here")
+    _add_dtype(ins, "float32")
 
     gen = sub.add_parser("generate", help="generate a continuation of --prompt through the pass; print it and "
                                           "the prefill time and decode tokens/s")
@@ -132,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--calibration-windows", type=_count(1), default=16)
     gen.add_argument("--backend", choices=["inductor", "eager"], default="inductor")
     gen.add_argument("--compare", action="store_true", help="also generate with dense, compiled the same way")
+    _add_dtype(gen, "auto")
 
     fetch = sub.add_parser("fetch", help="download a corpus into the cache")
     fetch.add_argument("corpus", choices=["brown"])
@@ -141,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run_eval(model_name: str, text: str, seq_len: int, batch_size: int, n_batches: int,
               method_names: list[str], ratios: list[float], progress: bool, *,
               calibration: str | None = None, calibration_windows: int = 64, seed: int = 0,
-              backend: str = "inductor") -> list[dict]:
+              backend: str = "inductor", dtype: torch.dtype = torch.float32) -> list[dict]:
     static = [m for m in method_names if m in POLICIES and POLICIES[m].needs_calibration]
     if static and not calibration:
         raise ValueError(f"method(s) {', '.join(static)} need calibration text: add --calibration SOURCE "
@@ -149,7 +166,7 @@ def _run_eval(model_name: str, text: str, seq_len: int, batch_size: int, n_batch
     # a fresh model: drop what earlier runs in this process compiled, or their entries would count
     # against Dynamo's recompile_limit for the same forward and this run would fall back to eager
     torch._dynamo.reset()
-    model, tokenizer = _loaded(model_name, seq_len)
+    model, tokenizer = _loaded(model_name, seq_len, dtype)
     windows, cal, cal_seconds = _windows_and_calibration(model, tokenizer, text, seq_len, batch_size * n_batches,
                                                          batch_size, calibration, calibration_windows, seed, progress)
     # one compiled model per method and ratio, all of the same forward: let Dynamo keep them all
@@ -165,7 +182,8 @@ def _run_eval(model_name: str, text: str, seq_len: int, batch_size: int, n_batch
                        data.iter_batches(windows, batch_size), reference=reference, progress=progress)
     context = {"model": model_name, "text": text, "seq_len": seq_len, "batch_size": batch_size,
                "calibration": cal.meta if cal else None, "calibration_seconds": round(cal_seconds, 2),
-               "backend": backend, "torch": torch.__version__, "device": _device_name()}
+               "backend": backend, "dtype": models.dtype_name(dtype), "torch": torch.__version__,
+               "device": _device_name()}
     return [_row(r, *methods[r.method][:2], context) for r in results]
 
 
@@ -189,7 +207,7 @@ def _windows_and_calibration(model, tokenizer, text: str, seq_len: int, n_window
 def _run_inspect(args) -> None:
     from .api import compile as pp_compile
     from .explain import explain
-    model, tokenizer = _loaded(args.model, args.seq_len)
+    model, tokenizer = _loaded(args.model, args.seq_len, args.dtype)
     windows, cal, _ = _windows_and_calibration(model, tokenizer, args.data, args.seq_len,
                                             args.batch_size * max(args.batches, 1), args.batch_size,
                                             args.calibration, args.calibration_windows, 0, False)
@@ -216,7 +234,7 @@ def _run_inspect(args) -> None:
 
 
 def _run_generate(args) -> None:
-    model, tokenizer = _loaded(args.model, 1)
+    model, tokenizer = _loaded(args.model, 1, args.dtype)
     cal = None
     if args.calibration:
         windows = data.token_windows(data.load_documents(args.calibration), tokenizer, 256,
@@ -243,14 +261,16 @@ def _generate_and_print(model, tokenizer, ids: torch.Tensor, runs: list[tuple[st
             out, prefill, step = timed_generate(compiled, ids, new=new, pad_token_id=tokenizer.pad_token_id)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         label = "dense" if policy == "dense" else f"{policy} at ratio {ratio}"
-        print(f"--- {label} ({backend}): prefill {prefill * 1e3:.0f} ms, decode {1 / step:.1f} tokens/s "
+        dtype = models.dtype_name(next(model.parameters()).dtype)
+        print(f"--- {label} ({backend}, {dtype}): prefill {prefill * 1e3:.0f} ms, decode {1 / step:.1f} tokens/s "
               f"(first call, compiling: {first:.0f} s)\n{prompt}[{text}]\n", flush=True)
 
 
 def _run_demo(args) -> None:
-    rows = _run_eval("smollm2-135m", "brown:a", 256, 4, args.batches, ["dense", "pp"], [0.4], True)
+    rows = _run_eval("smollm2-135m", "brown:a", 256, 4, args.batches, ["dense", "pp"], [0.4], True,
+                     dtype=args.dtype)
     _print_table(rows)
-    model, tokenizer = _loaded("smollm2-135m", 256)
+    model, tokenizer = _loaded("smollm2-135m", 256, args.dtype)
     windows = data.token_windows(data.load_documents("brown:a"), tokenizer, 48, n_windows=1)
     print("\ngeneration: 32 greedy tokens after the first 48 tokens of brown:a, dense and pp both "
           "compiled the same way (pp.compile, Inductor, static KV cache):\n")
@@ -273,7 +293,7 @@ def _print_table(rows: list[dict]) -> None:
     r = rows[0]
     cal = r["calibration"]
     cal_line = f", calibration {cal['windows']} windows of {cal['text']} ({r['calibration_seconds']:.0f} s)" if cal else ""
-    print(f"model {r['model']}, text {r['text']}, seq {r['seq_len']}, batch {r['batch_size']}, "
+    print(f"model {r['model']} ({r['dtype']}), text {r['text']}, seq {r['seq_len']}, batch {r['batch_size']}, "
           f"{r['batches']} batches{cal_line}, torch {r['torch']}, {r['device']}")
 
 
@@ -296,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = _run_eval(args.model, args.data, args.seq_len, args.batch_size, args.batches,
                              parse_methods(args.methods), args.ratio, not args.quiet,
                              calibration=args.calibration, calibration_windows=args.calibration_windows,
-                             seed=args.seed, backend=args.backend)
+                             seed=args.seed, backend=args.backend, dtype=args.dtype)
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps(rows, indent=2) + "\n")

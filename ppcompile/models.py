@@ -45,6 +45,36 @@ KNOWN_MODELS: dict[str, GGUFModel] = {
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
+# ---------------------------------------------------------------- dtypes
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype by name (float32, bfloat16, float16), or "auto": the fastest for `device` (fast_dtype)."""
+    if name == "auto":
+        return fast_dtype(device)
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: pass one of {', '.join(DTYPES)} or auto")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def fast_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """bfloat16 where its matmuls are fast (a CUDA card with bf16, a CPU with AMX-BF16 tiles), else
+    float32: what a user who wants speed runs, and so what speed is measured against."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:  # private probes of the CPU's matrix unit; absent in another torch: assume none
+        amx = torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported()
+    except AttributeError:
+        amx = False
+    return torch.bfloat16 if amx else torch.float32
+
 
 def load_model(
     name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"

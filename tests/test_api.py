@@ -256,3 +256,52 @@ def test_bad_calls_are_refused_before_the_model_runs():
     with pytest.raises(RuntimeError, match="prunes inference only"):
         c(_ids())
     assert model.pp.runtime.counts["pruned_calls"] == 2
+
+
+# ---- half precision: the model's dtype end to end, the pass's statistics in fp32 ----
+HALF = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("policy", ["pp", "flap"])
+def test_ratio_zero_is_the_original_model_in_half_precision(dtype, policy):
+    model = random_model("llama-gqa", dtype=dtype)
+    ids = _ids()
+    cal = _calibration_batches() if policy == "flap" else None
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = pp.compile(model, 0.0, policy=policy, backend="eager", strict=True, calibration=cal, **TINY)(ids).logits
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)  # the same matmuls on the same (all) columns
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("arch", ["llama-gqa", "opt"])
+def test_pruned_output_in_half_precision_equals_dense_with_pruned_columns_zeroed(dtype, arch):
+    model = random_model(arch, dtype=dtype)
+    ids = _ids()
+    compiled = pp.compile(model, 0.4, backend="eager", strict=True, **TINY)
+    with torch.no_grad():
+        compiled(ids)  # the warm-up: the next call fuses a history learnt in half precision
+        out = compiled(ids).logits
+    rt = model.pp.runtime
+    assert {t.dtype for t in rt.tables.values()} == {torch.float32}  # the history accumulates in fp32
+    assert rt.seeded.item() and all(t.abs().sum() > 0 for t in rt.tables.values())
+    ref = _masked_dense_logits(random_model(arch, dtype=dtype), ids, rt.last_selection(), head_dim=16)
+    # the compact matmul sums fewer terms than the zeroed dense one: equal up to the dtype's rounding
+    # (a wrong selection is off by 0.1 on average, 0.5 at most)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=1e-2)
+    assert (out.float() - ref.float()).abs().mean() < 1e-3
+
+
+def test_ratio_zero_equals_dense_through_inductor_in_bfloat16():
+    model = random_model("llama-gqa", dtype=torch.bfloat16)
+    ids = _ids(b=2, L=16)
+    with torch.no_grad():
+        ref = torch.compile(model, dynamic=False)(ids).logits
+        torch._dynamo.reset()
+        c = pp.compile(model, 0.0, strict=True, **TINY)
+        c(ids)
+        out = c(ids).logits
+    assert model.pp.runtime.counts["pruned_calls"] == 2
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)

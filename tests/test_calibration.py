@@ -206,3 +206,23 @@ def test_an_empty_list_of_batches_is_refused_before_the_model_is_touched():
     with pytest.raises(ValueError, match=re.escape("calibration got no batches: pass a list of at least one token "
                                                    "batch (B, L)")):
         collect(None, [])
+
+
+def test_statistics_of_a_bfloat16_model_accumulate_in_fp32_and_serve_that_model():
+    model = random_model("llama-gqa", dtype=torch.bfloat16)
+    batches = _batches()
+    cal = collect(model, batches)
+    name, path = "model.layers.3.mlp", "model.layers.3.mlp.down_proj"
+    x, valid = _final_inputs(model, batches, model.get_submodule(path))  # bf16 activations
+    w = valid.unsqueeze(-1).double()
+    history = (x.double().pow(2) * w).sum(0) / w.sum(0)  # the bf16 values, summed exactly
+    assert cal.history(name).dtype == torch.float32
+    # fp32 accumulation of bf16 values: within fp32 rounding of the exact sum (bf16 keeps 8 bits of
+    # mantissa: a bf16 accumulation would miss this tolerance by orders of magnitude)
+    torch.testing.assert_close(cal.history(name).double(), history, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(cal.mean(name), x.double()[valid].mean(0), rtol=1e-5, atol=1e-8)
+    # the fingerprint tells the bf16 model from its fp32 original: each calibration serves its own
+    assert fingerprint(model) != fingerprint(random_model("llama-gqa"))
+    pp.compile(model, 0.4, policy="flap", backend="eager", calibration=cal, **TINY)  # its own: accepted
+    with pytest.raises(ValueError, match="another model"):
+        pp.compile(random_model("llama-gqa"), 0.4, policy="flap", backend="eager", calibration=cal, **TINY)

@@ -89,6 +89,9 @@ def no_model(monkeypatch):
     (["inspect", "--seq-len", "-5"], "argument --seq-len: must be an integer >= 1, got '-5'"),
     (["inspect", "--batches", "-1"], "argument --batches: must be an integer >= 0, got '-1'"),
     (["demo", "--batches", "0"], "argument --batches: must be an integer >= 1, got '0'"),
+    (["eval", "--dtype", "float8"], "argument --dtype: unknown dtype 'float8': pass one of float32, bfloat16, "
+                                    "float16 or auto"),
+    (["generate", "--dtype", "fp16"], "argument --dtype: unknown dtype 'fp16'"),
 ])
 def test_bad_numbers_are_refused_while_parsing(argv, match, capsys, no_model):
     with pytest.raises(SystemExit) as exit:
@@ -100,6 +103,9 @@ def test_good_numbers_parse():
     args = cli._parser().parse_args(["eval", "--ratio", "0, 0.2,0.4,", "--seq-len", "16"])
     assert args.ratio == [0.0, 0.2, 0.4] and args.seq_len == 16
     assert cli._parser().parse_args(["inspect", "--ratio", "0.3", "--batches", "0"]).ratio == 0.3
+    assert cli._parser().parse_args(["eval"]).dtype == torch.float32  # the quality protocol's dtype
+    assert cli._parser().parse_args(["demo", "--dtype", "bfloat16"]).dtype == torch.bfloat16
+    assert cli._parser().parse_args(["generate", "--dtype", "float16"]).dtype == torch.float16
 
 
 def test_a_seq_len_past_a_local_checkpoints_positions_is_refused_before_loading(tmp_path, capsys, no_model):
@@ -112,7 +118,7 @@ def test_a_seq_len_past_a_local_checkpoints_positions_is_refused_before_loading(
 
 def test_a_seq_len_past_a_loaded_models_positions_is_refused_before_calibration(monkeypatch, capsys):
     model = random_model("llama-gqa")  # max_position_embeddings 256
-    monkeypatch.setattr(cli.models, "load_model", lambda name: (model, None))
+    monkeypatch.setattr(cli.models, "load_model", lambda name, dtype: (model, None))
 
     def refuse(*args, **kwargs):
         raise AssertionError("calibration or evaluation ran")
@@ -125,7 +131,7 @@ def test_a_seq_len_past_a_loaded_models_positions_is_refused_before_calibration(
 @pytest.mark.real_model
 def test_generate_prints_the_continuation_of_dense_and_pp(tiny_checkpoint, capsys):
     code = cli.main(["generate", "--model", str(tiny_checkpoint), "--prompt", "The city of", "--max-new-tokens",
-                     "4", "--backend", "eager", "--compare"])
+                     "4", "--backend", "eager", "--compare", "--dtype", "float32"])
     assert code == 0
     out = capsys.readouterr().out
     blocks = [b for b in out.split("--- ") if b]

@@ -10,7 +10,10 @@ from ppcompile.models import (
     KNOWN_MODELS,
     RANDOM_ARCHS,
     GGUFModel,
+    dtype_name,
+    fast_dtype,
     load_model,
+    parse_dtype,
     random_config,
     random_model,
 )
@@ -81,6 +84,16 @@ def test_overrides_and_dtype():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     eager = random_model("llama-mha", attn_implementation="eager")
     assert eager.config._attn_implementation == "eager"
+
+
+def test_dtypes_by_name_and_the_fast_one():
+    assert [parse_dtype(n) for n in ("float32", "bfloat16", "float16")] == [torch.float32, torch.bfloat16, torch.float16]
+    with pytest.raises(ValueError, match="unknown dtype 'half': pass one of float32, bfloat16, float16 or auto"):
+        parse_dtype("half")
+    # auto is bf16 only where a bf16 matrix unit is there to make it fast, never fp16 on a CPU
+    assert parse_dtype("auto", "cpu") in (torch.bfloat16, torch.float32)
+    assert parse_dtype("auto", "cpu") == fast_dtype("cpu")
+    assert dtype_name(torch.bfloat16) == "bfloat16"
 
 
 @pytest.mark.parametrize("arch,kv", [("llama-2b-shaped", 16), ("llama-2b-shaped-gqa", 4)])
