@@ -43,7 +43,8 @@ from tabulate import tabulate
 import ppcompile as pp
 from ppcompile.flops import weight_bytes
 from ppcompile.generation import timed_generate
-from ppcompile.models import KNOWN_MODELS, RANDOM_ARCHS, dtype_name, load_model, parse_dtype, random_model
+from ppcompile.models import (KNOWN_MODELS, RANDOM_ARCHS, dtype_name, dtype_suffix, load_model, parse_dtype,
+                              random_model)
 from speed import PeakMemory, _shapes  # bench/ is the script's folder: on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,7 +242,7 @@ def main() -> None:
         print(quality_table(rows) if "greedy_agreement" in rows[0] else table(rows))
         return
     dtype = parse_dtype(args.dtype or ("float32" if args.quality else "auto"), args.device)
-    suffix = "" if dtype == torch.float32 else f"_{dtype_name(dtype)}"
+    suffix = dtype_suffix(dtype)
     machine = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)" \
         if args.device == "cpu" else torch.cuda.get_device_name()
     if args.quality:

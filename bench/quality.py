@@ -20,11 +20,10 @@ import re
 import statistics
 from pathlib import Path
 
-import torch
 from tabulate import tabulate
 
 from ppcompile.cli import _run_eval
-from ppcompile.models import dtype_name, parse_dtype
+from ppcompile.models import dtype_suffix, parse_dtype
 from ppcompile.policies import POLICIES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,10 +52,10 @@ def table(rows: list[dict], fp32: list[dict] | None = None) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["ratio"]), []).append(r)
-    theirs = _multiples(fp32) if fp32 else {}
+    ours, theirs = _multiples(rows), _multiples(fp32) if fp32 else {}
     out = []
     for (method, ratio), rs in groups.items():
-        mine = _multiples(rows)[method, ratio]
+        mine = ours[method, ratio]
         multiples = list(mine.values())
         multiple = statistics.median(multiples)
         ref = REFERENCE.get(ratio, {}).get(method)
@@ -105,8 +104,7 @@ def main() -> None:
     p.add_argument("--no-readme", action="store_true")
     args = p.parse_args()
     dtype = parse_dtype(args.dtype)
-    suffix = "" if dtype == torch.float32 else f"_{dtype_name(dtype)}"
-    out_path = args.out or ROOT / f"bench/results/quality_smollm2_brown-a{suffix}.json"
+    out_path = args.out or ROOT / f"bench/results/quality_smollm2_brown-a{dtype_suffix(dtype)}.json"
     if args.from_json:
         rows = json.loads(args.from_json.read_text())
     else:
@@ -120,7 +118,7 @@ def main() -> None:
                               dtype=dtype)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(rows, indent=2) + "\n")
-    suffix = "" if rows[0].get("dtype", "float32") == "float32" else f"_{rows[0]['dtype']}"  # the run's, not --dtype
+    suffix = dtype_suffix(rows[0].get("dtype", "float32"))  # the run's (--from-json), not --dtype
     fp32_path = ROOT / "bench/results/quality_smollm2_brown-a.json"
     fp32 = json.loads(fp32_path.read_text()) if suffix and fp32_path.is_file() else None
     text = f"{table(rows, fp32)}\n\n{context(rows)}."

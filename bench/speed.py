@@ -44,7 +44,8 @@ from tabulate import tabulate
 
 import ppcompile as pp
 from ppcompile.calibration import collect
-from ppcompile.models import KNOWN_MODELS, RANDOM_ARCHS, dtype_name, load_model, parse_dtype, random_model
+from ppcompile.models import (KNOWN_MODELS, RANDOM_ARCHS, dtype_name, dtype_suffix, load_model, parse_dtype,
+                              random_model)
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["dense", "pp", "flap", "pp-eager"]  # also: pp-static
@@ -335,7 +336,7 @@ def main() -> None:
     _warm_inductor(device)
     dtype = parse_dtype(args.dtype, device)
     model, vocab = _model(args.model, device, dtype)
-    tag = f"{args.model}_{device.type}" + ("" if dtype == torch.float32 else f"_{dtype_name(dtype)}")
+    tag = f"{args.model}_{device.type}{dtype_suffix(dtype)}"
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     if args.stream:

@@ -63,6 +63,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def dtype_suffix(dtype: torch.dtype | str) -> str:
+    """What a result file's name adds for its dtype: nothing for float32 (the names results had
+    before there was a dtype), else "_<dtype>"."""
+    name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    return "" if name == "float32" else f"_{name}"
+
+
 def fast_dtype(device: str | torch.device = "cpu") -> torch.dtype:
     """bfloat16 where its matmuls are fast (a CUDA card with bf16, a CPU with AMX-BF16 tiles), else
     float32: what a user who wants speed runs, and so what speed is measured against."""

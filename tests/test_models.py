@@ -11,6 +11,7 @@ from ppcompile.models import (
     RANDOM_ARCHS,
     GGUFModel,
     dtype_name,
+    dtype_suffix,
     fast_dtype,
     load_model,
     parse_dtype,
@@ -94,6 +95,8 @@ def test_dtypes_by_name_and_the_fast_one():
     assert parse_dtype("auto", "cpu") in (torch.bfloat16, torch.float32)
     assert parse_dtype("auto", "cpu") == fast_dtype("cpu")
     assert dtype_name(torch.bfloat16) == "bfloat16"
+    # result files: float32 keeps the names results had before dtypes, others say theirs
+    assert (dtype_suffix(torch.float32), dtype_suffix("bfloat16")) == ("", "_bfloat16")
 
 
 @pytest.mark.parametrize("arch,kv", [("llama-2b-shaped", 16), ("llama-2b-shaped-gqa", 4)])
