@@ -43,23 +43,14 @@ from tabulate import tabulate
 import ppcompile as pp
 from ppcompile.flops import weight_bytes
 from ppcompile.generation import timed_generate
-from ppcompile.models import (KNOWN_MODELS, RANDOM_ARCHS, dtype_name, dtype_suffix, load_model, parse_dtype,
-                              random_model)
-from speed import PeakMemory, _shapes  # bench/ is the script's folder: on sys.path
+from ppcompile.models import KNOWN_MODELS, RANDOM_ARCHS, dtype_name, dtype_suffix, load_model, parse_dtype
+from speed import PeakMemory, _model, _shapes  # bench/ is the script's folder: on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["dense", "pp@0", "pp", "griffin", "flap", "wanda-sp"]
 QUALITY_METHODS = ["full-batch", "pp", "griffin", "flap", "wanda-sp"]
 CALIBRATED = {"flap", "wanda-sp", "pp"}
 FORWARD = {"dense", "pp"}  # also timed on a plain forward of the prompt (prefill = forward + generate's own work)
-
-
-def _model(name: str, layers: int | None, device: torch.device, dtype: torch.dtype):
-    if name in RANDOM_ARCHS:
-        overrides = {"num_hidden_layers": layers} if layers else {}
-        return random_model(name, dtype=dtype, **overrides).to(device), 32000 if "2b" in name else 128
-    model, tokenizer = load_model(name, dtype=dtype, device=device)
-    return model, len(tokenizer)
 
 
 def _policy_ratio(method: str, ratio: float) -> tuple[str, float]:
@@ -257,7 +248,8 @@ def main() -> None:
         return
     device = torch.device(args.device)
     torch._inductor.config.force_disable_caches = True
-    model, vocab = _model(args.model, args.layers, device, dtype)
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    model, vocab = _model(args.model, device, dtype, **overrides)
     name = args.model + (f"-{args.layers}l" if args.layers else "")
     rows = [{"model": name, "dtype": dtype_name(dtype), **r, "machine": machine, "torch": torch.__version__}
             for r in run(model, vocab, args.shapes, args.new, args.ratio, (args.methods or ",".join(METHODS)).split(","),

@@ -87,19 +87,17 @@ class PeakMemory:
             self.mib = (_rss_kib("VmHWM") * 1024 - self.base) / 2**20
 
 
-def _model(name: str, device: torch.device, dtype: torch.dtype):
+def _model(name: str, device: torch.device, dtype: torch.dtype, **overrides):
+    """(model, vocabulary size): a random arch (with config `overrides`) or a known/local model."""
     if name in RANDOM_ARCHS:
-        return random_model(name, dtype=dtype).to(device), 32000 if "2b" in name else 128
+        return random_model(name, dtype=dtype, **overrides).to(device), 32000 if "2b" in name else 128
     model, tokenizer = load_model(name, dtype=dtype, device=device)
     return model, len(tokenizer)
 
 
 @contextlib.contextmanager
-def busy_machine(on: bool):
-    """While open (and `on`): one other CPU-bound process, a Python loop that keeps one core busy."""
-    if not on:
-        yield
-        return
+def busy_machine():
+    """While open: one other CPU-bound process, a Python loop that keeps one core busy."""
     proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.5)  # let it start spinning before anything is timed
@@ -176,10 +174,11 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
                     rows[key]["times"].append(_timed(fn, ids, device))
                 if rep == 0:
                     rows[key]["peak_mib"] = mem.mib
-        with busy_machine(busy):
-            for rep in range(reps if busy else 0):
-                for key, fn in fns.items():
-                    rows[key].setdefault("busy_times", []).append(_timed(fn, ids, device))
+        if busy:
+            with busy_machine():
+                for rep in range(reps):
+                    for key, fn in fns.items():
+                        rows[key].setdefault("busy_times", []).append(_timed(fn, ids, device))
     dense = rows.get(("dense", 0.0))
     dense_s = statistics.median(dense["times"]) if dense else None
     dense_busy = statistics.median(dense["busy_times"]) if dense and busy else None
