@@ -82,15 +82,34 @@ def probe_share(probe: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
     return from_probe / (from_probe + ((1 - alpha) * history).sum() + EPS)
 
 
-def channel_scores(energy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """PPsp per input channel j of the final projection W (d_out, C): c_j * sqrt(sum_i W_ij^4)."""
-    return energy * weight.float().pow(4).sum(0).sqrt()
+def column_terms(weight: torch.Tensor) -> torch.Tensor:
+    """The weight side of the scores: sum_i W_ij^4 per input channel j of the final projection
+    W (d_out, C), in fp32. (C,). It depends on the weights alone, so the pass computes it once
+    when it has the real weights."""
+    return weight.float().pow(4).sum(0)
 
 
-def head_scores(energy: torch.Tensor, weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Per head: the Frobenius norm of {c_j W_ij^2 : i, j in the head}."""
-    per_channel = energy.pow(2) * weight.float().pow(4).sum(0)  # (C,) squared channel scores
+def channel_scores(energy: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
+    """PPsp per input channel j of the final projection: c_j * sqrt(sum_i W_ij^4); `terms` from
+    column_terms."""
+    return energy * terms.sqrt()
+
+
+def head_scores(energy: torch.Tensor, terms: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Per head: the Frobenius norm of {c_j W_ij^2 : i, j in the head}; `terms` from column_terms."""
+    per_channel = energy.pow(2) * terms  # (C,) squared channel scores
     return per_channel.view(n_heads, -1).sum(-1).sqrt()  # (H,)
+
+
+def gather_units(weight: torch.Tensor, dim: int, kept: torch.Tensor, unit: int) -> torch.Tensor:
+    """The kept units of `weight` along `dim`, each `unit` consecutive rows or columns (a head's
+    head_dim channels; 1 for an MLP channel). Gathering whole units through a view keeps the
+    innermost loop over contiguous memory, which Inductor vectorizes: for a head's columns that
+    is about 5x faster than gathering the same columns one by one."""
+    if unit == 1:
+        return weight.index_select(dim, kept)
+    units = weight.unflatten(dim, (-1, unit)).index_select(dim, kept)  # (..., k, unit, ...)
+    return units.flatten(dim, dim + 1)
 
 
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -59,6 +59,27 @@ def test_pruned_output_equals_dense_with_pruned_columns_zeroed(arch, policy):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama-gqa", "opt"])
+def test_both_final_layouts_prune_the_same_and_only_copy_adds_weights(arch):
+    ids = _ids()
+    outs, sels = {}, {}
+    for layout in ("copy", "gather"):
+        model = random_model(arch)
+        with torch.no_grad():
+            outs[layout] = pp.compile(model, 0.4, backend="eager", strict=True, final_layout=layout, **TINY)(ids).logits
+        sels[layout] = model.pp.runtime.last_selection()
+        copies = {name: b for name, b in model.pp.passes[-1].gm.named_buffers() if name.endswith("_transposed")}
+        mlp_sites = [s for s in model.pp.passes[-1].sites if s.kind == "mlp" and s.status == "pruned"]
+        assert len(copies) == (len(mlp_sites) if layout == "copy" else 0)
+        finals = [w for name, w in model.named_parameters() if name.endswith(("down_proj.weight", "fc2.weight"))]
+        for copy in copies.values():  # each is the down projection's weight of a pruned layer, transposed
+            assert copy.is_contiguous() and any(torch.equal(copy, w.t()) for w in finals[1:])
+    assert {k: v.tolist() for k, v in sels["copy"].items()} == {k: v.tolist() for k, v in sels["gather"].items()}
+    torch.testing.assert_close(outs["copy"], outs["gather"], rtol=0, atol=0)
+    ref = _masked_dense_logits(random_model(arch), ids, sels["copy"], head_dim=16)
+    torch.testing.assert_close(outs["copy"], ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("policy", ["wanda-sp", "flap"])
 def test_static_policies_equal_dense_with_pruned_columns_zeroed(arch, policy):

@@ -1,6 +1,7 @@
 import re
 
 import pytest
+import torch
 
 from ppcompile.config import PPConfig
 
@@ -38,11 +39,18 @@ def test_probe_sizes_have_floors():
 @pytest.mark.parametrize("kw, match", [
     ({"ratio": 1.0}, "ratio"), ({"ratio": -0.1}, "ratio"), ({"policy": "magic"}, "unknown policy"),
     ({"position_ratio": 0.0}, "position_ratio"), ({"sample_ratio": 1.5}, "sample_ratio"),
-    ({"blocks": "ffn"}, "blocks"),
+    ({"blocks": "ffn"}, "blocks"), ({"final_layout": "transposed"}, "final_layout must be one of auto, copy, gather"),
 ])
 def test_bad_input_is_a_clear_error(kw, match):
     with pytest.raises(ValueError, match=match):
         PPConfig(**kw)
+
+
+def test_final_layout_auto_copies_on_cpu_only():
+    auto, gather = PPConfig(), PPConfig(final_layout="gather")
+    assert auto.copies_final(torch.device("cpu")) and not auto.copies_final(torch.device("cuda"))
+    assert PPConfig(final_layout="copy").copies_final(torch.device("cuda"))
+    assert not gather.copies_final(torch.device("cpu"))
 
 
 def test_options_accept_every_field_and_reject_unknown_keys():

@@ -56,13 +56,24 @@ def test_fusion_and_scores_match_the_formulas():
     assert torch.allclose(c, torch.tensor(expect))
     W = torch.tensor([[1.0, 2.0, 0.5, 1.0], [2.0, 1.0, 1.0, 3.0]])  # (d_out=2, C=4), 2 heads of 2
     e = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    ch = ops.channel_scores(e, W)
+    ch = ops.channel_scores(e, ops.column_terms(W))
     assert torch.allclose(ch, torch.tensor([e[j] * (W[:, j] ** 4).sum().sqrt() for j in range(4)]))
-    hs = ops.head_scores(e, W, 2)
+    hs = ops.head_scores(e, ops.column_terms(W), 2)
     direct = [torch.stack([e[j] * W[i, j] ** 2 for i in range(2) for j in (2 * h, 2 * h + 1)]).norm() for h in range(2)]
     assert torch.allclose(hs, torch.stack(direct))
     assert ops.top_indices(torch.tensor([0.1, 5.0, 0.3, 2.0]), 2).tolist() == [1, 3]
     assert ops.head_channels(torch.tensor([0, 2]), 3).tolist() == [0, 1, 2, 6, 7, 8]
+
+
+def test_gather_units_equals_gathering_each_channel():
+    W = torch.arange(2 * 3 * 4, dtype=torch.float32).view(6, 4)  # 3 units of 2 rows, 2 units of 2 columns
+    heads = torch.tensor([0, 2])
+    rows = ops.head_channels(heads, 2)  # [0, 1, 4, 5]
+    assert torch.equal(ops.gather_units(W, 0, heads, 2), W[rows])
+    assert torch.equal(ops.gather_units(W, 1, torch.tensor([1]), 2), W[:, [2, 3]])
+    assert torch.equal(ops.gather_units(W, 1, torch.tensor([3, 0]), 1), W[:, [3, 0]])
+    b = torch.arange(6.0)
+    assert torch.equal(ops.gather_units(b, 0, heads, 2), b[rows])
 
 
 def test_ema_touches_kept_channels_only():

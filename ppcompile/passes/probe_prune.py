@@ -185,13 +185,15 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
                 kept = call(g, ops.top_indices, scores, site.kept, name=f"{tag}_select")
                 share = kept_now = None
             else:
-                kept, share = _dynamic_select(g, site, lab, config, gi.valid, history, gi, tag)
+                kept, share = _dynamic_select(g, site, lab, config, gi.valid, history, gi, real, tag)
                 kept_now = None
             chan = new_weights = named = None
             if store or not dense_block:
-                chan, new_weights, named = _compact_weights(g, site, kept, kept_now, kv_whole, real, tag)
+                chan, new_weights, named = _compact_weights(g, site, kept, kept_now, kv_whole, real,
+                                                            config.copies_final, tag)
         if static is None and not dense_block:
-            groups.append(([n for n in g.nodes if n not in before], tag, site.kind))
+            # constants (get_attr, placed at the graph's start) enter the subgraph as inputs
+            groups.append(([n for n in g.nodes if n not in before and n.op != "get_attr"], tag, site.kind))
         seam.output(f"kept/{site.name}", kept)
         if store:
             with g.inserting_before(first):
@@ -292,22 +294,28 @@ def _labels(site: Site, whole_kv: bool = False):
     return lab, kv_whole
 
 
-def _dynamic_select(g, site: Site, lab, config: PPConfig, valid, history, gi: GraphInputs, tag: str):
+def _dynamic_select(g, site: Site, lab, config: PPConfig, valid, history, gi: GraphInputs,
+                    real: RealTensor | None, tag: str):
     """Probe -> (fuse with history) -> score -> top-k: the kept heads or channels of this batch,
     and the probe's share of the fused energy."""
     energy, share = _probe_energy(g, site, lab, config, valid, history, gi, tag)
+    w = site.final.args[1]
+    t = real(w) if real is not None else None
+    terms = _const(g, f"{tag}_weight_terms", ops.column_terms(t.detach())) if t is not None else \
+        call(g, ops.column_terms, w, name=f"{tag}_weight_terms")  # weights unknown here: every call
     if site.kind == "attention":
-        scores = call(g, ops.head_scores, energy, site.final.args[1], site.heads, name=f"{tag}_score")
+        scores = call(g, ops.head_scores, energy, terms, site.heads, name=f"{tag}_score")
     else:
-        scores = call(g, ops.channel_scores, energy, site.final.args[1], name=f"{tag}_score")
+        scores = call(g, ops.channel_scores, energy, terms, name=f"{tag}_score")
     return call(g, ops.top_indices, scores, site.kept, name=f"{tag}_select"), share
 
 
 def _compact_weights(g, site: Site, kept: fx.Node, kept_now: torch.Tensor | None, kv_whole: bool,
-                     real: RealTensor | None, tag: str):
+                     real: RealTensor | None, copies_final: Callable[[torch.device], bool], tag: str):
     """The kept rows of the first projections and columns of the final one. With indices known
     now (static policies) and real weights, they are sliced once here and enter as constants;
-    otherwise the graph gathers them on every call. Returns (channels, projection -> (weight, bias),
+    otherwise the graph gathers them on every call (an MLP's final columns from a transposed copy
+    where `copies_final`: see PPConfig.final_layout). Returns (channels, projection -> (weight, bias),
     the same weights by name: see _weight_names)."""
     if site.kind == "attention":
         chan = call(g, ops.head_channels, kept, site.head_dim, name=f"{tag}_channels")
@@ -315,12 +323,20 @@ def _compact_weights(g, site: Site, kept: fx.Node, kept_now: torch.Tensor | None
     else:
         chan, chan_now = kept, kept_now
 
+    unit = site.head_dim if site.kind == "attention" else 1
+
     def gather(w: fx.Node, dim: int, name: str) -> fx.Node:
         t = real(w) if (real is not None and chan_now is not None) else None
         if t is not None:  # in the layout a matmul of a few tokens reads fastest (see _stored)
             kept_t = t.detach().index_select(dim, chan_now.to(t.device))
             return _const(g, f"{tag}_{name}", kept_t.t().contiguous().t() if kept_t.dim() == 2 else kept_t)
-        return call(g, torch.index_select, w, dim, chan, name=f"{tag}_gather_{name}")
+        t = real(w) if real is not None else None
+        if t is not None and dim == 1 and unit == 1 and copies_final(t.device):
+            # the kept columns as rows of a transposed copy made once: a contiguous gather
+            w_t = _const(g, f"{tag}_{name}_transposed", t.detach().t().contiguous())  # (C, d_out)
+            rows = call(g, torch.index_select, w_t, 0, kept, name=f"{tag}_gather_{name}_rows")  # (k, d_out)
+            return call(g, torch.Tensor.t, rows, name=f"{tag}_gather_{name}")
+        return call(g, ops.gather_units, w, dim, kept, unit, name=f"{tag}_gather_{name}")
 
     weights, named = {}, {}
     for p, (wname, bname) in _weight_names(site, kv_whole).items():
