@@ -16,7 +16,9 @@ relative to dense, the FLOPs ratio (pruned/dense, torch's FlopCounterMode; the p
 `dense time x FLOPs ratio` (the FLOPs limit), the compile time (Dynamo's own timer over the
 first call, Inductor included; its on-disk caches are off unless --caches) and the peak memory a
 steady call adds (CUDA: max allocated; CPU: the process's peak RSS above its level before the
-call, Linux only).
+call, Linux only); and the memory a method holds besides the model's weights (`added_mib`: the
+tensors its passes made, such as flap's sliced weights and pp's transposed copies, and its
+runtime's history tables), next to the weights' own (`weights_mib`).
 Token ids are random: speed does not depend on them, and flap is calibrated on two random
 batches for the same reason. `pp` serves any shape (batch and sequence dynamic); `pp-static`
 is the same pass compiled for the one shape (dynamic=False), to measure what dynamic costs.
@@ -179,6 +181,8 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
                 for rep in range(reps):
                     for key, fn in fns.items():
                         rows[key].setdefault("busy_times", []).append(_timed(fn, ids, device))
+    added = {key: _added_mib(fn) for key, fn in fns.items()}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     dense = rows.get(("dense", 0.0))
     dense_s = statistics.median(dense["times"]) if dense else None
     dense_busy = statistics.median(dense["busy_times"]) if dense and busy else None
@@ -198,8 +202,20 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
                     "first_call_s": row["first_call_s"], "compile_s": row["compile_s"],
                     "peak_mib": row["peak_mib"],
                     "peak_vs_dense": row["peak_mib"] / dense["peak_mib"] if dense and dense["peak_mib"] else None,
+                    "weights_mib": weights, "added_mib": added[m, r],
                     "busy_seconds": busy_s, "busy_vs_dense": busy_s / dense_busy if dense_busy else None})
     return out
+
+
+def _added_mib(fn) -> float:
+    """MiB a compiled method holds besides the model's weights: the tensors its passes made
+    (static policies' sliced weights, pp's transposed copies and score terms) and its runtime's
+    state (history tables, slots)."""
+    session = getattr(fn, "pp", None)
+    if session is None:
+        return 0.0
+    tensors = [b for r in session.passes for b in r.gm.buffers()] + list(session.runtime.slots.values())
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def _timed(fn, ids: torch.Tensor, device: torch.device) -> float:
@@ -264,7 +280,7 @@ def _graphs() -> int:
 
 def table(rows: list[dict]) -> str:
     cols = ["model", "dtype", "batch", "seq_len", "ratio", "method", "seconds", "tokens_per_second", "vs_dense",
-            "flops_ratio", "vs_flops_limit", "probe_flops", "compile_s", "peak_mib", "peak_vs_dense"]
+            "flops_ratio", "vs_flops_limit", "probe_flops", "compile_s", "peak_mib", "peak_vs_dense", "added_mib"]
     if any(r.get("busy_vs_dense") for r in rows):
         cols.append("busy_vs_dense")
     return tabulate([[r.get(c) for c in cols] for r in rows], headers=cols, floatfmt=".3g", tablefmt="github")
