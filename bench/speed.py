@@ -168,8 +168,9 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
                 with torch.profiler.profile() as prof:
                     fn(input_ids=ids, use_cache=False)
                     _sync(device)
-                print(f"\n# profile: {m}, batch {batch}, seq {seq}, ratio {r}\n"
-                      + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+                print(f"\n# profile: {m}, batch {batch}, seq {seq}, ratio {r}: {_profile_totals(prof)}\n"
+                      + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=90),
+                      flush=True)
         for rep in range(reps):
             for key, fn in fns.items():
                 with PeakMemory(device) as mem:  # the peak of a steady call: the first round's
@@ -207,11 +208,24 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
     return out
 
 
+def _profile_totals(prof) -> str:
+    """One call's self CPU time by kind: matmuls, attention, Inductor's C++ kernels (named with
+    --profile), the rest."""
+    kinds = {"matmul": 0.0, "attention": 0.0, "Inductor kernels": 0.0, "other": 0.0}
+    for e in prof.key_averages():
+        name = e.key
+        kind = ("matmul" if name in ("aten::mm", "aten::addmm", "aten::bmm") else
+                "attention" if name.startswith("aten::") and "scaled_dot_product" in name else
+                "Inductor kernels" if "cpp_fused" in name or name.startswith("triton_") else "other")
+        kinds[kind] += e.self_cpu_time_total / 1e3
+    return ", ".join(f"{k} {v:.1f} ms" for k, v in kinds.items())
+
+
 def _added_mib(fn) -> float:
     """MiB a compiled method holds besides the model's weights: the tensors its passes made
     (static policies' sliced weights, pp's transposed copies and score terms) and its runtime's
     state (history tables, slots)."""
-    session = getattr(fn, "pp", None)
+    session = fn.__dict__.get("pp")  # this compiled object's own (getattr would reach the model's)
     if session is None:
         return 0.0
     tensors = [b for r in session.passes for b in r.gm.buffers()] + list(session.runtime.slots.values())
@@ -331,7 +345,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (see above)")
     p.add_argument("--busy", action="store_true", help="also time every method beside a CPU-bound process")
-    p.add_argument("--profile", action="store_true", help="also print a profile of one call per method")
+    p.add_argument("--profile", action="store_true",
+                   help="also print a profile of one call per method (Inductor's C++ kernels by name)")
     p.add_argument("--out", type=Path, help="JSON output (default bench/results/speed_<model>_<device>[_<dtype>].json, "
                                             "no dtype in the name for float32)")
     p.add_argument("--from-json", type=Path, nargs="+", help="print the tables of earlier runs and exit")
@@ -348,6 +363,7 @@ def main() -> None:
     device = torch.device(args.device)
     # by default every graph compiles from scratch, so that compile_s measures compiling
     torch._inductor.config.force_disable_caches = not args.caches
+    torch._inductor.config.cpp.enable_kernel_profile = args.profile  # C++ kernels by name in the profile
     _warm_inductor(device)
     dtype = parse_dtype(args.dtype, device)
     model, vocab = _model(args.model, device, dtype)

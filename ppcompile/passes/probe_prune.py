@@ -326,11 +326,10 @@ def _compact_weights(g, site: Site, kept: fx.Node, kept_now: torch.Tensor | None
     unit = site.head_dim if site.kind == "attention" else 1
 
     def gather(w: fx.Node, dim: int, name: str) -> fx.Node:
-        t = real(w) if (real is not None and chan_now is not None) else None
-        if t is not None:  # in the layout a matmul of a few tokens reads fastest (see _stored)
+        t = real(w) if real is not None else None
+        if t is not None and chan_now is not None:  # in the layout a matmul of a few tokens reads fastest (_stored)
             kept_t = t.detach().index_select(dim, chan_now.to(t.device))
             return _const(g, f"{tag}_{name}", kept_t.t().contiguous().t() if kept_t.dim() == 2 else kept_t)
-        t = real(w) if real is not None else None
         if t is not None and dim == 1 and unit == 1 and copies_final(t.device):
             # the kept columns as rows of a transposed copy made once: a contiguous gather
             w_t = _const(g, f"{tag}_{name}_transposed", t.detach().t().contiguous())  # (C, d_out)
