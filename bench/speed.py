@@ -5,6 +5,8 @@ run eagerly, all in one process and interleaved, so that the ratios are honest o
     python bench/speed.py --model smollm2-135m --shapes 1x128,8x512 --ratio 0.2,0.4,0.6
     python bench/speed.py --dtype float32 --busy            # fp32; and again beside a CPU-bound process
 
+--pp FIELD=VALUE: a PPConfig field for the pp methods (e.g. --pp probe_budget=0.015); the rows
+record them.
 --dtype: the model's dtype; by default the one a user who wants speed runs (`auto`: bfloat16 on
 CUDA and on a CPU with a bf16 matrix unit, else float32), so that pp is measured against the
 fastest dense. --busy: time every method a second time while another CPU-bound process runs
@@ -127,9 +129,12 @@ def _compile_seconds() -> float:
 
 
 def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], methods: list[str], reps: int,
-              device: torch.device, profile: bool = False, busy: bool = False) -> list[dict]:
+              device: torch.device, profile: bool = False, busy: bool = False,
+              pp_options: dict | None = None) -> list[dict]:
     """Every method at every ratio on one (batch, seq), against one dense baseline, interleaved;
-    with `busy`, the rounds again beside another CPU-bound process."""
+    with `busy`, the rounds again beside another CPU-bound process. `pp_options`: PPConfig fields
+    for the pp methods (pp, pp-eager, pp-static)."""
+    pp_options = pp_options or {}
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     # flap's calibration (random batches: speed does not depend on them), shared by the timed
@@ -144,7 +149,8 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
         policy = m.replace("-eager", "").replace("-static", "")
         if m != "dense" and (policy, r) not in flops:
             flops[policy, r] = pp.explain(model, ids, r, policy=policy,
-                                          calibration=cal if policy == "flap" else None).flops
+                                          calibration=cal if policy == "flap" else None,
+                                          **(pp_options if policy == "pp" else {})).flops
     torch._dynamo.reset()  # the captures above are not among the measured models
     fns = {}
     for m, r in runs:
@@ -154,7 +160,7 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
             fns[m, r] = pp.compile(model, r, policy="flap", calibration=cal)
         else:
             fns[m, r] = pp.compile(model, r, backend="eager" if m == "pp-eager" else "inductor",
-                                   dynamic=m != "pp-static")
+                                   dynamic=m != "pp-static", **pp_options)
     rows = {key: {"times": []} for key in runs}
     with torch.no_grad():
         for key, fn in fns.items():  # compile + the warm-up call
@@ -326,6 +332,17 @@ def matrix(rows: list[dict]) -> str:
                     tablefmt="github")
 
 
+def _option(s: str) -> tuple[str, object]:
+    """'probe_budget=0.015' -> ('probe_budget', 0.015): the value as JSON when it parses, else a string."""
+    field, sep, value = s.partition("=")
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, e.g. probe_budget=0.015, got {s!r}")
+    try:
+        return field, json.loads(value)
+    except json.JSONDecodeError:
+        return field, value
+
+
 def _shapes(s: str) -> list[tuple[int, int]]:
     try:
         return [(int(b), int(l)) for b, l in (x.lower().split("x") for x in s.split(","))]
@@ -345,6 +362,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (see above)")
     p.add_argument("--busy", action="store_true", help="also time every method beside a CPU-bound process")
+    p.add_argument("--pp", type=_option, action="append", default=[], metavar="FIELD=VALUE",
+                   help="a PPConfig field for the pp methods, e.g. --pp probe_budget=0.015 (repeatable)")
     p.add_argument("--profile", action="store_true",
                    help="also print a profile of one call per method (Inductor's C++ kernels by name)")
     p.add_argument("--out", type=Path, help="JSON output (default bench/results/speed_<model>_<device>[_<dtype>].json, "
@@ -384,9 +403,9 @@ def main() -> None:
     rows = []
     for batch, seq in args.shapes:
         for r in run_shape(model, vocab, batch, seq, args.ratio, args.methods.split(","), args.reps, device,
-                           args.profile, args.busy):
-            rows.append({"model": args.model, "dtype": dtype_name(dtype), **r, "machine": machine,
-                         "torch": torch.__version__})
+                           args.profile, args.busy, dict(args.pp)):
+            rows.append({"model": args.model, "dtype": dtype_name(dtype), **r, "pp_options": dict(args.pp),
+                         "machine": machine, "torch": torch.__version__})
             print(json.dumps(rows[-1]), flush=True)
     out = args.out or ROOT / f"bench/results/speed_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

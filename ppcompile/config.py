@@ -25,6 +25,9 @@ class PPConfig:
     position_ratio: float = 0.5  # probe: fraction of sequence positions kept
     sample_ratio: float = 0.05  # probe: fraction of batch samples kept
     sequence_first: bool = True  # select positions before samples (the paper's order)
+    # The probe's multiply-adds as a fraction of each pruned block's dense ones: the positions
+    # per probed sample follow from B and L (at least two). None: position_ratio, the paper's rule.
+    probe_budget: float | None = None
     skip_layers: tuple[int, ...] = (0, 1, 2)  # decoder layers left dense
     blocks: str = "both"  # which blocks are pruned: both | attention | mlp
     mlp_multiple: int = 64  # kept MLP channels rounded up to a multiple of this
@@ -36,7 +39,7 @@ class PPConfig:
     # How a dynamic policy reads the kept columns of an MLP's final projection on every call:
     # "gather" them from the model's weight (no memory added), or gather rows of a transposed
     # "copy" made once (one more copy of that weight per pruned MLP; on CPU, where a column
-    # gather runs scalar, about 5x faster to gather). "auto": copy on CPU, gather elsewhere.
+    # gather runs scalar, about 7x faster to gather). "auto": copy on CPU, gather elsewhere.
     final_layout: str = "auto"
 
     def __post_init__(self) -> None:
@@ -45,6 +48,12 @@ class PPConfig:
                                ("momentum", "[0, 1)")):
             object.__setattr__(self, name, _number(name, getattr(self, name), interval))
         object.__setattr__(self, "skip_layers", _layer_indices(self.skip_layers))
+        if self.probe_budget is not None:
+            budget = _number("probe_budget", self.probe_budget, "(0, 1) or None")
+            if not 0.0 < budget < 1.0:
+                raise ValueError(f"probe_budget must be a number in (0, 1) or None, got {budget}: the probe's share "
+                                 "of a block's multiply-adds, e.g. 0.015; None keeps the paper's position_ratio")
+            object.__setattr__(self, "probe_budget", budget)
         for name, example in (("mlp_multiple", 64), ("cache_bucket", 128)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
@@ -140,8 +149,11 @@ class PPConfig:
         """(num, den, floor): the probe keeps min(n, max(ceil(n * num / den), floor)) of n
         positions ("position", at least two) or samples ("sample", at least one)."""
         ratio, floor = (self.position_ratio, 2) if what == "position" else (self.sample_ratio, 1)
-        frac = Fraction(str(ratio)).limit_denominator(10**6)
-        return frac.numerator, frac.denominator, floor
+        return *_fraction(ratio), floor
+
+    def budget_fraction(self) -> tuple[int, int]:
+        """probe_budget as an exact fraction (num, den)."""
+        return _fraction(self.probe_budget)
 
     def probe_positions(self, seq_len: int) -> int:
         from .ops import probe_count
@@ -150,6 +162,12 @@ class PPConfig:
     def probe_samples(self, batch: int) -> int:
         from .ops import probe_count
         return probe_count(batch, *self.probe_rule("sample"))
+
+
+def _fraction(x: float) -> tuple[int, int]:
+    """The fraction a decimal spells (0.05 -> (1, 20)), for exact integer arithmetic on sizes."""
+    frac = Fraction(str(x)).limit_denominator(10**6)
+    return frac.numerator, frac.denominator
 
 
 def _shown(value) -> str:

@@ -60,6 +60,17 @@ def probe_count(n, num: int, den: int, floor: int):
     return torch.sym_min(n, torch.sym_max(-(-n * num // den), floor))
 
 
+def budget_positions(n_b, n_t, k_b, num: int, den: int, first: int, final: int, pair: int):
+    """Positions per probed sample that keep the probe within num/den of a block's multiply-adds:
+    the largest k_t with k_b * k_t * (first + pair * L) <= num/den * B * L * (first + final + pair * L),
+    at least 2 and at most L. `first`: the block's first projections' multiply-adds per token (all
+    the probe runs), `final`: its final projection's, `pair`: its attention's per pair of tokens
+    (0 for an MLP; the probe's k_t keys are counted as L, an upper bound). Integer arithmetic on
+    ints and dynamic sizes alike (B = n_b, L = n_t)."""
+    allowed = (num * n_b * n_t * (first + final + pair * n_t)) // (den * k_b * (first + pair * n_t))
+    return torch.sym_min(n_t, torch.sym_max(allowed, 2))
+
+
 def probe_energy(act: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """P[t, j] = mean over probe samples of act[:, t, j]^2; pad tokens excluded."""
     sq = act.float().pow(2)  # (k_b, k_t, C)

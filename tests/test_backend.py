@@ -51,15 +51,16 @@ def test_a_stream_of_shapes_runs_pruned_through_at_most_two_graphs(policy):
         assert model.pp.runtime.tables["model.layers.1.mlp"].shape[0] == max(L for _, L in shapes)
 
 
+@pytest.mark.parametrize("options", [{}, {"probe_budget": 0.1}], ids=["paper probe", "probe budget"])
 @pytest.mark.parametrize("arch", ["llama-gqa", "opt"])
-def test_the_dynamic_graph_computes_what_a_static_one_does(arch):
+def test_the_dynamic_graph_computes_what_a_static_one_does(arch, options):
     ids = _batch(3, 21, 0)
     mask = torch.ones(3, 21, dtype=torch.long)
     mask[0, :5] = 0
     results = []
     for dynamic in (True, False):
         model = random_model(arch)
-        c = pp.compile(model, 0.4, backend="eager", dynamic=dynamic, **TINY)
+        c = pp.compile(model, 0.4, backend="eager", dynamic=dynamic, **TINY, **options)
         with torch.no_grad():  # the same tensors for both: pp.compile marks aliases, not them
             c(ids, attention_mask=mask)
             out = c(ids, attention_mask=mask).logits

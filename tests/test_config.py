@@ -39,7 +39,8 @@ def test_probe_sizes_have_floors():
 @pytest.mark.parametrize("kw, match", [
     ({"ratio": 1.0}, "ratio"), ({"ratio": -0.1}, "ratio"), ({"policy": "magic"}, "unknown policy"),
     ({"position_ratio": 0.0}, "position_ratio"), ({"sample_ratio": 1.5}, "sample_ratio"),
-    ({"blocks": "ffn"}, "blocks"), ({"final_layout": "transposed"}, "final_layout must be one of auto, copy, gather"),
+    ({"blocks": "ffn"}, "blocks"), ({"probe_budget": 0.0}, "probe_budget"), ({"probe_budget": 1.5}, "probe_budget"),
+    ({"final_layout": "transposed"}, "final_layout must be one of auto, copy, gather"),
 ])
 def test_bad_input_is_a_clear_error(kw, match):
     with pytest.raises(ValueError, match=match):

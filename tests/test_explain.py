@@ -33,3 +33,25 @@ def test_explain_at_ratio_zero_with_the_dense_policy_costs_the_dense_flops():
     e = pp.explain(model, {"input_ids": ids}, 0.0, policy="dense")
     assert e.flops["pruned"] == e.flops["dense"] and e.flops["probe"] == 0
     assert not [r for r in e.rows if r["status"] == "pruned"]
+
+
+def _block_flops(B, L, hidden=64, heads=4, head_dim=16, kv_heads=4, mlp=128):
+    """One layer's attention and MLP FLOPs as torch's counter counts them: 2 per multiply-add;
+    attention's two matmuls over every (query, key) pair."""
+    qkvo = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    attention = 2 * B * L * qkvo + 4 * B * heads * L * L * head_dim
+    return attention + 2 * B * L * 3 * hidden * mlp
+
+
+def test_the_probe_stays_within_its_budget_at_every_batch_and_length():
+    model = random_model("llama-mha")
+    budget = 0.03
+    for B in (1, 2, 8, 16):
+        for L in (64, 160):
+            ids = torch.randint(0, 128, (B, L), generator=torch.Generator().manual_seed(B * L))
+            e = pp.explain(model, ids, 0.4, probe_budget=budget, **TINY)
+            allowed = budget * 4 * _block_flops(B, L)  # layers 1..4 are pruned
+            assert 0 < e.flops["probe"] <= allowed, (B, L)
+            if B * L >= 512:  # far from the two-position floor: most of the budget is used
+                assert e.flops["probe"] > 0.5 * allowed, (B, L)
+            torch._dynamo.reset()

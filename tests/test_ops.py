@@ -76,6 +76,18 @@ def test_gather_units_equals_gathering_each_channel():
     assert torch.equal(ops.gather_units(b, 0, heads, 2), b[rows])
 
 
+def test_budget_positions_is_the_largest_count_within_the_budget():
+    from fractions import Fraction
+    for B, L, k_b, (num, den), first, final, pair in [(8, 512, 1, (3, 200), 2, 1, 0), (1, 128, 1, (3, 200), 3, 1, 2),
+                                                      (16, 300, 1, (1, 50), 7, 2, 5), (4, 40, 1, (1, 2), 1, 1, 0)]:
+        budget = Fraction(num, den) * B * L * (first + final + pair * L)
+        by_hand = max([k for k in range(1, L + 1) if k_b * k * (first + pair * L) <= budget], default=0)
+        assert ops.budget_positions(B, L, k_b, num, den, first, final, pair) == min(L, max(by_hand, 2))
+    assert ops.budget_positions(8, 512, 1, 3, 200, 2, 1, 0) == 92  # 1.5% of 4096 tokens x 3/2
+    assert ops.budget_positions(1, 16, 1, 1, 1000, 2, 1, 0) == 2  # the floor
+    assert ops.budget_positions(4, 40, 1, 1, 2, 1, 1, 0) == 40  # at most L
+
+
 def test_ema_touches_kept_channels_only():
     H = torch.ones(2, 4)
     x = torch.tensor([[[2.0, 4.0], [0.0, 2.0]]])  # (B=1, L=2, k=2): compact input of channels 1, 3

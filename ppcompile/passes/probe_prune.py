@@ -428,7 +428,7 @@ def _probe_energy(g, site: Site, lab, config: PPConfig, valid, history, gi: Grap
         kept_b = call(g, torch.arange, B, name=f"{tag}_probe_b")
         kept_t = call(g, torch.arange, L, name=f"{tag}_probe_t")
     else:
-        k_b, k_t = _probe_sizes(g, config, B, L, tag)
+        k_b, k_t = _probe_sizes(g, config, site, B, L, tag)
         sel = call(g, ops.select_probe, x_res, valid, k_t, k_b, config.sequence_first, name=f"{tag}_probe_select")
         kept_b = call(g, _getitem, sel, 0, name=f"{tag}_probe_b")
         kept_t = call(g, _getitem, sel, 1, name=f"{tag}_probe_t")
@@ -447,13 +447,28 @@ def _probe_energy(g, site: Site, lab, config: PPConfig, valid, history, gi: Grap
     return call(g, ops.fuse_history, energy, hist, name=f"{tag}_fuse"), share
 
 
-def _probe_sizes(g, config: PPConfig, B, L, tag: str):
-    """Probe rows and positions: ints in a static graph, size nodes (of B and L) in a dynamic one."""
-    if isinstance(B, int) and isinstance(L, int):
-        return config.probe_samples(B), config.probe_positions(L)
-    k_b = call(g, ops.probe_count, B, *config.probe_rule("sample"), name=f"{tag}_probe_rows")
-    k_t = call(g, ops.probe_count, L, *config.probe_rule("position"), name=f"{tag}_probe_positions")
+def _probe_sizes(g, config: PPConfig, site: Site, B, L, tag: str):
+    """Probe rows and positions: ints in a static graph, size nodes (of B and L) in a dynamic one.
+    With a probe_budget the positions follow from the site's costs (ops.budget_positions)."""
+    static = isinstance(B, int) and isinstance(L, int)
+    k_b = config.probe_samples(B) if static else \
+        call(g, ops.probe_count, B, *config.probe_rule("sample"), name=f"{tag}_probe_rows")
+    if config.probe_budget is not None:
+        costs = _probe_costs(site)
+        k_t = ops.budget_positions(B, L, k_b, *config.budget_fraction(), *costs) if static else \
+            call(g, ops.budget_positions, B, L, k_b, *config.budget_fraction(), *costs, name=f"{tag}_probe_positions")
+    else:
+        k_t = config.probe_positions(L) if static else \
+            call(g, ops.probe_count, L, *config.probe_rule("position"), name=f"{tag}_probe_positions")
     return k_b, k_t
+
+
+def _probe_costs(site: Site) -> tuple[int, int, int]:
+    """Multiply-adds of the block per token: its first projections (all of which the probe runs),
+    its final projection, and its attention per pair of tokens (QK and AV; 0 for an MLP)."""
+    first = sum(value(p.args[1]).numel() for p in site.projections)
+    pair = 2 * site.heads * site.head_dim if site.kind == "attention" else 0
+    return first, value(site.final.args[1]).numel(), pair
 
 
 def _getitem(t, i):
