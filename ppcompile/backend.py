@@ -39,6 +39,7 @@ class Session:
         self.model_fingerprint = model_fingerprint
         self.calibration: Calibration | None = None
         self.passes: list[PassResult] = []
+        self.derived: dict = {}  # constants made from weights alone, shared by every graph (run_pass)
         self._warned: set[str] = set()
 
     def warn_once(self, message: str) -> None:
@@ -68,7 +69,7 @@ class Session:
             raise ValueError(f"policy '{self.config.policy}' is static: it needs calibration=<token batches, a "
                              "Calibration from pp.calibrate, or the path of a saved one>")
         result = run_pass(gm, self.config, calibration=self.calibration, real=real, phase=phase,
-                          stored=self.runtime.stored_sites)
+                          stored=self.runtime.stored_sites, derived=self.derived)
         if result.whole_model:
             self.config.check_layers(result.n_layers, named=self.skip_layers_named)
         if self.calibration is not None:

@@ -235,3 +235,23 @@ def test_graph_breaks_that_split_every_block_make_the_call_unpruned_and_say_so()
         out = c(_batch(2, 12, 0)).logits
     torch.testing.assert_close(out, model(_batch(2, 12, 0)).logits)
     assert model.pp.runtime.counts["unpruned_calls"] == 1 and model.pp.runtime.counts["pruned_calls"] == 0
+
+
+def test_the_graphs_of_one_model_share_the_constants_made_from_its_weights():
+    model = random_model("llama-gqa")
+    c = pp.compile(model, 0.4, backend="eager", final_layout="copy", **TINY)
+    with torch.no_grad():
+        c(_batch(1, 12, 0))  # batch 1 and batch 3: two graphs (Dynamo specializes size 1)
+        c(_batch(3, 12, 1))
+    first, second = model.pp.passes
+    made = {name: b for name, b in first.gm.named_buffers() if name.endswith(("_transposed", "_weight_terms"))}
+    assert len(made) == 4 + 8  # a copy per pruned MLP, score terms per pruned site (layers 1..4)
+    again = dict(second.gm.named_buffers())
+    assert all(again[name] is t for name, t in made.items())
+    with torch.no_grad():  # a weight changed in place is read again by the next graph
+        model.model.layers[1].mlp.down_proj.weight.mul_(2)
+        c(_batch(1, 12, 2), attention_mask=torch.ones(1, 12, dtype=torch.long))
+    changed = dict(model.pp.passes[-1].gm.named_buffers())
+    copy = next(n for n in made if "layers_1_mlp" in n and n.endswith("_transposed"))
+    assert changed[copy] is not made[copy]
+    assert torch.equal(changed[copy], model.model.layers[1].mlp.down_proj.weight.t())

@@ -105,13 +105,15 @@ def _plan(sites: list[Site], config: PPConfig, n_layers: int, gi: GraphInputs) -
 
 def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration | None = None,
              real: RealTensor | None = None, phase: str = "forward",
-             stored: frozenset[str] = frozenset()) -> PassResult:
+             stored: frozenset[str] = frozenset(), derived: dict | None = None) -> PassResult:
     """Rewrite a copy of `gm` for `phase` (see PHASES). Static policies need `calibration` and
     `real` (the real weights, which they score and pre-slice once); `stored`: the sites whose
-    selection a prefill stored (what a decode graph can reuse). Nothing a site does can fail the
-    pass: a site the rules do not cover stays dense, with the reason in its status."""
+    selection a prefill stored (what a decode graph can reuse); `derived`: the constants made from
+    weights alone, kept across the passes of one model so that its graphs share them (see
+    _derived). Nothing a site does can fail the pass: a site the rules do not cover stays dense, with the reason in its status."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    derived = {} if derived is None else derived
     gm = copy_graph(gm)
     g = gm.graph
     sites, problems, n_layers = find_sites(gm)
@@ -185,11 +187,11 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
                 kept = call(g, ops.top_indices, scores, site.kept, name=f"{tag}_select")
                 share = kept_now = None
             else:
-                kept, share = _dynamic_select(g, site, lab, config, gi.valid, history, gi, real, tag)
+                kept, share = _dynamic_select(g, site, lab, config, gi.valid, history, gi, real, derived, tag)
                 kept_now = None
             chan = new_weights = named = None
             if store or not dense_block:
-                chan, new_weights, named = _compact_weights(g, site, kept, kept_now, kv_whole, real,
+                chan, new_weights, named = _compact_weights(g, site, kept, kept_now, kv_whole, real, derived,
                                                             config.copies_final, tag)
         if static is None and not dense_block:
             # constants (get_attr, placed at the graph's start) enter the subgraph as inputs
@@ -295,13 +297,13 @@ def _labels(site: Site, whole_kv: bool = False):
 
 
 def _dynamic_select(g, site: Site, lab, config: PPConfig, valid, history, gi: GraphInputs,
-                    real: RealTensor | None, tag: str):
+                    real: RealTensor | None, derived: dict, tag: str):
     """Probe -> (fuse with history) -> score -> top-k: the kept heads or channels of this batch,
     and the probe's share of the fused energy."""
     energy, share = _probe_energy(g, site, lab, config, valid, history, gi, tag)
     w = site.final.args[1]
     t = real(w) if real is not None else None
-    terms = _const(g, f"{tag}_weight_terms", ops.column_terms(t.detach())) if t is not None else \
+    terms = _const(g, f"{tag}_weight_terms", _derived(derived, t, "terms", ops.column_terms)) if t is not None else \
         call(g, ops.column_terms, w, name=f"{tag}_weight_terms")  # weights unknown here: every call
     if site.kind == "attention":
         scores = call(g, ops.head_scores, energy, terms, site.heads, name=f"{tag}_score")
@@ -311,7 +313,8 @@ def _dynamic_select(g, site: Site, lab, config: PPConfig, valid, history, gi: Gr
 
 
 def _compact_weights(g, site: Site, kept: fx.Node, kept_now: torch.Tensor | None, kv_whole: bool,
-                     real: RealTensor | None, copies_final: Callable[[torch.device], bool], tag: str):
+                     real: RealTensor | None, derived: dict, copies_final: Callable[[torch.device], bool],
+                     tag: str):
     """The kept rows of the first projections and columns of the final one. With indices known
     now (static policies) and real weights, they are sliced once here and enter as constants;
     otherwise the graph gathers them on every call (an MLP's final columns from a transposed copy
@@ -332,7 +335,8 @@ def _compact_weights(g, site: Site, kept: fx.Node, kept_now: torch.Tensor | None
             return _const(g, f"{tag}_{name}", kept_t.t().contiguous().t() if kept_t.dim() == 2 else kept_t)
         if t is not None and dim == 1 and unit == 1 and copies_final(t.device):
             # the kept columns as rows of a transposed copy made once: a contiguous gather
-            w_t = _const(g, f"{tag}_{name}_transposed", t.detach().t().contiguous())  # (C, d_out)
+            w_t = _const(g, f"{tag}_{name}_transposed",
+                         _derived(derived, t, "transposed", lambda w: w.t().contiguous()))  # (C, d_out)
             rows = call(g, torch.index_select, w_t, 0, kept, name=f"{tag}_gather_{name}_rows")  # (k, d_out)
             return call(g, torch.Tensor.t, rows, name=f"{tag}_gather_{name}")
         return call(g, ops.gather_units, w, dim, kept, unit, name=f"{tag}_gather_{name}")
@@ -451,15 +455,16 @@ def _probe_sizes(g, config: PPConfig, site: Site, B, L, tag: str):
     """Probe rows and positions: ints in a static graph, size nodes (of B and L) in a dynamic one.
     With a probe_budget the positions follow from the site's costs (ops.budget_positions)."""
     static = isinstance(B, int) and isinstance(L, int)
-    k_b = config.probe_samples(B) if static else \
-        call(g, ops.probe_count, B, *config.probe_rule("sample"), name=f"{tag}_probe_rows")
+
+    def size(fn, *args, name: str):
+        return fn(*args) if static else call(g, fn, *args, name=f"{tag}_{name}")
+
+    k_b = size(ops.probe_count, B, *config.probe_rule("sample"), name="probe_rows")
     if config.probe_budget is not None:
-        costs = _probe_costs(site)
-        k_t = ops.budget_positions(B, L, k_b, *config.budget_fraction(), *costs) if static else \
-            call(g, ops.budget_positions, B, L, k_b, *config.budget_fraction(), *costs, name=f"{tag}_probe_positions")
+        k_t = size(ops.budget_positions, B, L, k_b, *config.budget_fraction(), *_probe_costs(site),
+                   name="probe_positions")
     else:
-        k_t = config.probe_positions(L) if static else \
-            call(g, ops.probe_count, L, *config.probe_rule("position"), name=f"{tag}_probe_positions")
+        k_t = size(ops.probe_count, L, *config.probe_rule("position"), name="probe_positions")
     return k_b, k_t
 
 
@@ -477,6 +482,17 @@ def _getitem(t, i):
 
 def _gather_probe(x: torch.Tensor, kept_b: torch.Tensor, kept_t: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, kept_b).index_select(1, kept_t)  # (k_b, k_t, ...)
+
+
+def _derived(memo: dict, weight: torch.Tensor, what: str, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """make(weight), made once per weight and version of it: every graph of one model (its shapes,
+    its generation phases) holds the same tensor instead of a copy each. A weight changed in
+    place (a new version) gets a new one."""
+    key = (id(weight), what)
+    hit = memo.get(key)
+    if hit is None or hit[0] is not weight or hit[1] != weight._version:
+        hit = memo[key] = (weight, weight._version, make(weight.detach()))
+    return hit[2]
 
 
 def _const(g: fx.Graph, name: str, t: torch.Tensor) -> fx.Node:
