@@ -48,6 +48,7 @@ from tabulate import tabulate
 
 import ppcompile as pp
 from ppcompile.calibration import collect
+from ppcompile.cli import parse_option
 from ppcompile.models import (KNOWN_MODELS, RANDOM_ARCHS, dtype_name, dtype_suffix, load_model, parse_dtype,
                               random_model)
 
@@ -332,17 +333,6 @@ def matrix(rows: list[dict]) -> str:
                     tablefmt="github")
 
 
-def _option(s: str) -> tuple[str, object]:
-    """'probe_budget=0.015' -> ('probe_budget', 0.015): the value as JSON when it parses, else a string."""
-    field, sep, value = s.partition("=")
-    if not sep or not field:
-        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, e.g. probe_budget=0.015, got {s!r}")
-    try:
-        return field, json.loads(value)
-    except json.JSONDecodeError:
-        return field, value
-
-
 def _shapes(s: str) -> list[tuple[int, int]]:
     try:
         return [(int(b), int(l)) for b, l in (x.lower().split("x") for x in s.split(","))]
@@ -362,7 +352,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (see above)")
     p.add_argument("--busy", action="store_true", help="also time every method beside a CPU-bound process")
-    p.add_argument("--pp", type=_option, action="append", default=[], metavar="FIELD=VALUE",
+    p.add_argument("--pp", type=parse_option, action="append", default=[], metavar="FIELD=VALUE",
                    help="a PPConfig field for the pp methods, e.g. --pp probe_budget=0.015 (repeatable)")
     p.add_argument("--profile", action="store_true",
                    help="also print a profile of one call per method (Inductor's C++ kernels by name)")

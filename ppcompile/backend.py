@@ -58,7 +58,7 @@ class Session:
             raise ValueError(f"policy '{self.config.policy}' already chose its heads and channels when the model "
                              "was compiled; pass the calibration to pp.compile(..., calibration=...)")
         self.calibration = cal
-        if self.config.policy.history:
+        if self.config.uses_history:
             self.runtime.seed(cal.histories())
 
     # ---- what torch.compile calls for every graph ----

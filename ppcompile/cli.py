@@ -84,6 +84,18 @@ def _check_seq_len_early(model_name: str, seq_len: int) -> None:
     _check_seq_len(seq_len, limit if isinstance(limit, int) else None)
 
 
+def parse_option(s: str) -> tuple[str, object]:
+    """'probe_budget=0.015' -> ('probe_budget', 0.015): a PPConfig field and its value, as JSON
+    when it parses, else a string ('probe=every'). The field itself is checked by PPConfig."""
+    field, sep, value = s.partition("=")
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, e.g. probe_budget=0.015, got {s!r}")
+    try:
+        return field, json.loads(value)
+    except json.JSONDecodeError:
+        return field, value
+
+
 def _loaded(model_name: str, seq_len: int, dtype: torch.dtype = torch.float32):
     """(model, tokenizer), refusing a --seq-len past the model's positions before any pass runs."""
     _check_seq_len_early(model_name, seq_len)
@@ -110,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--calibration-windows", type=_count(1), default=64,
                     help="seeded-random windows of --seq-len tokens drawn from the calibration text")
     ev.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    ev.add_argument("--pp", type=parse_option, action="append", default=[], metavar="FIELD=VALUE",
+                    help="a PPConfig field for the pruned methods, e.g. --pp probe=every --pp probe_budget=0.015")
     ev.add_argument("--backend", choices=["inductor", "eager"], default="inductor",
                     help="how the pruned methods run the rewritten graph")
     ev.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
@@ -158,7 +172,8 @@ def _parser() -> argparse.ArgumentParser:
 def _run_eval(model_name: str, text: str, seq_len: int, batch_size: int, n_batches: int,
               method_names: list[str], ratios: list[float], progress: bool, *,
               calibration: str | None = None, calibration_windows: int = 64, seed: int = 0,
-              backend: str = "inductor", dtype: torch.dtype = torch.float32) -> list[dict]:
+              backend: str = "inductor", dtype: torch.dtype = torch.float32,
+              options: dict | None = None) -> list[dict]:
     static = [m for m in method_names if m in POLICIES and POLICIES[m].needs_calibration]
     if static and not calibration:
         raise ValueError(f"method(s) {', '.join(static)} need calibration text: add --calibration SOURCE "
@@ -176,13 +191,15 @@ def _run_eval(model_name: str, text: str, seq_len: int, batch_size: int, n_batch
     for name in method_names:
         for ratio in ([0.0] if name in RATIO_FREE else ratios):
             label = name if name in RATIO_FREE else f"{name}@{ratio:g}"
-            methods[label] = (name, ratio, build_method(name, model, ratio, cal, backend))
+            opts = {} if name in RATIO_FREE else dict(options or {})
+            methods[label] = (name, ratio, build_method(name, model, ratio, cal, backend, **opts))
     reference = "dense" if "dense" in methods else None
     results = evaluate({label: fn for label, (_, _, fn) in methods.items()},
                        data.iter_batches(windows, batch_size), reference=reference, progress=progress)
     context = {"model": model_name, "text": text, "seq_len": seq_len, "batch_size": batch_size,
                "calibration": cal.meta if cal else None, "calibration_seconds": round(cal_seconds, 2),
-               "backend": backend, "dtype": models.dtype_name(dtype), "torch": torch.__version__,
+               "backend": backend, "dtype": models.dtype_name(dtype), "options": dict(options or {}),
+               "torch": torch.__version__,
                "device": _device_name()}
     return [_row(r, *methods[r.method][:2], context) for r in results]
 
@@ -316,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = _run_eval(args.model, args.data, args.seq_len, args.batch_size, args.batches,
                              parse_methods(args.methods), args.ratio, not args.quiet,
                              calibration=args.calibration, calibration_windows=args.calibration_windows,
-                             seed=args.seed, backend=args.backend, dtype=args.dtype)
+                             seed=args.seed, backend=args.backend, dtype=args.dtype, options=dict(args.pp))
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 from .policies import Policy, get_policy
+from .probes import ProbeDesign, get_probe
 
 if TYPE_CHECKING:
     import torch
@@ -25,6 +26,8 @@ class PPConfig:
     position_ratio: float = 0.5  # probe: fraction of sequence positions kept
     sample_ratio: float = 0.05  # probe: fraction of batch samples kept
     sequence_first: bool = True  # select positions before samples (the paper's order)
+    probe: ProbeDesign | str = "paper"  # which tokens the probe runs (probes.py); stored as the registered object
+    history: bool = True  # fuse the probe with the per-position history (policies that keep one; False: the probe alone)
     # The probe's multiply-adds as a fraction of each pruned block's dense ones: the positions
     # per probed sample follow from B and L (at least two). None: position_ratio, the paper's rule.
     probe_budget: float | None = None
@@ -61,13 +64,14 @@ class PPConfig:
             if v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v}")
             object.__setattr__(self, name, int(v))
-        for name in ("sequence_first", "strict", "telemetry", "dynamic"):  # "False" as a string would read as True
+        for name in ("sequence_first", "history", "strict", "telemetry", "dynamic"):  # "False" as a string would read as True
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {_shown(getattr(self, name))}: pass a bool")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio must be a number in [0, 1), got {self.ratio}: it is the fraction "
                              "pruned (0.4 prunes 40%, 0 nothing)")
         object.__setattr__(self, "policy", get_policy(self.policy))
+        object.__setattr__(self, "probe", get_probe(self.probe))
         if self.blocks not in BLOCKS:
             raise ValueError(f"blocks must be one of {', '.join(BLOCKS)}, got {self.blocks!r}")
         if self.final_layout not in FINAL_LAYOUTS:
@@ -104,7 +108,12 @@ class PPConfig:
 
     def as_dict(self) -> dict:
         """Plain values (the policy by name), for keys, reports and JSON."""
-        return {**asdict(self), "policy": self.policy.name}
+        return {**asdict(self), "policy": self.policy.name, "probe": self.probe.name}
+
+    @property
+    def uses_history(self) -> bool:
+        """The policy carries a history between calls and the probe is fused with it."""
+        return self.policy.history and self.history
 
     def copies_final(self, device: torch.device) -> bool:
         """Whether a dynamic policy gathers an MLP's final projection from a transposed copy."""

@@ -12,10 +12,11 @@ from .calibration import Calibration
 from .policies import get_policy
 from .evaluate import LogitsFn, model_logits_fn
 
-MethodBuilder = Callable[[torch.nn.Module, float, "Calibration | None", str], LogitsFn]
+MethodBuilder = Callable[..., LogitsFn]  # (model, ratio, calibration, backend, **PPConfig fields) -> logits
 
 
-def _dense(model: torch.nn.Module, ratio: float, calibration: Calibration | None, backend: str) -> LogitsFn:
+def _dense(model: torch.nn.Module, ratio: float, calibration: Calibration | None, backend: str,
+           **options) -> LogitsFn:
     """The model unpruned, run the way the pruned methods run: compiled by the same route with
     Inductor (policy "dense": the graph unchanged), or as it is with backend "eager"."""
     if backend == "eager":
@@ -25,14 +26,16 @@ def _dense(model: torch.nn.Module, ratio: float, calibration: Calibration | None
 
 
 def _policy(policy: str) -> MethodBuilder:
-    def build(model: torch.nn.Module, ratio: float, calibration: Calibration | None, backend: str) -> LogitsFn:
+    def build(model: torch.nn.Module, ratio: float, calibration: Calibration | None, backend: str,
+              **options) -> LogitsFn:
         from .api import compile as pp_compile  # late: the CLI starts faster without torch.compile
         rule = get_policy(policy)
-        if not (rule.history or rule.static):
+        if not ((rule.history and options.get("history", True)) or rule.static):
             calibration = None  # e.g. the oracle: no history and no use for one
         elif rule.needs_calibration and calibration is None:
             raise ValueError(f"method {policy!r} needs calibration text: add --calibration SOURCE")
-        return model_logits_fn(pp_compile(model, ratio, policy=policy, calibration=calibration, backend=backend))
+        return model_logits_fn(pp_compile(model, ratio, policy=policy, calibration=calibration, backend=backend,
+                                          **options))
 
     return build
 
@@ -55,5 +58,8 @@ def parse_methods(spec: str) -> list[str]:
 
 
 def build_method(name: str, model: torch.nn.Module, ratio: float, calibration: Calibration | None = None,
-                 backend: str = "inductor") -> LogitsFn:
-    return METHODS[name](model, ratio, calibration, backend)
+                 backend: str = "inductor", **options) -> LogitsFn:
+    """`options`: PPConfig fields for the pruned methods (probe, probe_budget, ...); dense takes none."""
+    if name in RATIO_FREE and options:
+        raise ValueError(f"method {name!r} takes no options, got {sorted(options)}")
+    return METHODS[name](model, ratio, calibration, backend, **options)

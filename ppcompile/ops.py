@@ -43,6 +43,76 @@ def _positions(energy: torch.Tensor, k_t) -> torch.Tensor:
     return torch.cat([first, kept_t[1:]])
 
 
+def sequence_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's own probe positions: its k_t real tokens of largest residual norm, ascending,
+    and which of them are real tokens: (positions (B, k_t), ok (B, k_t) bool). With k_t <= 10 a
+    sequence's first real token is always among them (the sink rule, per sequence); a sequence with
+    fewer than k_t real tokens fills up with pads, which `ok` marks."""
+    norms = token_norms(x_res, valid)  # (B, L), pads -1
+    real = norms >= 0
+    # the sink rule as arithmetic (k_t may be a dynamic size): 1 at each first real token if k_t <= 10
+    sink = torch.zeros_like(norms).scatter(1, _first_real(real).unsqueeze(1), 1.0) * torch.sym_ite(k_t > 10, 0, 1)
+    score = torch.where((sink > 0) & real, float("inf"), norms)
+    positions = torch.topk(score, k_t, dim=1, sorted=False).indices.sort(dim=1).values  # (B, k_t)
+    return positions, real.gather(1, positions)
+
+
+def spread_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's k_t positions evenly spaced over its real tokens, its first and its last
+    (most recent) token included: (positions (B, k_t), ok (B, k_t) bool). A sequence with fewer
+    than k_t real tokens repeats some; `ok` keeps each real token once."""
+    B, L = x_res.shape[:2]
+    real = torch.ones(B, L, dtype=torch.bool, device=x_res.device) if valid is None else valid  # (B, L)
+    first, span = _first_real(real), real.sum(1).clamp(min=1) - 1  # (B,); real tokens are contiguous
+    gaps = torch.sym_max(k_t - 1, 1)
+    i = torch.arange(k_t, device=x_res.device)  # (k_t,)
+    offset = (2 * i * span.unsqueeze(1) + gaps) // (2 * gaps)  # round(i * span / (k_t - 1)): (B, k_t)
+    positions = first.unsqueeze(1) + offset  # ascending
+    repeat = torch.cat([torch.zeros_like(real[:, :1]), positions[:, 1:] == positions[:, :-1]], 1)
+    return positions, real.gather(1, positions) & ~repeat
+
+
+def _first_real(real: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool -> (B,) the first True position of each row (0 for a row with none)."""
+    return real.int().argmax(1)
+
+
+def tokens_at(x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x (B, L, ...) at each probed row's own positions: rows (k_b,), positions (k_b, k_t) ->
+    (k_b, k_t, ...)."""
+    return x[rows.unsqueeze(1), positions]
+
+
+def side_at(side: torch.Tensor, b_dim: int, s_dims: tuple[int, ...], rows: torch.Tensor,
+            positions: torch.Tensor) -> torch.Tensor:
+    """A side input of the block (a rotary table, a mask) at each probed row's own positions.
+    `b_dim`: the side's batch dim (size B or 1; negative: the side lacks it, broadcast); `s_dims`:
+    its sequence dims (a mask has two: queries and keys, both the probe's tokens). The result has
+    k_b in the batch dim and k_t in each sequence dim, its other dims as they were."""
+    if b_dim < 0:  # the side broadcasts over a batch dim it lacks: give it one of size 1
+        side = side.reshape((1,) * -b_dim + tuple(side.shape))
+        s_dims, b_dim = tuple(d - b_dim for d in s_dims), 0
+    order = [b_dim, *s_dims] + [d for d in range(side.dim()) if d != b_dim and d not in s_dims]
+    moved = side.permute(order)  # (B|1, L, [L,] rest)
+    r = rows if moved.shape[0] != 1 else torch.zeros_like(rows)
+    n = len(s_dims)
+    index = [r.view(-1, *[1] * n)] + [positions.view(positions.shape[0], *[1] * i, -1, *[1] * (n - 1 - i))
+                                      for i in range(n)]
+    gathered = moved[tuple(index)]  # (k_b, k_t, [k_t,] rest)
+    return gathered.permute([order.index(d) for d in range(side.dim())])
+
+
+def token_energy(act: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """act^2 of every probe token (k_b, k_t, C) in fp32, pads and repeats zero: (k_b * k_t, C)."""
+    return torch.where(ok.unsqueeze(-1), act.float().pow(2), 0.0).flatten(0, 1)
+
+
+def history_at(history: torch.Tensor, positions: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """The history (L, C) at every probe token's position (k_b, k_t), zero where `ok` is False:
+    (k_b * k_t, C). A zero probe and history fuse to zero (fuse_history), so such tokens add nothing."""
+    return torch.where(ok.unsqueeze(-1), history[positions], 0.0).flatten(0, 1)
+
+
 def _pad_penalty(norms: torch.Tensor, dim: int) -> torch.Tensor:
     # A sample made only of padding must lose to any real one even when all norms are zero.
     return torch.where((norms >= 0).any(dim=dim), 0.0, -1.0)
@@ -58,6 +128,13 @@ def probe_count(n, num: int, den: int, floor: int):
     Integer arithmetic on an int or a dynamic size alike: exact (no float rounding) and free of
     comparisons that would make Dynamo guard on n."""
     return torch.sym_min(n, torch.sym_max(-(-n * num // den), floor))
+
+
+def spread_count(n_b, n_t, k_b, k_t):
+    """Positions per sequence when all n_b sequences share the tokens of a k_b x k_t probe: the
+    ceiling of k_b * k_t / n_b, at least 2, at most n_t. Integer arithmetic on ints and dynamic
+    sizes alike."""
+    return torch.sym_min(n_t, torch.sym_max(-(-k_b * k_t // n_b), 2))
 
 
 def budget_positions(n_b, n_t, k_b, num: int, den: int, first: int, final: int, pair: int):
@@ -81,7 +158,8 @@ def probe_energy(act: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
 
 
 def fuse_history(probe: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-    """Channel energy c_j = sum_t F[t, j], F = alpha*P + (1-alpha)*H, alpha = P / (P + H + eps)."""
+    """Channel energy c_j = sum_t F[t, j], F = alpha*P + (1-alpha)*H, alpha = P / (P + H + eps);
+    t runs over the probe's positions (the paper's design) or its tokens (token_energy, history_at)."""
     alpha = probe / (probe + history + EPS)  # (k_t, C)
     return (alpha * probe + (1 - alpha) * history).sum(0)  # (C,)
 

@@ -41,6 +41,7 @@ def test_probe_sizes_have_floors():
     ({"position_ratio": 0.0}, "position_ratio"), ({"sample_ratio": 1.5}, "sample_ratio"),
     ({"blocks": "ffn"}, "blocks"), ({"probe_budget": 0.0}, "probe_budget"), ({"probe_budget": 1.5}, "probe_budget"),
     ({"final_layout": "transposed"}, "final_layout must be one of auto, copy, gather"),
+    ({"probe": "flat"}, "unknown probe design 'flat'"),
 ])
 def test_bad_input_is_a_clear_error(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -52,6 +53,11 @@ def test_final_layout_auto_copies_on_cpu_only():
     assert auto.copies_final(torch.device("cpu")) and not auto.copies_final(torch.device("cuda"))
     assert PPConfig(final_layout="copy").copies_final(torch.device("cuda"))
     assert not gather.copies_final(torch.device("cpu"))
+
+
+def test_history_is_used_only_by_a_policy_that_keeps_one_and_only_when_on():
+    assert PPConfig().uses_history and not PPConfig(history=False).uses_history
+    assert not PPConfig(policy="full-batch").uses_history and not PPConfig(policy="flap").uses_history
 
 
 def test_options_accept_every_field_and_reject_unknown_keys():
@@ -83,6 +89,7 @@ def test_options_accept_every_field_and_reject_unknown_keys():
     ({"cache_bucket": 0}, ValueError, r"cache_bucket must be an int >= 1, got 0"),
     ({"cache_bucket": 12.5}, TypeError, r"cache_bucket must be an int >= 1, got 12.5 \(float\): e.g. cache_bucket=128"),
     ({"strict": "False"}, TypeError, r"strict must be True or False, got 'False' \(str\): pass a bool"),
+    ({"history": "off"}, TypeError, r"history must be True or False, got 'off' \(str\): pass a bool"),
 ])
 def test_wrong_types_and_values_name_the_field_and_what_it_got(kw, error, match):
     with pytest.raises(error, match=match):

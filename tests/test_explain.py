@@ -1,9 +1,11 @@
 """pp.explain: the sites and FLOPs, the model untouched."""
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ppcompile as pp
 from ppcompile.models import random_model
+from ppcompile.probes import PROBES
 
 TINY = dict(skip_layers=(0,), mlp_multiple=16)
 
@@ -43,13 +45,14 @@ def _block_flops(B, L, hidden=64, heads=4, head_dim=16, kv_heads=4, mlp=128):
     return attention + 2 * B * L * 3 * hidden * mlp
 
 
-def test_the_probe_stays_within_its_budget_at_every_batch_and_length():
+@pytest.mark.parametrize("probe", list(PROBES))
+def test_the_probe_stays_within_its_budget_at_every_batch_and_length(probe):
     model = random_model("llama-mha")
     budget = 0.03
     for B in (1, 2, 8, 16):
         for L in (64, 160):
             ids = torch.randint(0, 128, (B, L), generator=torch.Generator().manual_seed(B * L))
-            e = pp.explain(model, ids, 0.4, probe_budget=budget, **TINY)
+            e = pp.explain(model, ids, 0.4, probe_budget=budget, probe=probe, **TINY)
             allowed = budget * 4 * _block_flops(B, L)  # layers 1..4 are pruned
             assert 0 < e.flops["probe"] <= allowed, (B, L)
             if B * L >= 512:  # far from the two-position floor: most of the budget is used

@@ -135,3 +135,73 @@ def test_one_query_attention_of_kept_heads_equals_sdpa_on_those_heads():
             # K/V repeated per query head, and K/V heads as they are (GQA): the same result
             torch.testing.assert_close(ops.attend_one_query(qk, k_rep, v_rep, kept, H, mask, scale), want)
             torch.testing.assert_close(ops.attend_one_query(qk, k, v, kept, H, mask, scale), want)
+
+
+def test_every_sequence_takes_its_own_top_positions_with_its_first_real_token():
+    norms = torch.tensor([[5.0, 1.0, 9.0, 3.0, 7.0, 2.0],
+                          [8.0, 8.0, 3.0, 4.0, 5.0, 6.0],   # two left pads (large, but pads)
+                          [1.0, 2.0, 3.0, 4.0, 0.0, 0.0]])  # two right pads
+    valid = torch.tensor([[True] * 6, [False, False] + [True] * 4, [True] * 4 + [False, False]])
+    positions, ok = ops.sequence_positions(_residual(norms), valid, 3)
+    # k_t = 3 <= 10: each row's first real token (0, 2, 0), then its two largest real norms
+    assert positions.tolist() == [[0, 2, 4], [2, 4, 5], [0, 2, 3]]
+    assert ok.all()
+    many = torch.arange(1.0, 31.0).repeat(2, 1)  # (2, 30): later positions larger
+    assert ops.sequence_positions(_residual(many), None, 11)[0][0].tolist() == list(range(19, 30))  # no sink rule
+    assert ops.sequence_positions(_residual(many), None, 10)[0][0].tolist() == [0] + list(range(21, 30))
+    # a sequence with fewer real tokens than positions fills up with pads, which are not ok
+    short = torch.tensor([[True, True] + [False] * 4])
+    positions, ok = ops.sequence_positions(_residual(norms[:1]), short, 3)
+    assert positions[0][ok[0]].tolist() == [0, 1] and ok.sum() == 2
+
+
+def test_spread_positions_are_evenly_spaced_over_each_sequences_real_tokens():
+    valid = torch.tensor([[True] * 9, [False] * 3 + [True] * 6, [True] * 4 + [False] * 5])
+    x = torch.zeros(3, 9, 2)
+    positions, ok = ops.spread_positions(x, valid, 3)
+    # first, middle (round(i * (n-1) / 2)) and last real token of each row
+    assert positions.tolist() == [[0, 4, 8], [3, 6, 8], [0, 2, 3]]
+    assert ok.all()
+    positions, ok = ops.spread_positions(x, valid, 6)
+    assert positions[2].tolist() == [0, 1, 1, 2, 2, 3]  # 4 real tokens for 6 positions: each once
+    assert positions[2][ok[2]].tolist() == [0, 1, 2, 3]
+    assert ops.spread_positions(x, None, 5)[0][1].tolist() == [0, 2, 4, 6, 8]
+
+
+def test_spread_count_shares_the_papers_tokens_over_every_sequence():
+    assert ops.spread_count(8, 512, 1, 256) == 32
+    assert ops.spread_count(3, 512, 1, 256) == 86  # ceil(256 / 3)
+    assert ops.spread_count(16, 20, 1, 10) == 2  # floor of two positions
+    assert ops.spread_count(1, 20, 1, 30) == 20  # at most the sequence
+
+
+def test_tokens_and_side_inputs_at_each_rows_own_positions_equal_a_loop():
+    B, L, D = 3, 7, 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, L, D, generator=g)
+    rows = torch.tensor([0, 2])
+    positions = torch.tensor([[0, 3, 5], [1, 2, 6]])
+    expect = torch.stack([x[b, positions[i]] for i, b in enumerate(rows.tolist())])
+    assert torch.equal(ops.tokens_at(x, rows, positions), expect)
+    mask = torch.randn(B, 1, L, L, generator=g)  # (B, 1, queries, keys): both sequence dims
+    got = ops.side_at(mask, 0, (2, 3), rows, positions)
+    loop = torch.stack([mask[b, :, positions[i]][..., positions[i]] for i, b in enumerate(rows.tolist())])
+    assert torch.equal(got, loop)
+    cos = torch.randn(1, L, D, generator=g)  # broadcast over the batch: each row still its positions
+    assert torch.equal(ops.side_at(cos, 0, (1,), rows, positions), cos[0][positions])
+    flat = torch.randn(L, D, generator=g)  # no batch dim at all
+    assert torch.equal(ops.side_at(flat, -1, (0,), rows, positions), flat[positions])
+    head_last = torch.randn(B, L, 2, generator=g).transpose(1, 2)  # (B, 2, L): a dim between
+    assert torch.equal(ops.side_at(head_last, 0, (2,), rows, positions),
+                       torch.stack([head_last[b][:, positions[i]] for i, b in enumerate(rows.tolist())]))
+
+
+def test_token_energy_and_history_zero_pads_so_they_fuse_to_nothing():
+    act = torch.tensor([[[1.0, 2.0], [3.0, float("nan")]]])  # (1, 2, C=2); the second token a pad
+    ok = torch.tensor([[True, False]])
+    history = torch.tensor([[10.0, 20.0], [30.0, 40.0], [50.0, 60.0]])  # (L=3, C)
+    energy = ops.token_energy(act, ok)
+    hist = ops.history_at(history, torch.tensor([[2, 0]]), ok)
+    assert energy.tolist() == [[1.0, 4.0], [0.0, 0.0]]
+    assert hist.tolist() == [[50.0, 60.0], [0.0, 0.0]]
+    assert torch.allclose(ops.fuse_history(energy, hist), ops.fuse_history(energy[:1], hist[:1]))

@@ -70,6 +70,10 @@ class Labeler:
         self.seq = next((a for lab in start.values() for d in lab for a in d if a.name == "s"), None)
         # side inputs that must be gathered: (node, arg position or kwarg name) -> {dim: atom name}
         self.side: dict[tuple[fx.Node, int | str], dict[int, str]] = {}
+        # of those with sequence dims, the side's dim that lines up with the op's batch dim, even
+        # where the side broadcasts over it (size 1; negative: the side lacks it): a probe whose
+        # sequences each have positions of their own gathers the side per sequence (ops.side_at)
+        self.side_batch: dict[tuple[fx.Node, int | str], int] = {}
 
     def run(self, region: list[fx.Node]) -> "Labeler":
         for n in region:
@@ -225,6 +229,7 @@ class Labeler:
                     need[dim] = self._atom_name(ref, n)
             key = "attn_mask" if "attn_mask" in n.kwargs else 3
             self.side[(n, key)] = {d: a for d, a in need.items() if a}
+            self._batch_dim_of(n, key, len(shape) - 4, lq[0])
         return lq[:-1] + (lv[-1],)
 
     def _write(self, n: fx.Node) -> Labels:
@@ -290,7 +295,16 @@ class Labeler:
                         need[j] = name
             if need:
                 self.side[(n, key)] = need
+            batch = [k for k, d in enumerate(labels) if any(a.name == "b" for a in d)]
+            if batch:
+                self._batch_dim_of(n, key, batch[0] - (len(shape) - len(side_shape)), labels[batch[0]])
         return labels
+
+    def _batch_dim_of(self, n: fx.Node, key, dim: int, ref: Dim) -> None:
+        """Record the side's dim `dim` (relative to the side) as lined up with the op's batch dim
+        `ref`, for a side that has sequence dims."""
+        if "s" in self.side.get((n, key), {}).values() and [a.name for a in ref] == ["b"]:
+            self.side_batch[(n, key)] = dim
 
     @staticmethod
     def _atom_name(dim: Dim, n: fx.Node) -> str | None:

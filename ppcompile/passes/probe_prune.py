@@ -143,7 +143,8 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
             site.status, site.kept = "dense: no prefill stored a selection for it", site.heads or site.channels
             continue
         try:
-            labels[site.name] = _labels(site, whole_kv=phase != "forward")
+            labels[site.name] = _labels(site, whole_kv=phase != "forward",
+                                        per_sequence=config.probe.per_sequence and policy.probe == "sampled")
         except Unsupported as e:
             site.status = f"dense: {e}"
     static = None
@@ -169,7 +170,7 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
                     kept if site.kind == "attention" else None, tag)  # K/V whole in decode
             continue
         history = None
-        if policy.history:
+        if config.uses_history:
             if step is None:
                 seeded, step = seam.input(g, SEEDED), seam.input(g, STEP)
                 with g.inserting_before(body_start(g)):
@@ -273,8 +274,10 @@ def _order(g: fx.Graph):
     return lambda n: pos[n]
 
 
-def _labels(site: Site, whole_kv: bool = False):
-    """Dim labels of the block, and whether its K/V stay whole (GQA, K/V in a cache, or asked)."""
+def _labels(site: Site, whole_kv: bool = False, per_sequence: bool = False):
+    """Dim labels of the block, and whether its K/V stay whole (GQA, K/V in a cache, or asked).
+    `per_sequence`: the probe has positions of its own per sequence, so every side input with
+    sequence dims must line up with the batch."""
     kv_whole = False
     if site.kind == "attention":
         leaked = escapes(site)
@@ -290,6 +293,11 @@ def _labels(site: Site, whole_kv: bool = False):
     fin = lab.labels.get(site.final.args[0])
     if fin is None or [a.name for a in fin[-1]][:1] not in (["h"], ["c"]):
         raise Unsupported("the final projection's input is not laid out by head/channel")
+    if per_sequence:
+        unaligned = [n for (n, key), need in lab.side.items() if "s" in need.values() and (n, key) not in lab.side_batch]
+        if unaligned:
+            raise Unsupported(f"{unaligned[0].name}: a side input has sequence dims but no batch dim to gather "
+                              "it per sequence (use probe='paper')")
     for n, labels in lab.labels.items():  # the probe resizes b and s, the compact rewrite h and c
         check_resizable(n, labels, {"b", "s"})
         check_resizable(n, labels, {"h", "c"})
@@ -427,26 +435,40 @@ def _probe_energy(g, site: Site, lab, config: PPConfig, valid, history, gi: Grap
         x = call(g, torch.Tensor.view, x, B, L, -1, name=f"{tag}_x")
     if value(x_res).dim() == 2:
         x_res = call(g, torch.Tensor.view, x_res, B, L, -1, name=f"{tag}_x_res")
+    design = config.probe
     if config.policy.probe == "all":
         k_b, k_t = B, L
         kept_b = call(g, torch.arange, B, name=f"{tag}_probe_b")
         kept_t = call(g, torch.arange, L, name=f"{tag}_probe_t")
+    elif design.per_sequence:  # every sequence, each at positions of its own: (B, k_t)
+        k_b, k_t = _probe_sizes(g, config, site, B, L, tag)
+        kept_b = call(g, torch.arange, B, name=f"{tag}_probe_b")
+        sel = call(g, design.positions, x_res, valid, k_t, name=f"{tag}_probe_select")
+        kept_t = call(g, _getitem, sel, 0, name=f"{tag}_probe_t")
+        ok = call(g, _getitem, sel, 1, name=f"{tag}_probe_ok")
     else:
         k_b, k_t = _probe_sizes(g, config, site, B, L, tag)
         sel = call(g, ops.select_probe, x_res, valid, k_t, k_b, config.sequence_first, name=f"{tag}_probe_select")
         kept_b = call(g, _getitem, sel, 0, name=f"{tag}_probe_b")
         kept_t = call(g, _getitem, sel, 1, name=f"{tag}_probe_t")
-    p = call(g, _gather_probe, x, kept_b, kept_t, name=f"{tag}_probe_x")
+    per_token = design.per_sequence and config.policy.probe != "all"
+    p = call(g, ops.tokens_at if per_token else _gather_probe, x, kept_b, kept_t, name=f"{tag}_probe_x")
     if value(site.x).dim() == 2:
         p = call(g, torch.Tensor.reshape, p, mul(g, k_b, k_t, f"{tag}_probe_rows"), -1, name=f"{tag}_probe_x2d")
-    act = probe_activation(g, site, lab, p, kept_b, kept_t, k_b, k_t, tag)
+    act = probe_activation(g, site, lab, p, kept_b, kept_t, k_b, k_t, tag, per_token)
     act = call(g, torch.Tensor.reshape, act, k_b, k_t, -1, name=f"{tag}_probe_act")
-    pvalid = call(g, _gather_probe, valid, kept_b, kept_t, name=f"{tag}_probe_valid") if valid is not None else None
-    energy = call(g, ops.probe_energy, act, pvalid, name=f"{tag}_probe_energy")
-    if history is None:
+    if per_token:  # each probe token on its own: (k_b * k_t, C), pads and repeats zero
+        energy = call(g, ops.token_energy, act, ok, name=f"{tag}_probe_energy")
+        hist = None if history is None else \
+            call(g, ops.history_at, history, kept_t, ok, name=f"{tag}_history_at_probe")
+    else:  # the batch mean per position: (k_t, C)
+        pvalid = call(g, _gather_probe, valid, kept_b, kept_t, name=f"{tag}_probe_valid") if valid is not None else None
+        energy = call(g, ops.probe_energy, act, pvalid, name=f"{tag}_probe_energy")
+        hist = None if history is None else \
+            call(g, torch.index_select, history, 0, kept_t, name=f"{tag}_history_at_probe")
+    if hist is None:
         share = call(g, torch.ones, (), name=f"{tag}_share") if config.telemetry else None
         return call(g, torch.sum, energy, 0, name=f"{tag}_energy"), share
-    hist = call(g, torch.index_select, history, 0, kept_t, name=f"{tag}_history_at_probe")
     share = call(g, ops.probe_share, energy, hist, name=f"{tag}_share") if config.telemetry else None
     return call(g, ops.fuse_history, energy, hist, name=f"{tag}_fuse"), share
 
@@ -460,12 +482,15 @@ def _probe_sizes(g, config: PPConfig, site: Site, B, L, tag: str):
         return fn(*args) if static else call(g, fn, *args, name=f"{tag}_{name}")
 
     k_b = size(ops.probe_count, B, *config.probe_rule("sample"), name="probe_rows")
+    rows = B if config.probe.per_sequence else k_b
     if config.probe_budget is not None:
-        k_t = size(ops.budget_positions, B, L, k_b, *config.budget_fraction(), *_probe_costs(site),
+        k_t = size(ops.budget_positions, B, L, rows, *config.budget_fraction(), *_probe_costs(site),
                    name="probe_positions")
     else:
         k_t = size(ops.probe_count, L, *config.probe_rule("position"), name="probe_positions")
-    return k_b, k_t
+        if config.probe.per_sequence:  # as many tokens as the paper's probe, over every sequence
+            k_t = size(ops.spread_count, B, L, k_b, k_t, name="probe_positions_each")
+    return rows, k_t
 
 
 def _probe_costs(site: Site) -> tuple[int, int, int]:

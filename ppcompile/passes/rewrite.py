@@ -48,8 +48,10 @@ def escapes(site: Site) -> set[fx.Node]:
 
 
 def probe_activation(g: fx.Graph, site: Site, lab: Labeler, p: fx.Node, kept_b: fx.Node,
-                     kept_t: fx.Node, k_b, k_t, tag: str) -> fx.Node:
-    """Copy the block from x to the final projection's input, run on the probe p (k_b, k_t, d)."""
+                     kept_t: fx.Node, k_b, k_t, tag: str, per_sequence: bool = False) -> fx.Node:
+    """Copy the block from x to the final projection's input, run on the probe p (k_b, k_t, d).
+    Side inputs (rotary tables, the mask) are gathered at the probe's rows kept_b (k_b,) and
+    positions: kept_t (k_t,) shared by the rows, or, `per_sequence`, (k_b, k_t) per row."""
     new = {"b": k_b, "s": k_t}
     env: dict[fx.Node, fx.Node] = {site.x: p}
     index = {"b": kept_b, "s": kept_t}
@@ -70,9 +72,14 @@ def probe_activation(g: fx.Graph, site: Site, lab: Labeler, p: fx.Node, kept_b: 
             if node is not n:
                 continue
             side = args[key] if isinstance(key, int) else kwargs[key]
-            for dim, atom in sorted(need.items()):
-                if atom in index:
-                    side = call(g, torch.index_select, side, dim, index[atom], name=f"{tag}_probe_side")
+            seq_dims = tuple(sorted(d for d, atom in need.items() if atom == "s"))
+            if per_sequence and seq_dims:
+                side = call(g, ops.side_at, side, lab.side_batch[(node, key)], seq_dims, kept_b, kept_t,
+                            name=f"{tag}_probe_side")
+            else:
+                for dim, atom in sorted(need.items()):
+                    if atom in index:
+                        side = call(g, torch.index_select, side, dim, index[atom], name=f"{tag}_probe_side")
             if isinstance(key, int):
                 args[key] = side
             else:

@@ -1,0 +1,62 @@
+"""Probe designs: which tokens of a batch the probe runs the block on. Every design goes through
+the same pass (passes/probe_prune.py asks the design object, never compares names); a new design
+is a subclass registered in PROBES.
+
+  paper   the paper's: top positions by the batch's residual norms, shared by the top sequences
+          (sample_ratio of them, at least one); the probe's energy is averaged over its sequences
+          per position, then fused with the history
+  every   every sequence, each at its own top-norm positions (the sink rule per sequence)
+  spread  every sequence, at positions evenly spaced over its real tokens, its first and last
+          (most recent) included; no norms
+In `every` and `spread` each probe token fuses with the history at its own position.
+
+How many positions: with probe_budget, the most that keep the probe within it (ops.budget_positions);
+without, the paper's position_ratio for `paper`, and for the others as many tokens as `paper`'s
+probe would run (at least two per sequence).
+"""
+from __future__ import annotations
+
+from . import ops
+
+
+class ProbeDesign:
+    name = ""
+    per_sequence = False  # every sequence is probed at positions of its own: (B, k_t) positions
+
+    def __repr__(self) -> str:
+        return f"<probe {self.name}>"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Paper(ProbeDesign):
+    """Rows (k_b,) and shared positions (k_t,): ops.select_probe."""
+    name = "paper"
+
+
+class PerSequence(ProbeDesign):
+    """Every sequence, positions (B, k_t) from `positions(x_res, valid, k_t)` -> (positions, ok)."""
+    per_sequence = True
+    positions = staticmethod(ops.sequence_positions)
+
+
+class Every(PerSequence):
+    name = "every"
+
+
+class Spread(PerSequence):
+    name = "spread"
+    positions = staticmethod(ops.spread_positions)
+
+
+PROBES: dict[str, ProbeDesign] = {p.name: p for p in (Paper(), Every(), Spread())}
+
+
+def get_probe(probe: "str | ProbeDesign") -> ProbeDesign:
+    """The registered probe design of that name (or the design object itself)."""
+    if isinstance(probe, ProbeDesign):
+        return probe
+    if not isinstance(probe, str) or probe not in PROBES:
+        raise ValueError(f"unknown probe design {probe!r}; known designs: {', '.join(PROBES)}")
+    return PROBES[probe]

@@ -1,0 +1,130 @@
+"""Probe designs end to end: each picks the tokens a by-hand computation gives, runs the block on
+them at their true positions, and fuses with the history as probes.py says."""
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import ppcompile as pp
+from ppcompile import ops
+from ppcompile.models import random_model
+from ppcompile.probes import PROBES, get_probe
+
+
+def _ids(b, L, seed=0):
+    return torch.randint(0, 128, (b, L), generator=torch.Generator().manual_seed(seed))
+
+
+def _capture(layer):
+    """Hooks that record the layer's residual input and the normed input of each block."""
+    cap = {}
+    hooks = [layer.input_layernorm.register_forward_hook(lambda m, a, o: cap.update(attn_res=a[0], attn_x=o)),
+             layer.post_attention_layernorm.register_forward_hook(lambda m, a, o: cap.update(mlp_res=a[0], mlp_x=o))]
+    return cap, hooks
+
+
+def test_designs_are_registered_objects_and_unknown_names_are_refused():
+    assert get_probe("every") is PROBES["every"] and get_probe(PROBES["paper"]) is PROBES["paper"]
+    assert pp.PPConfig(probe="spread").probe is PROBES["spread"]
+    with pytest.raises(ValueError, match="unknown probe design 'flat'; known designs: paper, every, spread"):
+        pp.PPConfig(probe="flat")
+
+
+def test_every_keeps_the_heads_its_per_sequence_probe_gives_by_hand(monkeypatch):
+    # Only the attention of the last layer prunes, so its input is the dense model's.
+    energies = []
+    record = ops.token_energy
+    monkeypatch.setattr(ops, "token_energy", lambda act, ok: energies.append(record(act, ok)) or energies[-1])
+    model = random_model("llama-gqa", num_attention_heads=16, num_key_value_heads=4)
+    ids = _ids(4, 12)
+    layer = model.model.layers[4]
+    attn = layer.self_attn
+    cap, hooks = _capture(layer)
+    # paper's probe: 2 of 4 samples x 6 of 12 positions = 12 tokens; `every`: 3 per sequence
+    c = pp.compile(model, 0.12, backend="eager", skip_layers=(0, 1, 2, 3), blocks="attention", probe="every",
+                   sample_ratio=0.5, history=False)
+    with torch.no_grad():
+        c(ids)
+        for h in hooks:
+            h.remove()
+        (kept,) = model.pp.runtime.last_selection().values()
+        H, Hk, hd = 16, 4, attn.head_dim
+        by_hand = []
+        for b in range(4):
+            norms = cap["attn_res"][b].norm(dim=-1)  # (12,)
+            norms[0] = float("inf")  # 3 positions <= 10: the first token is always in
+            pos = norms.topk(3).indices.sort().values
+            x = cap["attn_x"][b, pos].unsqueeze(0)  # (1, 3, d)
+            q = attn.q_proj(x).view(1, 3, H, hd).transpose(1, 2)
+            k = attn.k_proj(x).view(1, 3, Hk, hd).transpose(1, 2).repeat_interleave(H // Hk, 1)
+            v = attn.v_proj(x).view(1, 3, Hk, hd).transpose(1, 2).repeat_interleave(H // Hk, 1)
+            cos, sin = model.model.rotary_emb(x, pos.unsqueeze(0))  # rotary at the true positions
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # causal among them
+            by_hand.append(out.transpose(1, 2).reshape(3, H * hd).pow(2))
+    # the probe's attention output, token by token: rotary and causal mask at each row's positions
+    torch.testing.assert_close(energies[-1], torch.cat(by_hand), rtol=1e-5, atol=1e-6)  # the call (not tracing)
+    energy = torch.cat(by_hand).sum(0)
+    W = attn.o_proj.weight
+    scores = torch.stack([(energy[h * hd:(h + 1) * hd] ** 2 * W[:, h * hd:(h + 1) * hd].pow(4).sum(0)).sum().sqrt()
+                          for h in range(H)])
+    assert kept.tolist() == sorted(scores.topk(7).indices.tolist())  # floor(0.6 * 16) = 9 of 16 pruned
+
+
+def test_spread_fuses_each_token_with_the_history_at_its_position():
+    model = random_model("llama-gqa")
+    ids = _ids(3, 13)
+    mask = torch.ones(3, 13, dtype=torch.long)
+    mask[1, :4] = 0  # left padding: row 1 spreads over positions 4..12
+    layer = model.model.layers[4]
+    mlp = layer.mlp
+    cap, hooks = _capture(layer)
+    c = pp.compile(model, 0.12, backend="eager", skip_layers=(0, 1, 2, 3), mlp_multiple=16, blocks="mlp",
+                   probe="spread", probe_budget=0.2)
+    with torch.no_grad():
+        c(ids, attention_mask=mask)  # warm-up
+        act = mlp.act_fn(mlp.gate_proj(cap["mlp_x"])) * mlp.up_proj(cap["mlp_x"])
+        # a history as large as the probe's energies, so that both weigh in the fusion
+        history = torch.rand(13, 128, generator=torch.Generator().manual_seed(0)) * 2 * act.pow(2).mean()
+        model.pp.runtime.seed({"model.layers.4.mlp": history.clone()})
+        c(ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    (kept,) = model.pp.runtime.last_selection().values()
+    d, C = 64, 128
+    # the budget's positions per sequence, by hand: k_b * k_t * (gate + up) <= 0.2 * B * L * (gate + up + down)
+    k_t = max(k for k in range(2, 14) if 3 * k * 2 * d * C <= 0.2 * 3 * 13 * 3 * d * C)  # = 3
+    P, Hh = [], []
+    for b in range(3):
+        first, n = (4, 9) if b == 1 else (0, 13)
+        pos = torch.tensor([first + round(i * (n - 1) / (k_t - 1)) for i in range(k_t)])
+        x = cap["mlp_x"][b, pos]
+        P.append((mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).pow(2))  # (k_t, C)
+        Hh.append(history[pos])
+    P, Hh = torch.cat(P), torch.cat(Hh)
+    alpha = P / (P + Hh + 1e-6)
+    energy = (alpha * P + (1 - alpha) * Hh).sum(0)
+    scores = energy * mlp.down_proj.weight.pow(4).sum(0).sqrt()
+    assert kept.tolist() == sorted(scores.topk(64).indices.tolist())
+
+
+@pytest.mark.parametrize("probe", list(PROBES))
+def test_no_design_ever_probes_a_pad_token(probe):
+    model = random_model("llama-gqa")
+    ids = _ids(4, 16)
+    mask = torch.ones(4, 16, dtype=torch.long)
+    mask[1, :6] = 0  # left padding
+    mask[3, -5:] = 0  # right padding
+    mask[2, 3:] = 0  # a sequence shorter than the probe's positions
+    other = ids.clone()
+    other[mask == 0] = (ids[mask == 0] + 7) % 128  # change what the pads hold
+    c = pp.compile(model, 0.4, backend="eager", skip_layers=(0,), mlp_multiple=16, probe=probe, probe_budget=0.3)
+    with torch.no_grad():
+        first = c(ids, attention_mask=mask).logits
+        kept = model.pp.runtime.last_selection()
+        model.pp.runtime.reset()
+        second = c(other, attention_mask=mask).logits
+        again = model.pp.runtime.last_selection()
+    for site in kept:
+        assert kept[site].tolist() == again[site].tolist(), site
+    real = mask.bool()
+    torch.testing.assert_close(first[real], second[real])
