@@ -72,23 +72,49 @@ def spread_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) -> tu
     return positions, real.gather(1, positions) & ~repeat
 
 
+def batch_top_tokens(x_res: torch.Tensor, valid: torch.Tensor | None, k) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k tokens of largest residual norm in the whole batch (a flat top-k over B x L), in
+    (sequence, position) order, as one packed probe row: (rows (1, k), positions (1, k), ok (1, k)):
+    each token's sequence and position, and whether it is a real token (pads rank last)."""
+    norms = token_norms(x_res, valid)  # (B, L), pads -1
+    L = norms.shape[1]
+    flat = torch.topk(norms.flatten(), k, sorted=False).indices.sort().values  # (k,)
+    rows, positions = flat // L, flat % L
+    return rows.unsqueeze(0), positions.unsqueeze(0), (norms.flatten()[flat] >= 0).unsqueeze(0)
+
+
+def packed_mask(mask: torch.Tensor | None, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The attention mask of a packed probe row (1, k) of tokens from several sequences: a token
+    attends to the tokens of its own sequence at its position or before (causal at their true
+    positions), and where the model's own mask, gathered at those tokens (side_at), allows.
+    Boolean, or additive like `mask`: (1, 1|H, k, k)."""
+    same = rows.unsqueeze(-1) == rows.unsqueeze(-2)  # (1, k, k)
+    allowed = (same & (positions.unsqueeze(-1) >= positions.unsqueeze(-2))).unsqueeze(1)  # (1, 1, k, k)
+    if mask is None:
+        return allowed
+    if mask.dtype == torch.bool:
+        return allowed & mask
+    return torch.where(allowed, mask, torch.finfo(mask.dtype).min)
+
+
 def _first_real(real: torch.Tensor) -> torch.Tensor:
     """(B, L) bool -> (B,) the first True position of each row (0 for a row with none)."""
     return real.int().argmax(1)
 
 
 def tokens_at(x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x (B, L, ...) at each probed row's own positions: rows (k_b,), positions (k_b, k_t) ->
-    (k_b, k_t, ...)."""
-    return x[rows.unsqueeze(1), positions]
+    """x (B, L, ...) at each probed row's own positions: rows (k_b,) (or each token's sequence,
+    (k_b, k_t), for a packed row), positions (k_b, k_t) -> (k_b, k_t, ...)."""
+    return x[rows if rows.dim() == 2 else rows.unsqueeze(1), positions]
 
 
 def side_at(side: torch.Tensor, b_dim: int, s_dims: tuple[int, ...], rows: torch.Tensor,
             positions: torch.Tensor) -> torch.Tensor:
     """A side input of the block (a rotary table, a mask) at each probed row's own positions.
     `b_dim`: the side's batch dim (size B or 1; negative: the side lacks it, broadcast); `s_dims`:
-    its sequence dims (a mask has two: queries and keys, both the probe's tokens). The result has
-    k_b in the batch dim and k_t in each sequence dim, its other dims as they were."""
+    its sequence dims (a mask has two: queries and keys, both the probe's tokens). `rows` (k_b,),
+    or (k_b, k_t) for a packed row (each token's sequence; a mask is read in the query's). The
+    result has k_b in the batch dim and k_t in each sequence dim, its other dims as they were."""
     if b_dim < 0:  # the side broadcasts over a batch dim it lacks: give it one of size 1
         side = side.reshape((1,) * -b_dim + tuple(side.shape))
         s_dims, b_dim = tuple(d - b_dim for d in s_dims), 0
@@ -96,8 +122,8 @@ def side_at(side: torch.Tensor, b_dim: int, s_dims: tuple[int, ...], rows: torch
     moved = side.permute(order)  # (B|1, L, [L,] rest)
     r = rows if moved.shape[0] != 1 else torch.zeros_like(rows)
     n = len(s_dims)
-    index = [r.view(-1, *[1] * n)] + [positions.view(positions.shape[0], *[1] * i, -1, *[1] * (n - 1 - i))
-                                      for i in range(n)]
+    first = r.view(-1, *[1] * n) if r.dim() == 1 else r.view(*r.shape, *[1] * (n - 1))
+    index = [first] + [positions.view(positions.shape[0], *[1] * i, -1, *[1] * (n - 1 - i)) for i in range(n)]
     gathered = moved[tuple(index)]  # (k_b, k_t, [k_t,] rest)
     return gathered.permute([order.index(d) for d in range(side.dim())])
 
@@ -135,6 +161,11 @@ def spread_count(n_b, n_t, k_b, k_t):
     ceiling of k_b * k_t / n_b, at least 2, at most n_t. Integer arithmetic on ints and dynamic
     sizes alike."""
     return torch.sym_min(n_t, torch.sym_max(-(-k_b * k_t // n_b), 2))
+
+
+def packed_count(n_t, k_b, k_t):
+    """Tokens of a packed probe row holding a k_b x k_t probe's tokens: k_b * k_t, at most L."""
+    return torch.sym_min(n_t, k_b * k_t)
 
 
 def budget_positions(n_b, n_t, k_b, num: int, den: int, first: int, final: int, pair: int):

@@ -8,11 +8,15 @@ is a subclass registered in PROBES.
   every   every sequence, each at its own top-norm positions (the sink rule per sequence)
   spread  every sequence, at positions evenly spaced over its real tokens, its first and last
           (most recent) included; no norms
-In `every` and `spread` each probe token fuses with the history at its own position.
+  flat    the top-norm tokens of the whole batch (a flat top-k over B x L), run as one packed row:
+          its attention is per sequence over the chosen tokens, causal at their true positions
+In `every`, `spread` and `flat` each probe token fuses with the history at its own position.
 
 How many positions: with probe_budget, the most that keep the probe within it (ops.budget_positions);
 without, the paper's position_ratio for `paper`, and for the others as many tokens as `paper`'s
-probe would run (at least two per sequence).
+probe would run (`every`, `spread`: at least two per sequence). `flat` holds at most L tokens, so
+that its attention (every pair of its tokens is computed, then masked) stays within the budget's
+count of L keys per token.
 """
 from __future__ import annotations
 
@@ -22,6 +26,12 @@ from . import ops
 class ProbeDesign:
     name = ""
     per_sequence = False  # every sequence is probed at positions of its own: (B, k_t) positions
+    packed = False  # one row of tokens from any sequences: (1, k) sequences and positions
+
+    @property
+    def per_token(self) -> bool:
+        """Each probe token has a position of its own (fused with the history there)."""
+        return self.per_sequence or self.packed
 
     def __repr__(self) -> str:
         return f"<probe {self.name}>"
@@ -50,7 +60,13 @@ class Spread(PerSequence):
     positions = staticmethod(ops.spread_positions)
 
 
-PROBES: dict[str, ProbeDesign] = {p.name: p for p in (Paper(), Every(), Spread())}
+class Flat(ProbeDesign):
+    """rows, positions, ok (each (1, k)) from ops.batch_top_tokens."""
+    name = "flat"
+    packed = True
+
+
+PROBES: dict[str, ProbeDesign] = {p.name: p for p in (Paper(), Every(), Spread(), Flat())}
 
 
 def get_probe(probe: "str | ProbeDesign") -> ProbeDesign:

@@ -205,3 +205,22 @@ def test_token_energy_and_history_zero_pads_so_they_fuse_to_nothing():
     assert energy.tolist() == [[1.0, 4.0], [0.0, 0.0]]
     assert hist.tolist() == [[50.0, 60.0], [0.0, 0.0]]
     assert torch.allclose(ops.fuse_history(energy, hist), ops.fuse_history(energy[:1], hist[:1]))
+
+
+def test_flat_takes_the_batchs_top_tokens_and_masks_them_apart_per_sequence():
+    norms = torch.tensor([[1.0, 9.0, 2.0, 8.0], [7.0, 3.0, 6.0, 0.5], [50.0, 60.0, 4.0, 5.0]])
+    valid = torch.tensor([[True] * 4, [True] * 4, [False, False, True, True]])  # row 2: big pads
+    rows, positions, ok = ops.batch_top_tokens(_residual(norms), valid, 5)
+    # the 5 largest real norms 9, 8, 7, 6, 5 in (sequence, position) order
+    assert rows.tolist() == [[0, 0, 1, 1, 2]] and positions.tolist() == [[1, 3, 0, 2, 3]] and ok.all()
+    allowed = ops.packed_mask(None, rows, positions)[0, 0]  # own sequence, at or before
+    expect = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
+    assert allowed.int().tolist() == expect
+    additive = torch.zeros(1, 1, 5, 5)
+    additive[..., 1] = -3.0  # the model's own mask, already at the probe's tokens
+    got = ops.packed_mask(additive, rows, positions)[0, 0]
+    low = torch.finfo(torch.float32).min
+    assert got.tolist() == [[0.0 if e else low for e in row] if i != 1 else [0.0, -3.0, low, low, low]
+                            for i, row in enumerate(expect)]
+    assert torch.equal(ops.packed_mask(additive == 0, rows, positions)[0, 0],
+                       torch.tensor(expect).bool() & (additive == 0)[0, 0])

@@ -25,8 +25,8 @@ def _capture(layer):
 def test_designs_are_registered_objects_and_unknown_names_are_refused():
     assert get_probe("every") is PROBES["every"] and get_probe(PROBES["paper"]) is PROBES["paper"]
     assert pp.PPConfig(probe="spread").probe is PROBES["spread"]
-    with pytest.raises(ValueError, match="unknown probe design 'flat'; known designs: paper, every, spread"):
-        pp.PPConfig(probe="flat")
+    with pytest.raises(ValueError, match="unknown probe design 'top'; known designs: paper, every, spread, flat"):
+        pp.PPConfig(probe="top")
 
 
 def test_every_keeps_the_heads_its_per_sequence_probe_gives_by_hand(monkeypatch):
@@ -68,6 +68,48 @@ def test_every_keeps_the_heads_its_per_sequence_probe_gives_by_hand(monkeypatch)
     scores = torch.stack([(energy[h * hd:(h + 1) * hd] ** 2 * W[:, h * hd:(h + 1) * hd].pow(4).sum(0)).sum().sqrt()
                           for h in range(H)])
     assert kept.tolist() == sorted(scores.topk(7).indices.tolist())  # floor(0.6 * 16) = 9 of 16 pruned
+
+
+def test_flat_runs_the_batchs_top_tokens_per_sequence_at_their_true_positions(monkeypatch):
+    energies = []
+    record = ops.token_energy
+    monkeypatch.setattr(ops, "token_energy", lambda act, ok: energies.append(record(act, ok)) or energies[-1])
+    model = random_model("llama-gqa", num_attention_heads=16, num_key_value_heads=4)
+    ids = _ids(3, 10)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[2, :3] = 0  # left padding: never among the top tokens
+    layer = model.model.layers[4]
+    attn = layer.self_attn
+    cap, hooks = _capture(layer)
+    # the paper's probe would run 1 sample x 5 positions: `flat` runs the batch's 5 top tokens
+    c = pp.compile(model, 0.12, backend="eager", skip_layers=(0, 1, 2, 3), blocks="attention", probe="flat",
+                   history=False)
+    with torch.no_grad():
+        c(ids, attention_mask=mask)
+        for h in hooks:
+            h.remove()
+        (kept,) = model.pp.runtime.last_selection().values()
+        H, Hk, hd = 16, 4, attn.head_dim
+        norms = cap["attn_res"].norm(dim=-1).masked_fill(mask == 0, -1)  # (3, 10)
+        top = sorted(norms.flatten().topk(5).indices.tolist())  # (sequence, position) order
+        by_hand = []
+        for b in sorted({i // 10 for i in top}):
+            pos = torch.tensor([i % 10 for i in top if i // 10 == b])
+            x = cap["attn_x"][b, pos].unsqueeze(0)  # (1, n, d): this sequence's chosen tokens
+            n = len(pos)
+            q = attn.q_proj(x).view(1, n, H, hd).transpose(1, 2)
+            k = attn.k_proj(x).view(1, n, Hk, hd).transpose(1, 2).repeat_interleave(H // Hk, 1)
+            v = attn.v_proj(x).view(1, n, Hk, hd).transpose(1, 2).repeat_interleave(H // Hk, 1)
+            cos, sin = model.model.rotary_emb(x, pos.unsqueeze(0))
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            by_hand.append(out.transpose(1, 2).reshape(n, H * hd).pow(2))
+    torch.testing.assert_close(energies[-1], torch.cat(by_hand), rtol=1e-5, atol=1e-6)
+    energy = torch.cat(by_hand).sum(0)
+    W = attn.o_proj.weight
+    scores = torch.stack([(energy[h * hd:(h + 1) * hd] ** 2 * W[:, h * hd:(h + 1) * hd].pow(4).sum(0)).sum().sqrt()
+                          for h in range(H)])
+    assert kept.tolist() == sorted(scores.topk(7).indices.tolist())
 
 
 def test_spread_fuses_each_token_with_the_history_at_its_position():

@@ -144,7 +144,7 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
             continue
         try:
             labels[site.name] = _labels(site, whole_kv=phase != "forward",
-                                        per_sequence=config.probe.per_sequence and policy.probe == "sampled")
+                                        per_sequence=config.probe.per_token and policy.probe == "sampled")
         except Unsupported as e:
             site.status = f"dense: {e}"
     static = None
@@ -446,16 +446,23 @@ def _probe_energy(g, site: Site, lab, config: PPConfig, valid, history, gi: Grap
         sel = call(g, design.positions, x_res, valid, k_t, name=f"{tag}_probe_select")
         kept_t = call(g, _getitem, sel, 0, name=f"{tag}_probe_t")
         ok = call(g, _getitem, sel, 1, name=f"{tag}_probe_ok")
+    elif design.packed:  # one row of tokens from any sequences: each token's sequence and position (1, k)
+        k_b, k_t = _probe_sizes(g, config, site, B, L, tag)
+        sel = call(g, ops.batch_top_tokens, x_res, valid, k_t, name=f"{tag}_probe_select")
+        kept_b = call(g, _getitem, sel, 0, name=f"{tag}_probe_b")
+        kept_t = call(g, _getitem, sel, 1, name=f"{tag}_probe_t")
+        ok = call(g, _getitem, sel, 2, name=f"{tag}_probe_ok")
     else:
         k_b, k_t = _probe_sizes(g, config, site, B, L, tag)
         sel = call(g, ops.select_probe, x_res, valid, k_t, k_b, config.sequence_first, name=f"{tag}_probe_select")
         kept_b = call(g, _getitem, sel, 0, name=f"{tag}_probe_b")
         kept_t = call(g, _getitem, sel, 1, name=f"{tag}_probe_t")
-    per_token = design.per_sequence and config.policy.probe != "all"
+    per_token = design.per_token and config.policy.probe != "all"
     p = call(g, ops.tokens_at if per_token else _gather_probe, x, kept_b, kept_t, name=f"{tag}_probe_x")
     if value(site.x).dim() == 2:
         p = call(g, torch.Tensor.reshape, p, mul(g, k_b, k_t, f"{tag}_probe_rows"), -1, name=f"{tag}_probe_x2d")
-    act = probe_activation(g, site, lab, p, kept_b, kept_t, k_b, k_t, tag, per_token)
+    act = probe_activation(g, site, lab, p, kept_b, kept_t, k_b, k_t, tag, per_token,
+                           packed=design.packed and per_token)
     act = call(g, torch.Tensor.reshape, act, k_b, k_t, -1, name=f"{tag}_probe_act")
     if per_token:  # each probe token on its own: (k_b * k_t, C), pads and repeats zero
         energy = call(g, ops.token_energy, act, ok, name=f"{tag}_probe_energy")
@@ -481,15 +488,20 @@ def _probe_sizes(g, config: PPConfig, site: Site, B, L, tag: str):
     def size(fn, *args, name: str):
         return fn(*args) if static else call(g, fn, *args, name=f"{tag}_{name}")
 
+    design = config.probe
     k_b = size(ops.probe_count, B, *config.probe_rule("sample"), name="probe_rows")
-    rows = B if config.probe.per_sequence else k_b
+    rows = B if design.per_sequence else 1 if design.packed else k_b
+    # A packed row holds at most L tokens: its attention, k_t x k_t pairs, then stays within the
+    # L keys per token that the budget counts.
     if config.probe_budget is not None:
         k_t = size(ops.budget_positions, B, L, rows, *config.budget_fraction(), *_probe_costs(site),
                    name="probe_positions")
     else:
         k_t = size(ops.probe_count, L, *config.probe_rule("position"), name="probe_positions")
-        if config.probe.per_sequence:  # as many tokens as the paper's probe, over every sequence
+        if design.per_sequence:  # as many tokens as the paper's probe, over every sequence
             k_t = size(ops.spread_count, B, L, k_b, k_t, name="probe_positions_each")
+        elif design.packed:  # as many tokens as the paper's probe, in one row
+            k_t = size(ops.packed_count, L, k_b, k_t, name="probe_tokens")
     return rows, k_t
 
 

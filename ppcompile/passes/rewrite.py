@@ -16,7 +16,7 @@ from torch import fx
 from .. import ops
 from .graph import call, shape_of
 from .dims import Atom, Labeler, Labels, anon, resized_args
-from .sites import Site, sdpa_params, writers, written
+from .sites import SDPA_PARAMS, Site, sdpa_params, writers, written
 
 
 def label_site(site: Site, kv_whole: bool) -> Labeler:
@@ -48,10 +48,13 @@ def escapes(site: Site) -> set[fx.Node]:
 
 
 def probe_activation(g: fx.Graph, site: Site, lab: Labeler, p: fx.Node, kept_b: fx.Node,
-                     kept_t: fx.Node, k_b, k_t, tag: str, per_sequence: bool = False) -> fx.Node:
+                     kept_t: fx.Node, k_b, k_t, tag: str, per_sequence: bool = False,
+                     packed: bool = False) -> fx.Node:
     """Copy the block from x to the final projection's input, run on the probe p (k_b, k_t, d).
     Side inputs (rotary tables, the mask) are gathered at the probe's rows kept_b (k_b,) and
-    positions: kept_t (k_t,) shared by the rows, or, `per_sequence`, (k_b, k_t) per row."""
+    positions: kept_t (k_t,) shared by the rows, or, `per_sequence`, (k_b, k_t) per row.
+    `packed`: one row of tokens of several sequences, kept_b (1, k_t) each token's sequence; its
+    attention gets a mask that keeps each sequence's tokens apart (ops.packed_mask)."""
     new = {"b": k_b, "s": k_t}
     env: dict[fx.Node, fx.Node] = {site.x: p}
     index = {"b": kept_b, "s": kept_t}
@@ -84,6 +87,12 @@ def probe_activation(g: fx.Graph, site: Site, lab: Labeler, p: fx.Node, kept_b: 
                 args[key] = side
             else:
                 kwargs[key] = side
+        if packed and n is site.sdpa:
+            params = dict(zip(SDPA_PARAMS, args)) | kwargs
+            params["attn_mask"] = call(g, ops.packed_mask, params.get("attn_mask"), kept_b, kept_t,
+                                       name=f"{tag}_probe_mask")
+            params["is_causal"] = False
+            args, kwargs = [params.pop(k) for k in ("query", "key", "value")], params
         copy = g.create_node(n.op, n.target, tuple(args), kwargs, name=f"{tag}_probe_{n.name}")
         copy.meta = {k: v for k, v in n.meta.items() if k != "example_value" and k != "val"}
         env[n] = copy
