@@ -71,6 +71,8 @@ def run_group(model, tokenizer, args, text: str, batch: int, seed: int, first_se
                       "seed": None}, {}))
         todo += [({"method": "full-batch", "ratio": r, "probe": None, "probe_budget": None, "history": None,
                    "seed": None}, {}) for r in args.ratios]
+    todo += [({"method": m, "ratio": r, "probe": None, "probe_budget": None, "history": None, "seed": seed}, {})
+             for m in args.baselines for r in args.ratios]  # static: calibrated, so once per seed
     for v in variants(args.designs, args.budgets, args.ratios, args.history):
         if not v["history"] and not first_seed:
             continue  # no calibration: the same at every seed
@@ -95,7 +97,7 @@ def run_group(model, tokenizer, args, text: str, batch: int, seed: int, first_se
         rows[label] = {**base, **row}
     for label, row in rows.items():
         options = {k: row[k] for k in ("probe", "probe_budget", "history")} if row["method"] == "pp" else {}
-        fns[label] = build_method(row["method"], model, row["ratio"], cal if row["method"] == "pp" else None,
+        fns[label] = build_method(row["method"], model, row["ratio"], None if row["method"] == "full-batch" else cal,
                                   args.backend, **options)
     reference = next((label for label, row in rows.items() if row["method"] == "dense"), None)
     results = evaluate(fns, data.iter_batches(windows, batch), reference=reference, progress=args.progress)
@@ -121,8 +123,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     oracle = {(r["text"], r["batch_size"], r["ratio"]): r["ppl"] for r in rows if r["method"] == "full-batch"}
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r["method"] == "pp" and (r["text"], r["batch_size"]) in dense:
-            groups.setdefault((r["text"], r["batch_size"], r["ratio"], r["probe"], r["probe_budget"], r["history"]),
+        if r["method"] not in ("dense", "full-batch") and (r["text"], r["batch_size"]) in dense:
+            what = r["probe"] if r["method"] == "pp" else r["method"]  # a static baseline in the probe column
+            groups.setdefault((r["text"], r["batch_size"], r["ratio"], what, r["probe_budget"], r["history"]),
                               []).append(r)
     out = []
     for (text, batch, ratio, probe, budget, history), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
@@ -130,7 +133,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         mult = [r["ppl"] / d for r in rs]
         vs = [(r["ppl"] - d) / (o - d) for r in rs] if o else []
         out.append({"text": text, "batch": batch, "ratio": ratio, "probe": probe, "budget": budget,
-                    "history": history, "seeds": len(rs), "probe_flops": statistics.median(r["probe_flops"] for r in rs),
+                    "history": history, "seeds": len(rs),
+                    "probe_flops": statistics.median(r.get("probe_flops", 0.0) for r in rs),
                     "x_dense": statistics.median(mult), "oracle_x_dense": o / d if o else None,
                     "vs_oracle": statistics.median(vs) if vs else None,
                     "vs_oracle_range": (min(vs), max(vs)) if vs else None})
@@ -138,14 +142,33 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
-    body = [[s["text"], s["batch"], s["ratio"], s["probe"], "none" if s["budget"] is None else f"{s['budget']:.1%}",
-             "on" if s["history"] else "off", s["seeds"], f"{s['probe_flops']:.2%}", f"{s['x_dense']:.3f}",
+    body = [[s["text"], s["batch"], s["ratio"], s["probe"],
+             "-" if s["history"] is None else "none" if s["budget"] is None else f"{s['budget']:.1%}",
+             "-" if s["history"] is None else "on" if s["history"] else "off", s["seeds"],
+             f"{s['probe_flops']:.2%}", f"{s['x_dense']:.3f}",
              f"{s['oracle_x_dense']:.3f}" if s["oracle_x_dense"] else "-",
              f"{s['vs_oracle']:.3f}" if s["vs_oracle"] is not None else "-",
              f"{s['vs_oracle_range'][0]:.3f}-{s['vs_oracle_range'][1]:.3f}" if s["seeds"] > 1 else "-"]
             for s in summary]
     headers = ["text", "batch", "ratio", "probe", "budget", "history", "seeds", "probe FLOPs", "x dense",
                "oracle x dense", "increase / oracle's", "range"]
+    return tabulate(body, headers=headers, tablefmt="github")
+
+
+def pivot(summary: list[dict], batch: int, ratio: float) -> str:
+    """At one batch and ratio: one line per design (and history), one column per (text, budget):
+    pp's perplexity increase over the oracle's, median over the seeds, with the probe's FLOPs."""
+    pick = [s for s in summary if (s["batch"], s["ratio"]) == (batch, ratio) and s["history"] is not None]
+    cols = sorted({(s["text"], s["budget"]) for s in pick}, key=lambda c: (c[0], -1 if c[1] is None else c[1]))
+    lines = {}
+    for s in pick:
+        lines.setdefault((s["probe"], s["history"]), {})[s["text"], s["budget"]] = s
+    body = []
+    for (probe, history), cells in sorted(lines.items(), key=lambda kv: (list(PROBES).index(kv[0][0]), not kv[0][1])):
+        body.append([probe, "on" if history else "off"] + [
+            f"{cells[c]['vs_oracle']:.2f} ({cells[c]['probe_flops']:.2%}, {cells[c]['seeds']})" if c in cells else ""
+            for c in cols])
+    headers = ["probe", "history"] + [f"{t}, {'none' if b is None else f'{b:.1%}'}" for t, b in cols]
     return tabulate(body, headers=headers, tablefmt="github")
 
 
@@ -189,6 +212,8 @@ def main() -> None:
     p.add_argument("--budgets", type=_list(_budget), default=[None, 0.01, 0.015, 0.03])
     p.add_argument("--history", type=_list(lambda s: {"on": True, "off": False}[s]), default=[True, False])
     p.add_argument("--seeds", type=_list(int), default=[0, 1, 2])
+    p.add_argument("--baselines", type=_list(str), default=[],
+                   help="static methods to evaluate beside, at each ratio and seed (e.g. wanda-sp,flap)")
     p.add_argument("--dtype", type=parse_dtype, default=torch.bfloat16)
     p.add_argument("--backend", choices=["inductor", "eager"], default="eager")
     p.add_argument("--report", action="store_true", help="only summarize the rows so far")
@@ -202,7 +227,7 @@ def main() -> None:
         model, tokenizer = _loaded(args.model, args.seq_len, args.dtype)
         done = {key(r) for r in rows}
         for i, seed in enumerate(args.seeds):
-            cal = _calibration(model, tokenizer, args, seed) if True in args.history else None
+            cal = _calibration(model, tokenizer, args, seed) if True in args.history or args.baselines else None
             for text in args.texts:
                 for batch in args.batches:
                     new = run_group(model, tokenizer, args, text, batch, seed, i == 0, cal, done)

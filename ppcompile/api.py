@@ -45,7 +45,7 @@ def compile(model: torch.nn.Module, ratio: float = 0.4, *, calibration=None, pol
     """
     if backend not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
-    config = PPConfig(ratio=ratio, policy=policy, **options)
+    config = PPConfig.from_options({"ratio": ratio, "policy": policy, **options})  # an unknown option is named
     if config.policy.needs_calibration and calibration is None:
         raise ValueError(f"policy '{config.policy}' is static: it needs calibration=<token batches or a "
                          "Calibration from pp.calibrate>")

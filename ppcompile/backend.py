@@ -80,7 +80,7 @@ class Session:
             self.dumper.write_pass(folder, gm, result, self.config)
         self._report(result)
         for s in result.sites:
-            if s.name in result.active_sites:
+            if s.status == "pruned":
                 self.runtime.sites[s.name] = {"layer": s.layer, "kind": s.kind, "total": s.heads or s.channels,
                                               "pruned_flops": s.info["pruned_flops"]}
         seam, runtime = result.seam, self.runtime

@@ -44,7 +44,7 @@ def explain(model: torch.nn.Module, inputs, ratio: float = 0.4, *, policy: str =
     report what pp.compile with the same arguments would do: every site with its kept count or why
     it stays dense, and the FLOPs per call before and after (counted by torch's FlopCounterMode on
     the rewritten graph, the probe apart). The model itself is not changed."""
-    config = PPConfig(ratio=ratio, policy=policy, **options)
+    config = PPConfig.from_options({"ratio": ratio, "policy": policy, **options})
     base = getattr(model, "_orig_mod", model)
     if calibration is not None:
         calibration = resolve(calibration, base)

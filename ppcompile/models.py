@@ -239,3 +239,33 @@ def random_model(
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, **{_DTYPE_KW: dtype})
     return model.eval()
+
+
+TINY_FIELDS = {  # set where the config has the field (directly or through its attribute_map)
+    "num_hidden_layers": 3, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256, "max_position_embeddings": 128,
+    "ffn_dim": 128, "n_inner": 128, "moe_intermediate_size": 64, "num_experts": 4, "num_local_experts": 4,
+    "n_routed_experts": 4, "num_experts_per_tok": 2, "d_model": 64, "decoder_layers": 3,
+    "decoder_attention_heads": 4, "decoder_ffn_dim": 128, "encoder_layers": 2, "encoder_attention_heads": 4,
+    "encoder_ffn_dim": 128, "rotary_dim": 8,
+}
+TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
+
+
+def tiny_config(model_type: str) -> PretrainedConfig:
+    """A tiny config of any registered model type (3 layers, hidden 64, 4 heads of 16, vocab 256),
+    each field set only where the config has it, special token ids moved into the tiny vocabulary:
+    for sweeps over architectures, where weights do not matter."""
+    config = AutoConfig.for_model(model_type)
+    text = getattr(config, "text_config", None)  # multimodal wrappers: shrink the text model too
+    for cfg in [config] + ([text] if text is not None and text is not config else []):
+        for name, value in TINY_FIELDS.items():
+            if hasattr(cfg, name) or name in getattr(cfg, "attribute_map", {}):
+                try:
+                    setattr(cfg, name, value)
+                except (AttributeError, ValueError, TypeError):
+                    pass
+        for name in TOKEN_IDS:  # special tokens of the real vocabulary would not fit the tiny one
+            if isinstance(getattr(cfg, name, None), int) and getattr(cfg, name) >= TINY_FIELDS["vocab_size"]:
+                setattr(cfg, name, 0)
+    return config

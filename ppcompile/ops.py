@@ -43,9 +43,11 @@ def _positions(energy: torch.Tensor, k_t) -> torch.Tensor:
     return torch.cat([first, kept_t[1:]])
 
 
-def sequence_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) \
+        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each sequence's own probe positions: its k_t real tokens of largest residual norm, ascending,
-    and which of them are real tokens: (positions (B, k_t), ok (B, k_t) bool). With k_t <= 10 a
+    and which of them are real tokens: (rows (B,): every sequence, positions (B, k_t), ok (B, k_t)
+    bool). With k_t <= 10 a
     sequence's first real token is always among them (the sink rule, per sequence); a sequence with
     fewer than k_t real tokens fills up with pads, which `ok` marks."""
     norms = token_norms(x_res, valid)  # (B, L), pads -1
@@ -54,13 +56,14 @@ def sequence_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) -> 
     sink = torch.zeros_like(norms).scatter(1, _first_real(real).unsqueeze(1), 1.0) * torch.sym_ite(k_t > 10, 0, 1)
     score = torch.where((sink > 0) & real, float("inf"), norms)
     positions = torch.topk(score, k_t, dim=1, sorted=False).indices.sort(dim=1).values  # (B, k_t)
-    return positions, real.gather(1, positions)
+    return torch.arange(norms.shape[0], device=norms.device), positions, real.gather(1, positions)
 
 
-def spread_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) -> tuple[torch.Tensor, torch.Tensor]:
+def spread_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) \
+        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each sequence's k_t positions evenly spaced over its real tokens, its first and its last
-    (most recent) token included: (positions (B, k_t), ok (B, k_t) bool). A sequence with fewer
-    than k_t real tokens repeats some; `ok` keeps each real token once."""
+    (most recent) token included: (rows (B,), positions (B, k_t), ok (B, k_t) bool). A sequence
+    with fewer than k_t real tokens repeats some; `ok` keeps each real token once."""
     B, L = x_res.shape[:2]
     real = torch.ones(B, L, dtype=torch.bool, device=x_res.device) if valid is None else valid  # (B, L)
     first, span = _first_real(real), real.sum(1).clamp(min=1) - 1  # (B,); real tokens are contiguous
@@ -69,7 +72,7 @@ def spread_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) -> tu
     offset = (2 * i * span.unsqueeze(1) + gaps) // (2 * gaps)  # round(i * span / (k_t - 1)): (B, k_t)
     positions = first.unsqueeze(1) + offset  # ascending
     repeat = torch.cat([torch.zeros_like(real[:, :1]), positions[:, 1:] == positions[:, :-1]], 1)
-    return positions, real.gather(1, positions) & ~repeat
+    return torch.arange(B, device=x_res.device), positions, real.gather(1, positions) & ~repeat
 
 
 def batch_top_tokens(x_res: torch.Tensor, valid: torch.Tensor | None, k) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

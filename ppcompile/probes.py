@@ -27,6 +27,8 @@ class ProbeDesign:
     name = ""
     per_sequence = False  # every sequence is probed at positions of its own: (B, k_t) positions
     packed = False  # one row of tokens from any sequences: (1, k) sequences and positions
+    # per-token designs: (x_res, valid, k_t) -> (rows, positions, ok), an ops function the graph calls
+    select = None
 
     @property
     def per_token(self) -> bool:
@@ -45,25 +47,22 @@ class Paper(ProbeDesign):
     name = "paper"
 
 
-class PerSequence(ProbeDesign):
-    """Every sequence, positions (B, k_t) from `positions(x_res, valid, k_t)` -> (positions, ok)."""
-    per_sequence = True
-    positions = staticmethod(ops.sequence_positions)
-
-
-class Every(PerSequence):
+class Every(ProbeDesign):
     name = "every"
+    per_sequence = True
+    select = staticmethod(ops.sequence_positions)
 
 
-class Spread(PerSequence):
+class Spread(ProbeDesign):
     name = "spread"
-    positions = staticmethod(ops.spread_positions)
+    per_sequence = True
+    select = staticmethod(ops.spread_positions)
 
 
 class Flat(ProbeDesign):
-    """rows, positions, ok (each (1, k)) from ops.batch_top_tokens."""
     name = "flat"
     packed = True
+    select = staticmethod(ops.batch_top_tokens)
 
 
 PROBES: dict[str, ProbeDesign] = {p.name: p for p in (Paper(), Every(), Spread(), Flat())}

@@ -42,6 +42,23 @@ def test_eval_with_calibration_writes_every_method(tiny_checkpoint, tmp_path):
     assert rows["flap0.4"]["ppl"] != rows["dense0.0"]["ppl"]
 
 
+def test_eval_passes_pp_options_to_the_pruned_methods_and_refuses_unknown_ones(tiny_checkpoint, tmp_path, capsys):
+    base = ["eval", "--model", str(tiny_checkpoint), "--data", "pydoc", "--seq-len", "32", "--batch-size", "2",
+            "--batches", "1", "--methods", "dense,pp", "--ratio", "0.4", "--backend", "eager", "--quiet"]
+    ppl = {}
+    for probe in ("paper", "flat"):
+        out = tmp_path / f"{probe}.json"
+        assert cli.main(base + ["--pp", f"probe={probe}", "--pp", "history=false", "--json", str(out)]) == 0
+        rows = {r["method"]: r for r in json.loads(out.read_text())}
+        assert rows["pp"]["options"] == {"probe": probe, "history": False}
+        ppl[probe] = rows["pp"]["ppl"]
+    assert ppl["paper"] != ppl["flat"]  # the option reached the pass
+    assert cli.main(base + ["--pp", "probe=top"]) == 2
+    assert "unknown probe design 'top'" in capsys.readouterr().err
+    assert cli.main(base + ["--pp", "probes=flat"]) == 2
+    assert "unknown ppcompile option(s) ['probes']" in capsys.readouterr().err
+
+
 def test_static_method_without_calibration_is_a_clear_error(capsys):
     code = cli.main(["eval", "--model", "smollm2-135m", "--methods", "wanda-sp", "--batches", "1", "--quiet"])
     assert code == 2 and "--calibration" in capsys.readouterr().err

@@ -41,7 +41,7 @@ def test_probe_sizes_have_floors():
     ({"position_ratio": 0.0}, "position_ratio"), ({"sample_ratio": 1.5}, "sample_ratio"),
     ({"blocks": "ffn"}, "blocks"), ({"probe_budget": 0.0}, "probe_budget"), ({"probe_budget": 1.5}, "probe_budget"),
     ({"final_layout": "transposed"}, "final_layout must be one of auto, copy, gather"),
-    ({"probe": "flat"}, "unknown probe design 'flat'"),
+    ({"probe": "top"}, "unknown probe design 'top'"),
 ])
 def test_bad_input_is_a_clear_error(kw, match):
     with pytest.raises(ValueError, match=match):

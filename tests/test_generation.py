@@ -47,18 +47,21 @@ def test_ratio_zero_generates_the_dense_tokens(policy):
                                        "site_runs": NEW * len(model.pp.passes[-1].active_sites)}
 
 
-@pytest.mark.parametrize("arch,policy,padded,dtype", [
-    ("llama-mha", "pp", True, torch.float32), ("llama-gqa", "pp", True, torch.float32),
-    ("qwen2", "pp", True, torch.float32), ("mistral", "full-batch", True, torch.float32),
-    ("llama-gqa", "griffin", True, torch.float32),
-    ("llama-gqa", "pp", False, torch.float32),  # no padding: no mask, the prefill attends to the cache cut to the prompt
-    ("llama-gqa", "pp", True, torch.bfloat16), ("llama-mha", "pp", True, torch.float16)])
-def test_decode_equals_dense_with_the_prefills_pruned_columns_zeroed(arch, policy, padded, dtype):
+@pytest.mark.parametrize("arch,policy,padded,dtype,options", [
+    ("llama-mha", "pp", True, torch.float32, {}), ("llama-gqa", "pp", True, torch.float32, {}),
+    ("qwen2", "pp", True, torch.float32, {}), ("mistral", "full-batch", True, torch.float32, {}),
+    ("llama-gqa", "griffin", True, torch.float32, {}),
+    ("llama-gqa", "pp", False, torch.float32, {}),  # no padding: no mask, the prefill attends to the cache cut to the prompt
+    ("llama-gqa", "pp", True, torch.bfloat16, {}), ("llama-mha", "pp", True, torch.float16, {}),
+    # the other probe designs: their prefill probe reads the mask and rotary per sequence / token
+    ("llama-mha", "pp", True, torch.float32, {"probe": "every"}),
+    ("llama-gqa", "pp", True, torch.float32, {"probe": "flat", "probe_budget": 0.2})])
+def test_decode_equals_dense_with_the_prefills_pruned_columns_zeroed(arch, policy, padded, dtype, options):
     ids, mask = _prompts()
     if not padded:
         ids, mask = ids.clamp(min=1), torch.ones_like(mask)
     model = random_model(arch, dtype=dtype)
-    c = pp.compile(model, 0.4, policy=policy, backend="eager", strict=True, **TINY)
+    c = pp.compile(model, 0.4, policy=policy, backend="eager", strict=True, **TINY, **options)
     out = _generate(c, ids, mask, output_logits=True, return_dict_in_generate=True)
     steps = torch.stack(out.logits, 1)  # (B, NEW, vocab)
     kept = model.pp.runtime.last_selection()

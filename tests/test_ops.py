@@ -142,30 +142,32 @@ def test_every_sequence_takes_its_own_top_positions_with_its_first_real_token():
                           [8.0, 8.0, 3.0, 4.0, 5.0, 6.0],   # two left pads (large, but pads)
                           [1.0, 2.0, 3.0, 4.0, 0.0, 0.0]])  # two right pads
     valid = torch.tensor([[True] * 6, [False, False] + [True] * 4, [True] * 4 + [False, False]])
-    positions, ok = ops.sequence_positions(_residual(norms), valid, 3)
+    rows, positions, ok = ops.sequence_positions(_residual(norms), valid, 3)
+    assert rows.tolist() == [0, 1, 2]
     # k_t = 3 <= 10: each row's first real token (0, 2, 0), then its two largest real norms
     assert positions.tolist() == [[0, 2, 4], [2, 4, 5], [0, 2, 3]]
     assert ok.all()
     many = torch.arange(1.0, 31.0).repeat(2, 1)  # (2, 30): later positions larger
-    assert ops.sequence_positions(_residual(many), None, 11)[0][0].tolist() == list(range(19, 30))  # no sink rule
-    assert ops.sequence_positions(_residual(many), None, 10)[0][0].tolist() == [0] + list(range(21, 30))
+    assert ops.sequence_positions(_residual(many), None, 11)[1][0].tolist() == list(range(19, 30))  # no sink rule
+    assert ops.sequence_positions(_residual(many), None, 10)[1][0].tolist() == [0] + list(range(21, 30))
     # a sequence with fewer real tokens than positions fills up with pads, which are not ok
     short = torch.tensor([[True, True] + [False] * 4])
-    positions, ok = ops.sequence_positions(_residual(norms[:1]), short, 3)
+    _, positions, ok = ops.sequence_positions(_residual(norms[:1]), short, 3)
     assert positions[0][ok[0]].tolist() == [0, 1] and ok.sum() == 2
 
 
 def test_spread_positions_are_evenly_spaced_over_each_sequences_real_tokens():
     valid = torch.tensor([[True] * 9, [False] * 3 + [True] * 6, [True] * 4 + [False] * 5])
     x = torch.zeros(3, 9, 2)
-    positions, ok = ops.spread_positions(x, valid, 3)
+    rows, positions, ok = ops.spread_positions(x, valid, 3)
+    assert rows.tolist() == [0, 1, 2]
     # first, middle (round(i * (n-1) / 2)) and last real token of each row
     assert positions.tolist() == [[0, 4, 8], [3, 6, 8], [0, 2, 3]]
     assert ok.all()
-    positions, ok = ops.spread_positions(x, valid, 6)
+    _, positions, ok = ops.spread_positions(x, valid, 6)
     assert positions[2].tolist() == [0, 1, 1, 2, 2, 3]  # 4 real tokens for 6 positions: each once
     assert positions[2][ok[2]].tolist() == [0, 1, 2, 3]
-    assert ops.spread_positions(x, None, 5)[0][1].tolist() == [0, 2, 4, 6, 8]
+    assert ops.spread_positions(x, None, 5)[1][1].tolist() == [0, 2, 4, 6, 8]
 
 
 def test_spread_count_shares_the_papers_tokens_over_every_sequence():

@@ -110,10 +110,24 @@ def refresh_values(gm: fx.GraphModule) -> None:
         with mode:
             return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
 
+    before = {n: recorded(n) for n in gm.graph.nodes}
+
     class Prop(FakeTensorProp):
         def get_attr(self, target, args, kwargs):  # constants the pass made (static policies' slices)
             t = super().get_attr(target, args, kwargs)
             return mode.from_tensor(t) if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor) else t
+
+        def run_node(self, n):
+            try:
+                return super().run_node(n)
+            except Exception:
+                # An op whose meta function needs a guard (suppressed here; Dynamo could add it when
+                # it traced): a node whose inputs kept their recorded shapes keeps its recorded value.
+                old = before.get(n)
+                if old is None or not all(_same_shape(self.env.get(a), before.get(a)) for a in n.all_input_nodes):
+                    raise
+                n.meta["val"] = old
+                return old
 
     # Recording values must not constrain the graph: guards it would add stay out of Dynamo's.
     shape_env = mode.shape_env
@@ -122,6 +136,14 @@ def refresh_values(gm: fx.GraphModule) -> None:
     for n in gm.graph.nodes:
         if "val" in n.meta:
             n.meta["example_value"] = n.meta["val"]
+
+
+def _same_shape(new, old) -> bool:
+    """Two recorded values of one node have the same shape (symbolic sizes compared as expressions,
+    with no guard); non-tensors compare as they are."""
+    if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor):
+        return [str(d) for d in new.shape] == [str(d) for d in old.shape]
+    return not isinstance(new, torch.Tensor) and not isinstance(old, torch.Tensor)
 
 
 def body_start(g: fx.Graph) -> fx.Node:

@@ -144,7 +144,7 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
             continue
         try:
             labels[site.name] = _labels(site, whole_kv=phase != "forward",
-                                        per_sequence=config.probe.per_token and policy.probe == "sampled")
+                                        per_token=config.probe.per_token and policy.probe == "sampled")
         except Unsupported as e:
             site.status = f"dense: {e}"
     static = None
@@ -274,9 +274,9 @@ def _order(g: fx.Graph):
     return lambda n: pos[n]
 
 
-def _labels(site: Site, whole_kv: bool = False, per_sequence: bool = False):
+def _labels(site: Site, whole_kv: bool = False, per_token: bool = False):
     """Dim labels of the block, and whether its K/V stay whole (GQA, K/V in a cache, or asked).
-    `per_sequence`: the probe has positions of its own per sequence, so every side input with
+    `per_token`: the probe has positions of its own per sequence or token, so every side input with
     sequence dims must line up with the batch."""
     kv_whole = False
     if site.kind == "attention":
@@ -293,7 +293,7 @@ def _labels(site: Site, whole_kv: bool = False, per_sequence: bool = False):
     fin = lab.labels.get(site.final.args[0])
     if fin is None or [a.name for a in fin[-1]][:1] not in (["h"], ["c"]):
         raise Unsupported("the final projection's input is not laid out by head/channel")
-    if per_sequence:
+    if per_token:
         unaligned = [n for (n, key), need in lab.side.items() if "s" in need.values() and (n, key) not in lab.side_batch]
         if unaligned:
             raise Unsupported(f"{unaligned[0].name}: a side input has sequence dims but no batch dim to gather "
@@ -440,18 +440,10 @@ def _probe_energy(g, site: Site, lab, config: PPConfig, valid, history, gi: Grap
         k_b, k_t = B, L
         kept_b = call(g, torch.arange, B, name=f"{tag}_probe_b")
         kept_t = call(g, torch.arange, L, name=f"{tag}_probe_t")
-    elif design.per_sequence:  # every sequence, each at positions of its own: (B, k_t)
+    elif design.per_token:  # positions per sequence (B, k_t), or one packed row (1, k_t) with each token's sequence
         k_b, k_t = _probe_sizes(g, config, site, B, L, tag)
-        kept_b = call(g, torch.arange, B, name=f"{tag}_probe_b")
-        sel = call(g, design.positions, x_res, valid, k_t, name=f"{tag}_probe_select")
-        kept_t = call(g, _getitem, sel, 0, name=f"{tag}_probe_t")
-        ok = call(g, _getitem, sel, 1, name=f"{tag}_probe_ok")
-    elif design.packed:  # one row of tokens from any sequences: each token's sequence and position (1, k)
-        k_b, k_t = _probe_sizes(g, config, site, B, L, tag)
-        sel = call(g, ops.batch_top_tokens, x_res, valid, k_t, name=f"{tag}_probe_select")
-        kept_b = call(g, _getitem, sel, 0, name=f"{tag}_probe_b")
-        kept_t = call(g, _getitem, sel, 1, name=f"{tag}_probe_t")
-        ok = call(g, _getitem, sel, 2, name=f"{tag}_probe_ok")
+        sel = call(g, design.select, x_res, valid, k_t, name=f"{tag}_probe_select")
+        kept_b, kept_t, ok = (call(g, _getitem, sel, i, name=f"{tag}_probe_{what}") for i, what in enumerate(("b", "t", "ok")))
     else:
         k_b, k_t = _probe_sizes(g, config, site, B, L, tag)
         sel = call(g, ops.select_probe, x_res, valid, k_t, k_b, config.sequence_first, name=f"{tag}_probe_select")

@@ -48,11 +48,11 @@ def escapes(site: Site) -> set[fx.Node]:
 
 
 def probe_activation(g: fx.Graph, site: Site, lab: Labeler, p: fx.Node, kept_b: fx.Node,
-                     kept_t: fx.Node, k_b, k_t, tag: str, per_sequence: bool = False,
+                     kept_t: fx.Node, k_b, k_t, tag: str, per_token: bool = False,
                      packed: bool = False) -> fx.Node:
     """Copy the block from x to the final projection's input, run on the probe p (k_b, k_t, d).
     Side inputs (rotary tables, the mask) are gathered at the probe's rows kept_b (k_b,) and
-    positions: kept_t (k_t,) shared by the rows, or, `per_sequence`, (k_b, k_t) per row.
+    positions: kept_t (k_t,) shared by the rows, or, `per_token`, (k_b, k_t) per row.
     `packed`: one row of tokens of several sequences, kept_b (1, k_t) each token's sequence; its
     attention gets a mask that keeps each sequence's tokens apart (ops.packed_mask)."""
     new = {"b": k_b, "s": k_t}
@@ -76,7 +76,7 @@ def probe_activation(g: fx.Graph, site: Site, lab: Labeler, p: fx.Node, kept_b: 
                 continue
             side = args[key] if isinstance(key, int) else kwargs[key]
             seq_dims = tuple(sorted(d for d, atom in need.items() if atom == "s"))
-            if per_sequence and seq_dims:
+            if per_token and seq_dims:
                 side = call(g, ops.side_at, side, lab.side_batch[(node, key)], seq_dims, kept_b, kept_t,
                             name=f"{tag}_probe_side")
             else:

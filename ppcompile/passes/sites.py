@@ -155,7 +155,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str], int]:
         if not projections or not region:
             continue
         sdpas = [n for n in region if n.op == "call_function" and n.target in SDPA]
-        kind = "attention" if sdpas else "mlp"
+        eager_attention = not sdpas and any(n.target in SOFTMAX for n in region)
+        kind = "attention" if sdpas or eager_attention else "mlp"
         if kind == "mlp" and any(_is_reduction(n) for n in region):
             continue  # a norm between linears: not a block's final projection
         xs = {p.args[0] for p in projections}
@@ -163,7 +164,10 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str], int]:
                     projections=projections, x=next(iter(xs)), x_res=next(iter(xs)),
                     region=region, channels=value(node.args[0]).shape[-1],
                     sdpa=sdpas[0] if sdpas else None)
-        if len(xs) != 1:
+        if eager_attention:  # scores, softmax and matmuls written out: no rule reads heads off them
+            site.status = ("dense: attention without scaled_dot_product_attention (load the model with "
+                           "attn_implementation='sdpa' where it has one)")
+        elif len(xs) != 1:
             site.status = "dense: its first projections read different inputs"
         elif len(sdpas) > 1:
             site.status = "dense: more than one attention op in the block"
@@ -178,6 +182,9 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str], int]:
             if (idx, kind) not in found:
                 problems.append(f"{path}.{kind}: no {kind} block matched in this layer")
     return sites, problems, len(layers)
+
+
+SOFTMAX = (torch.softmax, F.softmax, torch.Tensor.softmax, "softmax", torch.ops.aten._softmax.default)
 
 
 def _is_reduction(node: fx.Node) -> bool:

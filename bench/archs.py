@@ -1,0 +1,102 @@
+"""Every causal-LM model type transformers registers, built from a tiny random config, through the
+pass: per model type, how many sites end pruned and how many dense (with the reason), and whether
+anything crashed. The pass must never crash, whatever the model.
+
+    python bench/archs.py                       # every type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    python bench/archs.py --types gpt2,phi3     # some
+    python bench/archs.py --json out.json
+
+Per type: a tiny config (3 layers, hidden 64, 4 heads of 16, vocab 256; each field set only where
+the config has it; special token ids moved into the tiny vocabulary), the model in eval mode with sdpa attention where it has it, one dense call on a
+(2, 16) batch of random ids, then pp.compile(ratio 0.4, backend eager, layer 0 skipped) on the same
+batch. Outcomes: `pruned` (every site past layer 0 pruned), `partly`, `dense` (no site pruned),
+`no sites` (the pass found no block), `not built` / `does not run` (transformers cannot build or
+run the tiny config here: not the pass's doing), and `crash` (the pass raised: a bug).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+import ppcompile as pp
+from ppcompile.models import tiny_config
+
+def sweep_one(model_type: str) -> dict:
+    row = {"type": model_type, "outcome": None, "sites": 0, "pruned": 0, "dense": {}, "error": None}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            try:
+                model = AutoModelForCausalLM.from_config(tiny_config(model_type), attn_implementation="sdpa").eval()
+            except (ValueError, ImportError):  # no sdpa path in this model: its own attention
+                model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    except Exception as e:  # noqa: BLE001 - transformers' own limits here are an outcome, not a crash
+        return {**row, "outcome": "not built", "error": f"{type(e).__name__}: {e}"[:200]}
+    vocab = getattr(model.config, "vocab_size", None) or getattr(getattr(model.config, "text_config", None),
+                                                                 "vocab_size", 256)
+    ids = torch.randint(0, min(int(vocab), 256), (2, 16), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            model(ids)
+    except Exception as e:  # noqa: BLE001
+        return {**row, "outcome": "does not run", "error": f"{type(e).__name__}: {e}"[:200]}
+    torch._dynamo.reset()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = pp.compile(model, 0.4, backend="eager", skip_layers=(0,))
+            with torch.no_grad():
+                compiled(ids)
+    except Exception as e:  # noqa: BLE001 - the one outcome that is the pass's fault
+        return {**row, "outcome": "crash", "error": f"{type(e).__name__}: {e}"[:300]}
+    sites = [r for r in model.pp.summary() if _layer(r) != 0]
+    pruned = [r for r in sites if r["status"] == "pruned"]
+    dense = collections.Counter(f"{r['site'].rsplit('.', 1)[-1]}: {r['status']}" for r in sites if r["status"] != "pruned")
+    outcome = "no sites" if not model.pp.summary() else "pruned" if len(pruned) == len(sites) else \
+        "dense" if not pruned else "partly"
+    return {**row, "outcome": outcome, "sites": len(sites), "pruned": len(pruned), "dense": dict(dense)}
+
+
+def _layer(row: dict) -> int | None:
+    """A site's layer: its row's, or (an unmatched block's row has none) the last index in its name."""
+    if "layer" in row:
+        return row["layer"]
+    numbers = re.findall(r"\.(\d+)\.", row["site"])
+    return int(numbers[-1]) if numbers else None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--types", help="comma-separated model types (default: every registered causal LM)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    types = args.types.split(",") if args.types else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    rows = []
+    for t in types:
+        start = time.perf_counter()
+        rows.append(sweep_one(t))
+        r = rows[-1]
+        print(f"{t}: {r['outcome']} {r['pruned']}/{r['sites']} {r['error'] or ''} ({time.perf_counter() - start:.1f} s)",
+              flush=True)
+    print(tabulate([[r["type"], r["outcome"], f"{r['pruned']}/{r['sites']}",
+                     "; ".join(f"{k} x{v}" for k, v in r["dense"].items()) or (r["error"] or "")[:120]] for r in rows],
+                   headers=["model type", "outcome", "pruned sites (past layer 0)", "dense reasons / error"],
+                   tablefmt="github"))
+    counts = collections.Counter(r["outcome"] for r in rows)
+    print("\n" + ", ".join(f"{k}: {v}" for k, v in counts.most_common()))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
