@@ -75,6 +75,25 @@ def spread_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) \
     return torch.arange(B, device=x_res.device), positions, real.gather(1, positions) & ~repeat
 
 
+def stratified_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) \
+        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every sequence at one position in each of k_t equal strata of its real tokens, the B
+    sequences at staggered offsets within a stratum, so that the batch's probe covers B x k_t
+    distinct positions: (rows (B,), positions (B, k_t), ok (B, k_t) bool). Sequence b, stratum i:
+    floor((i + (b + 1/2) / B) * n / k_t) past its first real token, n its real tokens. With
+    k_t <= 10 the first stratum's position is the first real token (the sink rule)."""
+    B, L = x_res.shape[:2]
+    real = torch.ones(B, L, dtype=torch.bool, device=x_res.device) if valid is None else valid  # (B, L)
+    first, n = _first_real(real), real.sum(1)  # (B,); real tokens are contiguous
+    i = torch.arange(k_t, device=x_res.device).unsqueeze(0)  # (1, k_t)
+    b = torch.arange(B, device=x_res.device).unsqueeze(1)  # (B, 1)
+    offset = ((2 * (i * B + b) + 1) * n.unsqueeze(1)) // (2 * B * k_t)  # (B, k_t), ascending in i
+    offset = offset * torch.where(i == 0, torch.sym_ite(k_t > 10, 1, 0), 1)  # the sink rule
+    positions = first.unsqueeze(1) + offset
+    repeat = torch.cat([torch.zeros_like(real[:, :1]), positions[:, 1:] == positions[:, :-1]], 1)
+    return torch.arange(B, device=x_res.device), positions, real.gather(1, positions) & ~repeat
+
+
 def batch_top_tokens(x_res: torch.Tensor, valid: torch.Tensor | None, k) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k tokens of largest residual norm in the whole batch (a flat top-k over B x L), in
     (sequence, position) order, as one packed probe row: (rows (1, k), positions (1, k), ok (1, k)):

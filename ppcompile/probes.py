@@ -8,13 +8,15 @@ is a subclass registered in PROBES.
   every   every sequence, each at its own top-norm positions (the sink rule per sequence)
   spread  every sequence, at positions evenly spaced over its real tokens, its first and last
           (most recent) included; no norms
+  stratified  every sequence at one position per stratum of its real tokens, the sequences at
+          staggered offsets, so that the batch covers B x k_t distinct positions; no norms
   flat    the top-norm tokens of the whole batch (a flat top-k over B x L), run as one packed row:
           its attention is per sequence over the chosen tokens, causal at their true positions
-In `every`, `spread` and `flat` each probe token fuses with the history at its own position.
+In every design but `paper` each probe token fuses with the history at its own position.
 
 How many positions: with probe_budget, the most that keep the probe within it (ops.budget_positions);
 without, the paper's position_ratio for `paper`, and for the others as many tokens as `paper`'s
-probe would run (`every`, `spread`: at least two per sequence). `flat` holds at most L tokens, so
+probe would run (the designs over every sequence: at least two per sequence). `flat` holds at most L tokens, so
 that its attention (every pair of its tokens is computed, then masked) stays within the budget's
 count of L keys per token.
 """
@@ -59,13 +61,19 @@ class Spread(ProbeDesign):
     select = staticmethod(ops.spread_positions)
 
 
+class Stratified(ProbeDesign):
+    name = "stratified"
+    per_sequence = True
+    select = staticmethod(ops.stratified_positions)
+
+
 class Flat(ProbeDesign):
     name = "flat"
     packed = True
     select = staticmethod(ops.batch_top_tokens)
 
 
-PROBES: dict[str, ProbeDesign] = {p.name: p for p in (Paper(), Every(), Spread(), Flat())}
+PROBES: dict[str, ProbeDesign] = {p.name: p for p in (Paper(), Every(), Spread(), Stratified(), Flat())}
 
 
 def get_probe(probe: "str | ProbeDesign") -> ProbeDesign:

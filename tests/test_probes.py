@@ -25,7 +25,7 @@ def _capture(layer):
 def test_designs_are_registered_objects_and_unknown_names_are_refused():
     assert get_probe("every") is PROBES["every"] and get_probe(PROBES["paper"]) is PROBES["paper"]
     assert pp.PPConfig(probe="spread").probe is PROBES["spread"]
-    with pytest.raises(ValueError, match="unknown probe design 'top'; known designs: paper, every, spread, flat"):
+    with pytest.raises(ValueError, match="unknown probe design 'top'; known designs: paper, every, spread, stratified, flat"):
         pp.PPConfig(probe="top")
 
 
