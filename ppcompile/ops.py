@@ -43,68 +43,6 @@ def _positions(energy: torch.Tensor, k_t) -> torch.Tensor:
     return torch.cat([first, kept_t[1:]])
 
 
-def sequence_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) \
-        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each sequence's own probe positions: its k_t real tokens of largest residual norm, ascending,
-    and which of them are real tokens: (rows (B,): every sequence, positions (B, k_t), ok (B, k_t)
-    bool). With k_t <= 10 a
-    sequence's first real token is always among them (the sink rule, per sequence); a sequence with
-    fewer than k_t real tokens fills up with pads, which `ok` marks."""
-    norms = token_norms(x_res, valid)  # (B, L), pads -1
-    real = norms >= 0
-    # the sink rule as arithmetic (k_t may be a dynamic size): 1 at each first real token if k_t <= 10
-    sink = torch.zeros_like(norms).scatter(1, _first_real(real).unsqueeze(1), 1.0) * torch.sym_ite(k_t > 10, 0, 1)
-    score = torch.where((sink > 0) & real, float("inf"), norms)
-    positions = torch.topk(score, k_t, dim=1, sorted=False).indices.sort(dim=1).values  # (B, k_t)
-    return torch.arange(norms.shape[0], device=norms.device), positions, real.gather(1, positions)
-
-
-def spread_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) \
-        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each sequence's k_t positions evenly spaced over its real tokens, its first and its last
-    (most recent) token included: (rows (B,), positions (B, k_t), ok (B, k_t) bool). A sequence
-    with fewer than k_t real tokens repeats some; `ok` keeps each real token once."""
-    B, L = x_res.shape[:2]
-    real = torch.ones(B, L, dtype=torch.bool, device=x_res.device) if valid is None else valid  # (B, L)
-    first, span = _first_real(real), real.sum(1).clamp(min=1) - 1  # (B,); real tokens are contiguous
-    gaps = torch.sym_max(k_t - 1, 1)
-    i = torch.arange(k_t, device=x_res.device)  # (k_t,)
-    offset = (2 * i * span.unsqueeze(1) + gaps) // (2 * gaps)  # round(i * span / (k_t - 1)): (B, k_t)
-    positions = first.unsqueeze(1) + offset  # ascending
-    repeat = torch.cat([torch.zeros_like(real[:, :1]), positions[:, 1:] == positions[:, :-1]], 1)
-    return torch.arange(B, device=x_res.device), positions, real.gather(1, positions) & ~repeat
-
-
-def stratified_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) \
-        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every sequence at one position in each of k_t equal strata of its real tokens, the B
-    sequences at staggered offsets within a stratum, so that the batch's probe covers B x k_t
-    distinct positions: (rows (B,), positions (B, k_t), ok (B, k_t) bool). Sequence b, stratum i:
-    floor((i + (b + 1/2) / B) * n / k_t) past its first real token, n its real tokens. With
-    k_t <= 10 the first stratum's position is the first real token (the sink rule)."""
-    B, L = x_res.shape[:2]
-    real = torch.ones(B, L, dtype=torch.bool, device=x_res.device) if valid is None else valid  # (B, L)
-    first, n = _first_real(real), real.sum(1)  # (B,); real tokens are contiguous
-    i = torch.arange(k_t, device=x_res.device).unsqueeze(0)  # (1, k_t)
-    b = torch.arange(B, device=x_res.device).unsqueeze(1)  # (B, 1)
-    offset = ((2 * (i * B + b) + 1) * n.unsqueeze(1)) // (2 * B * k_t)  # (B, k_t), ascending in i
-    offset = offset * torch.where(i == 0, torch.sym_ite(k_t > 10, 1, 0), 1)  # the sink rule
-    positions = first.unsqueeze(1) + offset
-    repeat = torch.cat([torch.zeros_like(real[:, :1]), positions[:, 1:] == positions[:, :-1]], 1)
-    return torch.arange(B, device=x_res.device), positions, real.gather(1, positions) & ~repeat
-
-
-def batch_top_tokens(x_res: torch.Tensor, valid: torch.Tensor | None, k) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The k tokens of largest residual norm in the whole batch (a flat top-k over B x L), in
-    (sequence, position) order, as one packed probe row: (rows (1, k), positions (1, k), ok (1, k)):
-    each token's sequence and position, and whether it is a real token (pads rank last)."""
-    norms = token_norms(x_res, valid)  # (B, L), pads -1
-    L = norms.shape[1]
-    flat = torch.topk(norms.flatten(), k, sorted=False).indices.sort().values  # (k,)
-    rows, positions = flat // L, flat % L
-    return rows.unsqueeze(0), positions.unsqueeze(0), (norms.flatten()[flat] >= 0).unsqueeze(0)
-
-
 def packed_mask(mask: torch.Tensor | None, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """The attention mask of a packed probe row (1, k) of tokens from several sequences: a token
     attends to the tokens of its own sequence at its position or before (causal at their true
@@ -117,11 +55,6 @@ def packed_mask(mask: torch.Tensor | None, rows: torch.Tensor, positions: torch.
     if mask.dtype == torch.bool:
         return allowed & mask
     return torch.where(allowed, mask, torch.finfo(mask.dtype).min)
-
-
-def _first_real(real: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool -> (B,) the first True position of each row (0 for a row with none)."""
-    return real.int().argmax(1)
 
 
 def tokens_at(x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -14,17 +14,87 @@ is a subclass registered in PROBES.
           its attention is per sequence over the chosen tokens, causal at their true positions
 In every design but `paper` each probe token fuses with the history at its own position.
 
-How many positions: with probe_budget, the most that keep the probe within it (ops.budget_positions);
-without, the paper's position_ratio for `paper`, and for the others as many tokens as `paper`'s
-probe would run (the designs over every sequence: at least two per sequence). `flat` holds at most L tokens, so
-that its attention (every pair of its tokens is computed, then masked) stays within the budget's
-count of L keys per token.
+How many positions: with probe_budget, the most that keep the probe within it
+(ops.budget_positions); without, the paper's position_ratio for `paper`, and for the others as
+many tokens as `paper`'s probe would run (at least two per sequence where every sequence is
+probed). `flat` holds at most L tokens, so that its attention (every pair of its tokens is
+computed, then masked) stays within the budget's count of L keys per token.
 """
 from __future__ import annotations
+
+import torch
 
 from . import ops
 
 
+# ---- each design's choice of tokens: plain tensor functions the graph calls (no host sync) ----
+def sequence_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) \
+        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sequence's own probe positions: its k_t real tokens of largest residual norm, ascending,
+    and which of them are real tokens: (rows (B,): every sequence, positions (B, k_t), ok (B, k_t)
+    bool). With k_t <= 10 a sequence's first real token is always among them (the sink rule, per
+    sequence); a sequence with fewer than k_t real tokens fills up with pads, which `ok` marks."""
+    norms = ops.token_norms(x_res, valid)  # (B, L), pads -1
+    real = norms >= 0
+    # the sink rule as arithmetic (k_t may be a dynamic size): 1 at each first real token if k_t <= 10
+    sink = torch.zeros_like(norms).scatter(1, _first_real(real).unsqueeze(1), 1.0) * torch.sym_ite(k_t > 10, 0, 1)
+    score = torch.where((sink > 0) & real, float("inf"), norms)
+    positions = torch.topk(score, k_t, dim=1, sorted=False).indices.sort(dim=1).values  # (B, k_t)
+    return torch.arange(norms.shape[0], device=norms.device), positions, real.gather(1, positions)
+
+
+def spread_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) \
+        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sequence's k_t positions evenly spaced over its real tokens, its first and its last
+    (most recent) token included: (rows (B,), positions (B, k_t), ok (B, k_t) bool). A sequence
+    with fewer than k_t real tokens repeats some; `ok` keeps each real token once."""
+    B, L = x_res.shape[:2]
+    real = torch.ones(B, L, dtype=torch.bool, device=x_res.device) if valid is None else valid  # (B, L)
+    first, span = _first_real(real), real.sum(1).clamp(min=1) - 1  # (B,); real tokens are contiguous
+    gaps = torch.sym_max(k_t - 1, 1)
+    i = torch.arange(k_t, device=x_res.device)  # (k_t,)
+    offset = (2 * i * span.unsqueeze(1) + gaps) // (2 * gaps)  # round(i * span / (k_t - 1)): (B, k_t)
+    positions = first.unsqueeze(1) + offset  # ascending
+    repeat = torch.cat([torch.zeros_like(real[:, :1]), positions[:, 1:] == positions[:, :-1]], 1)
+    return torch.arange(B, device=x_res.device), positions, real.gather(1, positions) & ~repeat
+
+
+def stratified_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) \
+        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every sequence at one position in each of k_t equal strata of its real tokens, the B
+    sequences at staggered offsets within a stratum, so that the batch's probe covers B x k_t
+    distinct positions: (rows (B,), positions (B, k_t), ok (B, k_t) bool). Sequence b, stratum i:
+    floor((i + (b + 1/2) / B) * n / k_t) past its first real token, n its real tokens. With
+    k_t <= 10 the first stratum's position is the first real token (the sink rule)."""
+    B, L = x_res.shape[:2]
+    real = torch.ones(B, L, dtype=torch.bool, device=x_res.device) if valid is None else valid  # (B, L)
+    first, n = _first_real(real), real.sum(1)  # (B,); real tokens are contiguous
+    i = torch.arange(k_t, device=x_res.device).unsqueeze(0)  # (1, k_t)
+    b = torch.arange(B, device=x_res.device).unsqueeze(1)  # (B, 1)
+    offset = ((2 * (i * B + b) + 1) * n.unsqueeze(1)) // (2 * B * k_t)  # (B, k_t), ascending in i
+    offset = offset * torch.where(i == 0, torch.sym_ite(k_t > 10, 1, 0), 1)  # the sink rule
+    positions = first.unsqueeze(1) + offset
+    repeat = torch.cat([torch.zeros_like(real[:, :1]), positions[:, 1:] == positions[:, :-1]], 1)
+    return torch.arange(B, device=x_res.device), positions, real.gather(1, positions) & ~repeat
+
+
+def batch_top_tokens(x_res: torch.Tensor, valid: torch.Tensor | None, k) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k tokens of largest residual norm in the whole batch (a flat top-k over B x L), in
+    (sequence, position) order, as one packed probe row: (rows (1, k), positions (1, k), ok (1, k)):
+    each token's sequence and position, and whether it is a real token (pads rank last)."""
+    norms = ops.token_norms(x_res, valid)  # (B, L), pads -1
+    L = norms.shape[1]
+    flat = torch.topk(norms.flatten(), k, sorted=False).indices.sort().values  # (k,)
+    rows, positions = flat // L, flat % L
+    return rows.unsqueeze(0), positions.unsqueeze(0), (norms.flatten()[flat] >= 0).unsqueeze(0)
+
+
+def _first_real(real: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool -> (B,) the first True position of each row (0 for a row with none)."""
+    return real.int().argmax(1)
+
+
+# ---- the designs ----
 class ProbeDesign:
     name = ""
     per_sequence = False  # every sequence is probed at positions of its own: (B, k_t) positions
@@ -52,25 +122,25 @@ class Paper(ProbeDesign):
 class Every(ProbeDesign):
     name = "every"
     per_sequence = True
-    select = staticmethod(ops.sequence_positions)
+    select = staticmethod(sequence_positions)
 
 
 class Spread(ProbeDesign):
     name = "spread"
     per_sequence = True
-    select = staticmethod(ops.spread_positions)
+    select = staticmethod(spread_positions)
 
 
 class Stratified(ProbeDesign):
     name = "stratified"
     per_sequence = True
-    select = staticmethod(ops.stratified_positions)
+    select = staticmethod(stratified_positions)
 
 
 class Flat(ProbeDesign):
     name = "flat"
     packed = True
-    select = staticmethod(ops.batch_top_tokens)
+    select = staticmethod(batch_top_tokens)
 
 
 PROBES: dict[str, ProbeDesign] = {p.name: p for p in (Paper(), Every(), Spread(), Stratified(), Flat())}

@@ -137,39 +137,6 @@ def test_one_query_attention_of_kept_heads_equals_sdpa_on_those_heads():
             torch.testing.assert_close(ops.attend_one_query(qk, k, v, kept, H, mask, scale), want)
 
 
-def test_every_sequence_takes_its_own_top_positions_with_its_first_real_token():
-    norms = torch.tensor([[5.0, 1.0, 9.0, 3.0, 7.0, 2.0],
-                          [8.0, 8.0, 3.0, 4.0, 5.0, 6.0],   # two left pads (large, but pads)
-                          [1.0, 2.0, 3.0, 4.0, 0.0, 0.0]])  # two right pads
-    valid = torch.tensor([[True] * 6, [False, False] + [True] * 4, [True] * 4 + [False, False]])
-    rows, positions, ok = ops.sequence_positions(_residual(norms), valid, 3)
-    assert rows.tolist() == [0, 1, 2]
-    # k_t = 3 <= 10: each row's first real token (0, 2, 0), then its two largest real norms
-    assert positions.tolist() == [[0, 2, 4], [2, 4, 5], [0, 2, 3]]
-    assert ok.all()
-    many = torch.arange(1.0, 31.0).repeat(2, 1)  # (2, 30): later positions larger
-    assert ops.sequence_positions(_residual(many), None, 11)[1][0].tolist() == list(range(19, 30))  # no sink rule
-    assert ops.sequence_positions(_residual(many), None, 10)[1][0].tolist() == [0] + list(range(21, 30))
-    # a sequence with fewer real tokens than positions fills up with pads, which are not ok
-    short = torch.tensor([[True, True] + [False] * 4])
-    _, positions, ok = ops.sequence_positions(_residual(norms[:1]), short, 3)
-    assert positions[0][ok[0]].tolist() == [0, 1] and ok.sum() == 2
-
-
-def test_spread_positions_are_evenly_spaced_over_each_sequences_real_tokens():
-    valid = torch.tensor([[True] * 9, [False] * 3 + [True] * 6, [True] * 4 + [False] * 5])
-    x = torch.zeros(3, 9, 2)
-    rows, positions, ok = ops.spread_positions(x, valid, 3)
-    assert rows.tolist() == [0, 1, 2]
-    # first, middle (round(i * (n-1) / 2)) and last real token of each row
-    assert positions.tolist() == [[0, 4, 8], [3, 6, 8], [0, 2, 3]]
-    assert ok.all()
-    _, positions, ok = ops.spread_positions(x, valid, 6)
-    assert positions[2].tolist() == [0, 1, 1, 2, 2, 3]  # 4 real tokens for 6 positions: each once
-    assert positions[2][ok[2]].tolist() == [0, 1, 2, 3]
-    assert ops.spread_positions(x, None, 5)[1][1].tolist() == [0, 2, 4, 6, 8]
-
-
 def test_spread_count_shares_the_papers_tokens_over_every_sequence():
     assert ops.spread_count(8, 512, 1, 256) == 32
     assert ops.spread_count(3, 512, 1, 256) == 86  # ceil(256 / 3)
@@ -209,12 +176,8 @@ def test_token_energy_and_history_zero_pads_so_they_fuse_to_nothing():
     assert torch.allclose(ops.fuse_history(energy, hist), ops.fuse_history(energy[:1], hist[:1]))
 
 
-def test_flat_takes_the_batchs_top_tokens_and_masks_them_apart_per_sequence():
-    norms = torch.tensor([[1.0, 9.0, 2.0, 8.0], [7.0, 3.0, 6.0, 0.5], [50.0, 60.0, 4.0, 5.0]])
-    valid = torch.tensor([[True] * 4, [True] * 4, [False, False, True, True]])  # row 2: big pads
-    rows, positions, ok = ops.batch_top_tokens(_residual(norms), valid, 5)
-    # the 5 largest real norms 9, 8, 7, 6, 5 in (sequence, position) order
-    assert rows.tolist() == [[0, 0, 1, 1, 2]] and positions.tolist() == [[1, 3, 0, 2, 3]] and ok.all()
+def test_a_packed_rows_mask_keeps_each_sequence_apart_and_causal():
+    rows, positions = torch.tensor([[0, 0, 1, 1, 2]]), torch.tensor([[1, 3, 0, 2, 3]])
     allowed = ops.packed_mask(None, rows, positions)[0, 0]  # own sequence, at or before
     expect = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
     assert allowed.int().tolist() == expect
@@ -226,16 +189,3 @@ def test_flat_takes_the_batchs_top_tokens_and_masks_them_apart_per_sequence():
                             for i, row in enumerate(expect)]
     assert torch.equal(ops.packed_mask(additive == 0, rows, positions)[0, 0],
                        torch.tensor(expect).bool() & (additive == 0)[0, 0])
-
-
-def test_stratified_positions_cover_each_stratum_at_staggered_offsets():
-    x = torch.zeros(2, 24, 2)
-    valid = torch.ones(2, 24, dtype=torch.bool)
-    valid[1, :8] = False  # row 1: 16 real tokens from position 8
-    rows, positions, ok = ops.stratified_positions(x, valid, 12)  # 12 > 10: no sink rule
-    # row 0: n = 24, strata of 2: floor((i + 1/4) * 2) = 2i; row 1: n = 16, floor((i + 3/4) * 4 / 3) + 8
-    assert positions[0].tolist() == [2 * i for i in range(12)]
-    assert positions[1].tolist() == [8 + int((i + 0.75) * 16 / 12) for i in range(12)]
-    assert rows.tolist() == [0, 1] and ok[0].all() and ok[1].sum() == 12
-    _, few, _ = ops.stratified_positions(x, valid, 3)  # 3 <= 10: the first stratum is the first real token
-    assert few.tolist() == [[0, 10, 18], [8, 8 + int(1.75 * 16 / 3), 8 + int(2.75 * 16 / 3)]]

@@ -5,13 +5,72 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import ppcompile as pp
-from ppcompile import ops
+from ppcompile import ops, probes
 from ppcompile.models import random_model
 from ppcompile.probes import PROBES, get_probe
 
 
 def _ids(b, L, seed=0):
     return torch.randint(0, 128, (b, L), generator=torch.Generator().manual_seed(seed))
+
+
+def _residual(norms):
+    """x_res whose token norms are exactly `norms` (B, L)."""
+    return torch.stack([norms, torch.zeros_like(norms)], dim=-1)
+
+
+def test_every_sequence_takes_its_own_top_positions_with_its_first_real_token():
+    norms = torch.tensor([[5.0, 1.0, 9.0, 3.0, 7.0, 2.0],
+                          [8.0, 8.0, 3.0, 4.0, 5.0, 6.0],   # two left pads (large, but pads)
+                          [1.0, 2.0, 3.0, 4.0, 0.0, 0.0]])  # two right pads
+    valid = torch.tensor([[True] * 6, [False, False] + [True] * 4, [True] * 4 + [False, False]])
+    rows, positions, ok = probes.sequence_positions(_residual(norms), valid, 3)
+    assert rows.tolist() == [0, 1, 2]
+    # k_t = 3 <= 10: each row's first real token (0, 2, 0), then its two largest real norms
+    assert positions.tolist() == [[0, 2, 4], [2, 4, 5], [0, 2, 3]]
+    assert ok.all()
+    many = torch.arange(1.0, 31.0).repeat(2, 1)  # (2, 30): later positions larger
+    assert probes.sequence_positions(_residual(many), None, 11)[1][0].tolist() == list(range(19, 30))  # no sink rule
+    assert probes.sequence_positions(_residual(many), None, 10)[1][0].tolist() == [0] + list(range(21, 30))
+    # a sequence with fewer real tokens than positions fills up with pads, which are not ok
+    short = torch.tensor([[True, True] + [False] * 4])
+    _, positions, ok = probes.sequence_positions(_residual(norms[:1]), short, 3)
+    assert positions[0][ok[0]].tolist() == [0, 1] and ok.sum() == 2
+
+
+def test_spread_positions_are_evenly_spaced_over_each_sequences_real_tokens():
+    valid = torch.tensor([[True] * 9, [False] * 3 + [True] * 6, [True] * 4 + [False] * 5])
+    x = torch.zeros(3, 9, 2)
+    rows, positions, ok = probes.spread_positions(x, valid, 3)
+    assert rows.tolist() == [0, 1, 2]
+    # first, middle (round(i * (n-1) / 2)) and last real token of each row
+    assert positions.tolist() == [[0, 4, 8], [3, 6, 8], [0, 2, 3]]
+    assert ok.all()
+    _, positions, ok = probes.spread_positions(x, valid, 6)
+    assert positions[2].tolist() == [0, 1, 1, 2, 2, 3]  # 4 real tokens for 6 positions: each once
+    assert positions[2][ok[2]].tolist() == [0, 1, 2, 3]
+    assert probes.spread_positions(x, None, 5)[1][1].tolist() == [0, 2, 4, 6, 8]
+
+
+def test_stratified_positions_cover_each_stratum_at_staggered_offsets():
+    x = torch.zeros(2, 24, 2)
+    valid = torch.ones(2, 24, dtype=torch.bool)
+    valid[1, :8] = False  # row 1: 16 real tokens from position 8
+    rows, positions, ok = probes.stratified_positions(x, valid, 12)  # 12 > 10: no sink rule
+    # row 0: n = 24, strata of 2: floor((i + 1/4) * 2) = 2i; row 1: n = 16, floor((i + 3/4) * 4 / 3) + 8
+    assert positions[0].tolist() == [2 * i for i in range(12)]
+    assert positions[1].tolist() == [8 + int((i + 0.75) * 16 / 12) for i in range(12)]
+    assert rows.tolist() == [0, 1] and ok[0].all() and ok[1].sum() == 12
+    _, few, _ = probes.stratified_positions(x, valid, 3)  # 3 <= 10: the first stratum is the first real token
+    assert few.tolist() == [[0, 10, 18], [8, 8 + int(1.75 * 16 / 3), 8 + int(2.75 * 16 / 3)]]
+
+
+def test_flat_takes_the_batchs_top_tokens_in_sequence_and_position_order():
+    norms = torch.tensor([[1.0, 9.0, 2.0, 8.0], [7.0, 3.0, 6.0, 0.5], [50.0, 60.0, 4.0, 5.0]])
+    valid = torch.tensor([[True] * 4, [True] * 4, [False, False, True, True]])  # row 2: big pads
+    rows, positions, ok = probes.batch_top_tokens(_residual(norms), valid, 5)
+    # the 5 largest real norms 9, 8, 7, 6, 5 in (sequence, position) order
+    assert rows.tolist() == [[0, 0, 1, 1, 2]] and positions.tolist() == [[1, 3, 0, 2, 3]] and ok.all()
 
 
 def _capture(layer):
