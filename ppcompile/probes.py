@@ -119,31 +119,21 @@ class Paper(ProbeDesign):
     name = "paper"
 
 
-class Every(ProbeDesign):
-    name = "every"
-    per_sequence = True
-    select = staticmethod(sequence_positions)
+class PerToken(ProbeDesign):
+    """A design whose tokens each have a position of their own, chosen by `select`."""
+
+    def __init__(self, name: str, select, *, packed: bool = False):
+        self.name, self.select = name, select
+        self.per_sequence, self.packed = not packed, packed
 
 
-class Spread(ProbeDesign):
-    name = "spread"
-    per_sequence = True
-    select = staticmethod(spread_positions)
-
-
-class Stratified(ProbeDesign):
-    name = "stratified"
-    per_sequence = True
-    select = staticmethod(stratified_positions)
-
-
-class Flat(ProbeDesign):
-    name = "flat"
-    packed = True
-    select = staticmethod(batch_top_tokens)
-
-
-PROBES: dict[str, ProbeDesign] = {p.name: p for p in (Paper(), Every(), Spread(), Stratified(), Flat())}
+PROBES: dict[str, ProbeDesign] = {p.name: p for p in (
+    Paper(),
+    PerToken("every", sequence_positions),
+    PerToken("spread", spread_positions),
+    PerToken("stratified", stratified_positions),
+    PerToken("flat", batch_top_tokens, packed=True),
+)}
 
 
 def get_probe(probe: "str | ProbeDesign") -> ProbeDesign:

@@ -73,6 +73,35 @@ def test_flat_takes_the_batchs_top_tokens_in_sequence_and_position_order():
     assert rows.tolist() == [[0, 0, 1, 1, 2]] and positions.tolist() == [[1, 3, 0, 2, 3]] and ok.all()
 
 
+def _recorded_token_energies(monkeypatch) -> list:
+    """Every value ops.token_energy returns from now on (the pass's graphs call it by name)."""
+    energies = []
+    record = ops.token_energy
+    monkeypatch.setattr(ops, "token_energy", lambda act, ok: energies.append(record(act, ok)) or energies[-1])
+    return energies
+
+
+def _attention_by_hand(model, attn, x, pos):
+    """One sequence's probe tokens x (n, d) at positions pos (n,) through the attention: rotary at
+    the true positions, causal among them; each token's output squared, (n, H * hd)."""
+    H, Hk, hd, n = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim, len(pos)
+    x = x.unsqueeze(0)
+    q = attn.q_proj(x).view(1, n, H, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(1, n, Hk, hd).transpose(1, 2).repeat_interleave(H // Hk, 1)
+    v = attn.v_proj(x).view(1, n, Hk, hd).transpose(1, 2).repeat_interleave(H // Hk, 1)
+    cos, sin = model.model.rotary_emb(x, pos.unsqueeze(0))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return out.transpose(1, 2).reshape(n, H * hd).pow(2)
+
+
+def _top_heads(energy, attn, kept: int) -> list[int]:
+    """The heads PPsp keeps from channel energies (C,): by the norm of c_j^2 * sum_i W_ij^4 per head."""
+    W, hd = attn.o_proj.weight, attn.head_dim
+    per_channel = energy.pow(2) * W.pow(4).sum(0)
+    return sorted(per_channel.view(-1, hd).sum(-1).sqrt().topk(kept).indices.tolist())
+
+
 def _capture(layer):
     """Hooks that record the layer's residual input and the normed input of each block."""
     cap = {}
@@ -90,13 +119,10 @@ def test_designs_are_registered_objects_and_unknown_names_are_refused():
 
 def test_every_keeps_the_heads_its_per_sequence_probe_gives_by_hand(monkeypatch):
     # Only the attention of the last layer prunes, so its input is the dense model's.
-    energies = []
-    record = ops.token_energy
-    monkeypatch.setattr(ops, "token_energy", lambda act, ok: energies.append(record(act, ok)) or energies[-1])
+    energies = _recorded_token_energies(monkeypatch)
     model = random_model("llama-gqa", num_attention_heads=16, num_key_value_heads=4)
     ids = _ids(4, 12)
     layer = model.model.layers[4]
-    attn = layer.self_attn
     cap, hooks = _capture(layer)
     # paper's probe: 2 of 4 samples x 6 of 12 positions = 12 tokens; `every`: 3 per sequence
     c = pp.compile(model, 0.12, backend="eager", skip_layers=(0, 1, 2, 3), blocks="attention", probe="every",
@@ -106,39 +132,24 @@ def test_every_keeps_the_heads_its_per_sequence_probe_gives_by_hand(monkeypatch)
         for h in hooks:
             h.remove()
         (kept,) = model.pp.runtime.last_selection().values()
-        H, Hk, hd = 16, 4, attn.head_dim
         by_hand = []
         for b in range(4):
             norms = cap["attn_res"][b].norm(dim=-1)  # (12,)
             norms[0] = float("inf")  # 3 positions <= 10: the first token is always in
             pos = norms.topk(3).indices.sort().values
-            x = cap["attn_x"][b, pos].unsqueeze(0)  # (1, 3, d)
-            q = attn.q_proj(x).view(1, 3, H, hd).transpose(1, 2)
-            k = attn.k_proj(x).view(1, 3, Hk, hd).transpose(1, 2).repeat_interleave(H // Hk, 1)
-            v = attn.v_proj(x).view(1, 3, Hk, hd).transpose(1, 2).repeat_interleave(H // Hk, 1)
-            cos, sin = model.model.rotary_emb(x, pos.unsqueeze(0))  # rotary at the true positions
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # causal among them
-            by_hand.append(out.transpose(1, 2).reshape(3, H * hd).pow(2))
+            by_hand.append(_attention_by_hand(model, layer.self_attn, cap["attn_x"][b, pos], pos))
     # the probe's attention output, token by token: rotary and causal mask at each row's positions
     torch.testing.assert_close(energies[-1], torch.cat(by_hand), rtol=1e-5, atol=1e-6)  # the call (not tracing)
-    energy = torch.cat(by_hand).sum(0)
-    W = attn.o_proj.weight
-    scores = torch.stack([(energy[h * hd:(h + 1) * hd] ** 2 * W[:, h * hd:(h + 1) * hd].pow(4).sum(0)).sum().sqrt()
-                          for h in range(H)])
-    assert kept.tolist() == sorted(scores.topk(7).indices.tolist())  # floor(0.6 * 16) = 9 of 16 pruned
+    assert kept.tolist() == _top_heads(torch.cat(by_hand).sum(0), layer.self_attn, 7)  # 9 of 16 pruned
 
 
 def test_flat_runs_the_batchs_top_tokens_per_sequence_at_their_true_positions(monkeypatch):
-    energies = []
-    record = ops.token_energy
-    monkeypatch.setattr(ops, "token_energy", lambda act, ok: energies.append(record(act, ok)) or energies[-1])
+    energies = _recorded_token_energies(monkeypatch)
     model = random_model("llama-gqa", num_attention_heads=16, num_key_value_heads=4)
     ids = _ids(3, 10)
     mask = torch.ones(3, 10, dtype=torch.long)
     mask[2, :3] = 0  # left padding: never among the top tokens
     layer = model.model.layers[4]
-    attn = layer.self_attn
     cap, hooks = _capture(layer)
     # the paper's probe would run 1 sample x 5 positions: `flat` runs the batch's 5 top tokens
     c = pp.compile(model, 0.12, backend="eager", skip_layers=(0, 1, 2, 3), blocks="attention", probe="flat",
@@ -148,27 +159,14 @@ def test_flat_runs_the_batchs_top_tokens_per_sequence_at_their_true_positions(mo
         for h in hooks:
             h.remove()
         (kept,) = model.pp.runtime.last_selection().values()
-        H, Hk, hd = 16, 4, attn.head_dim
         norms = cap["attn_res"].norm(dim=-1).masked_fill(mask == 0, -1)  # (3, 10)
         top = sorted(norms.flatten().topk(5).indices.tolist())  # (sequence, position) order
         by_hand = []
-        for b in sorted({i // 10 for i in top}):
+        for b in sorted({i // 10 for i in top}):  # each sequence's chosen tokens attend among themselves
             pos = torch.tensor([i % 10 for i in top if i // 10 == b])
-            x = cap["attn_x"][b, pos].unsqueeze(0)  # (1, n, d): this sequence's chosen tokens
-            n = len(pos)
-            q = attn.q_proj(x).view(1, n, H, hd).transpose(1, 2)
-            k = attn.k_proj(x).view(1, n, Hk, hd).transpose(1, 2).repeat_interleave(H // Hk, 1)
-            v = attn.v_proj(x).view(1, n, Hk, hd).transpose(1, 2).repeat_interleave(H // Hk, 1)
-            cos, sin = model.model.rotary_emb(x, pos.unsqueeze(0))
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            by_hand.append(out.transpose(1, 2).reshape(n, H * hd).pow(2))
+            by_hand.append(_attention_by_hand(model, layer.self_attn, cap["attn_x"][b, pos], pos))
     torch.testing.assert_close(energies[-1], torch.cat(by_hand), rtol=1e-5, atol=1e-6)
-    energy = torch.cat(by_hand).sum(0)
-    W = attn.o_proj.weight
-    scores = torch.stack([(energy[h * hd:(h + 1) * hd] ** 2 * W[:, h * hd:(h + 1) * hd].pow(4).sum(0)).sum().sqrt()
-                          for h in range(H)])
-    assert kept.tolist() == sorted(scores.topk(7).indices.tolist())
+    assert kept.tolist() == _top_heads(torch.cat(by_hand).sum(0), layer.self_attn, 7)
 
 
 def test_spread_fuses_each_token_with_the_history_at_its_position():
