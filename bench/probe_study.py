@@ -172,6 +172,14 @@ def pivot(summary: list[dict], batch: int, ratio: float) -> str:
     return tabulate(body, headers=headers, tablefmt="github")
 
 
+def report(summary: list[dict]) -> str:
+    """The README's tables: one pivot per (batch, ratio) measured, batch 8 at ratio 0.4 first."""
+    shapes = sorted({(s["batch"], s["ratio"]) for s in summary if s["history"] is not None},
+                    key=lambda br: (br != (8, 0.4), br[1] != 0.4, br[0]))
+    return "\n\n".join(f"Batch {b}, ratio {r}: pp's perplexity increase over the oracle's (probe FLOPs as a "
+                        f"share of the dense model's, seeds)\n\n{pivot(summary, b, r)}" for b, r in shapes)
+
+
 def plot(summary: list[dict], path: Path, text: str, batch: int, ratio: float) -> Path | None:
     """Quality vs probe FLOPs at one (text, batch, ratio), one line per design (history on)."""
     import matplotlib
@@ -238,13 +246,14 @@ def main() -> None:
                     done |= {key(r) for r in new}
                     print(f"seed {seed}, {text}, batch {batch}: {len(new)} variants", flush=True)
     summary = summarize(rows)
-    text = table(summary)
+    print(table(summary) + "\n")
+    text = report(summary)
     r = rows[0]
     context = (f"{r['model']} ({r['dtype']}), the first {r['windows']} non-overlapping {r['seq_len']}-token windows of each "
                f"text, calibration {r['calibration_windows']} seeded-random windows of {r['calibration']} per seed "
                f"(seeds {', '.join(str(s) for s in sorted({x['seed'] for x in rows if x['seed'] is not None}))}); "
                f"pruned methods with backend {r['backend']}; torch {r['torch']}, {r['device']}")
-    print(f"{text}\n\n{context}.")
+    print(f"{text}\n\n{context}.")  # the README's block
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     picture = plot(summary, out.with_suffix(".png") if args.out else ROOT / "docs" / f"{out.stem}.png", "brown:a", 8, 0.4)
     if picture:

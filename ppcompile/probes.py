@@ -8,8 +8,9 @@ is a subclass registered in PROBES.
   every   every sequence, each at its own top-norm positions (the sink rule per sequence)
   spread  every sequence, at positions evenly spaced over its real tokens, its first and last
           (most recent) included; no norms
-  stratified  every sequence at one position per stratum of its real tokens, the sequences at
-          staggered offsets, so that the batch covers B x k_t distinct positions; no norms
+  stratified  every sequence at its first real token (the attention sink) and one position per
+          further stratum of its real tokens, the sequences at staggered offsets, so that the
+          batch covers about B x k_t distinct positions; no norms
   flat    the top-norm tokens of the whole batch (a flat top-k over B x L), run as one packed row:
           its attention is per sequence over the chosen tokens, causal at their true positions
 In every design but `paper` each probe token fuses with the history at its own position.
@@ -64,15 +65,17 @@ def stratified_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) \
     """Every sequence at one position in each of k_t equal strata of its real tokens, the B
     sequences at staggered offsets within a stratum, so that the batch's probe covers B x k_t
     distinct positions: (rows (B,), positions (B, k_t), ok (B, k_t) bool). Sequence b, stratum i:
-    floor((i + (b + 1/2) / B) * n / k_t) past its first real token, n its real tokens. With
-    k_t <= 10 the first stratum's position is the first real token (the sink rule)."""
+    floor((i + (b + 1/2) / B) * n / k_t) past its first real token, n its real tokens; the first
+    stratum's position is the first real token itself, whatever k_t: the attention sink, which
+    every probe token's attention must read (without it the probe's attention outputs, and so the
+    head scores, are far from the batch's)."""
     B, L = x_res.shape[:2]
     real = torch.ones(B, L, dtype=torch.bool, device=x_res.device) if valid is None else valid  # (B, L)
     first, n = _first_real(real), real.sum(1)  # (B,); real tokens are contiguous
     i = torch.arange(k_t, device=x_res.device).unsqueeze(0)  # (1, k_t)
     b = torch.arange(B, device=x_res.device).unsqueeze(1)  # (B, 1)
     offset = ((2 * (i * B + b) + 1) * n.unsqueeze(1)) // (2 * B * k_t)  # (B, k_t), ascending in i
-    offset = offset * torch.where(i == 0, torch.sym_ite(k_t > 10, 1, 0), 1)  # the sink rule
+    offset = torch.where(i == 0, 0, offset)  # the sink
     positions = first.unsqueeze(1) + offset
     repeat = torch.cat([torch.zeros_like(real[:, :1]), positions[:, 1:] == positions[:, :-1]], 1)
     return torch.arange(B, device=x_res.device), positions, real.gather(1, positions) & ~repeat

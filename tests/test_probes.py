@@ -52,16 +52,17 @@ def test_spread_positions_are_evenly_spaced_over_each_sequences_real_tokens():
     assert probes.spread_positions(x, None, 5)[1][1].tolist() == [0, 2, 4, 6, 8]
 
 
-def test_stratified_positions_cover_each_stratum_at_staggered_offsets():
+def test_stratified_positions_cover_each_stratum_at_staggered_offsets_from_the_sink():
     x = torch.zeros(2, 24, 2)
     valid = torch.ones(2, 24, dtype=torch.bool)
     valid[1, :8] = False  # row 1: 16 real tokens from position 8
-    rows, positions, ok = probes.stratified_positions(x, valid, 12)  # 12 > 10: no sink rule
-    # row 0: n = 24, strata of 2: floor((i + 1/4) * 2) = 2i; row 1: n = 16, floor((i + 3/4) * 4 / 3) + 8
+    rows, positions, ok = probes.stratified_positions(x, valid, 12)
+    # row 0: n = 24, strata of 2: floor((i + 1/4) * 2) = 2i; row 1: n = 16, floor((i + 3/4) * 4 / 3) + 8;
+    # the first stratum's position is always the sequence's first real token
     assert positions[0].tolist() == [2 * i for i in range(12)]
-    assert positions[1].tolist() == [8 + int((i + 0.75) * 16 / 12) for i in range(12)]
+    assert positions[1].tolist() == [8] + [8 + int((i + 0.75) * 16 / 12) for i in range(1, 12)]
     assert rows.tolist() == [0, 1] and ok[0].all() and ok[1].sum() == 12
-    _, few, _ = probes.stratified_positions(x, valid, 3)  # 3 <= 10: the first stratum is the first real token
+    _, few, _ = probes.stratified_positions(x, valid, 3)
     assert few.tolist() == [[0, 10, 18], [8, 8 + int(1.75 * 16 / 3), 8 + int(2.75 * 16 / 3)]]
 
 
