@@ -144,7 +144,7 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
             continue
         try:
             labels[site.name] = _labels(site, whole_kv=phase != "forward",
-                                        per_token=config.probe.per_token and policy.probe == "sampled")
+                                        probe=config.probe if policy.probe == "sampled" else None)
         except Unsupported as e:
             site.status = f"dense: {e}"
     static = None
@@ -274,10 +274,11 @@ def _order(g: fx.Graph):
     return lambda n: pos[n]
 
 
-def _labels(site: Site, whole_kv: bool = False, per_token: bool = False):
+def _labels(site: Site, whole_kv: bool = False, probe=None):
     """Dim labels of the block, and whether its K/V stay whole (GQA, K/V in a cache, or asked).
-    `per_token`: the probe has positions of its own per sequence or token, so every side input with
-    sequence dims must line up with the batch."""
+    `probe`: the probe design, when the pass probes: one whose tokens have positions of their own
+    needs every side input with sequence dims lined up with the batch, and a packed row has no
+    sequence to give a side input that has a batch dim and no sequence dim."""
     kv_whole = False
     if site.kind == "attention":
         leaked = escapes(site)
@@ -293,11 +294,15 @@ def _labels(site: Site, whole_kv: bool = False, per_token: bool = False):
     fin = lab.labels.get(site.final.args[0])
     if fin is None or [a.name for a in fin[-1]][:1] not in (["h"], ["c"]):
         raise Unsupported("the final projection's input is not laid out by head/channel")
-    if per_token:
+    if probe is not None and probe.per_token:
         unaligned = [n for (n, key), need in lab.side.items() if "s" in need.values() and (n, key) not in lab.side_batch]
         if unaligned:
             raise Unsupported(f"{unaligned[0].name}: a side input has sequence dims but no batch dim to gather "
-                              "it per sequence (use probe='paper')")
+                              f"it per sequence (probe='{probe}'; use probe='paper')")
+        per_row = [n for (n, key), need in lab.side.items() if "b" in need.values() and "s" not in need.values()]
+        if probe.packed and per_row:
+            raise Unsupported(f"{per_row[0].name}: a side input per sequence has no positions to follow a packed "
+                              f"probe row (probe='{probe}'; use another probe)")
     for n, labels in lab.labels.items():  # the probe resizes b and s, the compact rewrite h and c
         check_resizable(n, labels, {"b", "s"})
         check_resizable(n, labels, {"h", "c"})
