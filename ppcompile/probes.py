@@ -5,15 +5,18 @@ is a subclass registered in PROBES.
   paper   the paper's: top positions by the batch's residual norms, shared by the top sequences
           (sample_ratio of them, at least one); the probe's energy is averaged over its sequences
           per position, then fused with the history
-  every   every sequence, each at its own top-norm positions (the sink rule per sequence)
+  every   every sequence, each at its first real token and its own top-norm positions
   spread  every sequence, at positions evenly spaced over its real tokens, its first and last
           (most recent) included; no norms
   stratified  every sequence at its first real token (the attention sink) and one position per
           further stratum of its real tokens, the sequences at staggered offsets, so that the
           batch covers about B x k_t distinct positions; no norms
-  flat    the top-norm tokens of the whole batch (a flat top-k over B x L), run as one packed row:
-          its attention is per sequence over the chosen tokens, causal at their true positions
-In every design but `paper` each probe token fuses with the history at its own position.
+  flat    every sequence's first real token and the batch's top-norm tokens (a flat top-k over
+          B x L), run as one packed row: its attention is per sequence over the chosen tokens,
+          causal at their true positions
+In every design but `paper` each probe token fuses with the history at its own position, and
+each probed sequence's first real token is always in: the attention sink, which the probe's
+attention must read (`paper` keeps the paper's rule: token 0 forced in only when k_t <= 10).
 
 How many positions: with probe_budget, the most that keep the probe within it
 (ops.budget_positions); without, the paper's position_ratio for `paper`, and for the others as
@@ -31,17 +34,14 @@ from . import ops
 # ---- each design's choice of tokens: plain tensor functions the graph calls (no host sync) ----
 def sequence_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) \
         -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each sequence's own probe positions: its k_t real tokens of largest residual norm, ascending,
-    and which of them are real tokens: (rows (B,): every sequence, positions (B, k_t), ok (B, k_t)
-    bool). With k_t <= 10 a sequence's first real token is always among them (the sink rule, per
-    sequence); a sequence with fewer than k_t real tokens fills up with pads, which `ok` marks."""
-    norms = ops.token_norms(x_res, valid)  # (B, L), pads -1
-    real = norms >= 0
-    # the sink rule as arithmetic (k_t may be a dynamic size): 1 at each first real token if k_t <= 10
-    sink = torch.zeros_like(norms).scatter(1, _first_real(real).unsqueeze(1), 1.0) * torch.sym_ite(k_t > 10, 0, 1)
-    score = torch.where((sink > 0) & real, float("inf"), norms)
+    """Each sequence's own probe positions: its first real token (the attention sink, always) and
+    its k_t - 1 other real tokens of largest residual norm, ascending, and which of them are real
+    tokens: (rows (B,): every sequence, positions (B, k_t), ok (B, k_t) bool). A sequence with
+    fewer than k_t real tokens fills up with pads, which `ok` marks."""
+    score = _with_sinks(ops.token_norms(x_res, valid))  # (B, L), pads -1, sinks +inf
+    real = score >= 0
     positions = torch.topk(score, k_t, dim=1, sorted=False).indices.sort(dim=1).values  # (B, k_t)
-    return torch.arange(norms.shape[0], device=norms.device), positions, real.gather(1, positions)
+    return torch.arange(score.shape[0], device=score.device), positions, real.gather(1, positions)
 
 
 def spread_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) \
@@ -82,14 +82,24 @@ def stratified_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) \
 
 
 def batch_top_tokens(x_res: torch.Tensor, valid: torch.Tensor | None, k) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The k tokens of largest residual norm in the whole batch (a flat top-k over B x L), in
-    (sequence, position) order, as one packed probe row: (rows (1, k), positions (1, k), ok (1, k)):
-    each token's sequence and position, and whether it is a real token (pads rank last)."""
-    norms = ops.token_norms(x_res, valid)  # (B, L), pads -1
-    L = norms.shape[1]
-    flat = torch.topk(norms.flatten(), k, sorted=False).indices.sort().values  # (k,)
+    """The first real token of every sequence (its attention sink) and the batch's other tokens of
+    largest residual norm, k in all (a flat top-k over B x L), in (sequence, position) order, as one
+    packed probe row: (rows (1, k), positions (1, k), ok (1, k)): each token's sequence and
+    position, and whether it is a real token (pads rank last)."""
+    score = _with_sinks(ops.token_norms(x_res, valid))  # (B, L), pads -1, sinks +inf
+    L = score.shape[1]
+    flat = torch.topk(score.flatten(), k, sorted=False).indices.sort().values  # (k,)
     rows, positions = flat // L, flat % L
-    return rows.unsqueeze(0), positions.unsqueeze(0), (norms.flatten()[flat] >= 0).unsqueeze(0)
+    return rows.unsqueeze(0), positions.unsqueeze(0), (score.flatten()[flat] >= 0).unsqueeze(0)
+
+
+def _with_sinks(norms: torch.Tensor) -> torch.Tensor:
+    """Token norms (B, L) (pads -1) with each sequence's first real token ranked first (+inf): the
+    attention sink, which a probe token's attention must read. The residual norm alone does not
+    pick it in every layer (in SmolLM2's layer 10, about a hundred tokens of a window outrank it)."""
+    real = norms >= 0
+    sink = torch.zeros_like(real).scatter(1, _first_real(real).unsqueeze(1), True) & real
+    return torch.where(sink, float("inf"), norms)
 
 
 def _first_real(real: torch.Tensor) -> torch.Tensor:

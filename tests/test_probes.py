@@ -30,7 +30,8 @@ def test_every_sequence_takes_its_own_top_positions_with_its_first_real_token():
     assert positions.tolist() == [[0, 2, 4], [2, 4, 5], [0, 2, 3]]
     assert ok.all()
     many = torch.arange(1.0, 31.0).repeat(2, 1)  # (2, 30): later positions larger
-    assert probes.sequence_positions(_residual(many), None, 11)[1][0].tolist() == list(range(19, 30))  # no sink rule
+    # the first token is always in, whatever k_t (unlike the paper's rule: only when k_t <= 10)
+    assert probes.sequence_positions(_residual(many), None, 11)[1][0].tolist() == [0] + list(range(20, 30))
     assert probes.sequence_positions(_residual(many), None, 10)[1][0].tolist() == [0] + list(range(21, 30))
     # a sequence with fewer real tokens than positions fills up with pads, which are not ok
     short = torch.tensor([[True, True] + [False] * 4])
@@ -70,8 +71,11 @@ def test_flat_takes_the_batchs_top_tokens_in_sequence_and_position_order():
     norms = torch.tensor([[1.0, 9.0, 2.0, 8.0], [7.0, 3.0, 6.0, 0.5], [50.0, 60.0, 4.0, 5.0]])
     valid = torch.tensor([[True] * 4, [True] * 4, [False, False, True, True]])  # row 2: big pads
     rows, positions, ok = probes.batch_top_tokens(_residual(norms), valid, 5)
-    # the 5 largest real norms 9, 8, 7, 6, 5 in (sequence, position) order
-    assert rows.tolist() == [[0, 0, 1, 1, 2]] and positions.tolist() == [[1, 3, 0, 2, 3]] and ok.all()
+    # each sequence's first real token (positions 0, 0, 2), then the 2 largest other real norms 9
+    # and 8, in (sequence, position) order; row 2's big pads never
+    assert rows.tolist() == [[0, 0, 0, 1, 2]] and positions.tolist() == [[0, 1, 3, 0, 2]] and ok.all()
+    _, positions, _ = probes.batch_top_tokens(_residual(norms), valid, 6)
+    assert positions.tolist() == [[0, 1, 3, 0, 2, 2]]  # then 6, at (1, 2): 7 is row 1's sink already
 
 
 def _recorded_token_energies(monkeypatch) -> list:
@@ -136,7 +140,7 @@ def test_every_keeps_the_heads_its_per_sequence_probe_gives_by_hand(monkeypatch)
         by_hand = []
         for b in range(4):
             norms = cap["attn_res"][b].norm(dim=-1)  # (12,)
-            norms[0] = float("inf")  # 3 positions <= 10: the first token is always in
+            norms[0] = float("inf")  # the first token is always in
             pos = norms.topk(3).indices.sort().values
             by_hand.append(_attention_by_hand(model, layer.self_attn, cap["attn_x"][b, pos], pos))
     # the probe's attention output, token by token: rotary and causal mask at each row's positions
@@ -161,6 +165,7 @@ def test_flat_runs_the_batchs_top_tokens_per_sequence_at_their_true_positions(mo
             h.remove()
         (kept,) = model.pp.runtime.last_selection().values()
         norms = cap["attn_res"].norm(dim=-1).masked_fill(mask == 0, -1)  # (3, 10)
+        norms[[0, 1, 2], [0, 0, 3]] = float("inf")  # each sequence's first real token is always in
         top = sorted(norms.flatten().topk(5).indices.tolist())  # (sequence, position) order
         by_hand = []
         for b in sorted({i // 10 for i in top}):  # each sequence's chosen tokens attend among themselves
