@@ -142,6 +142,7 @@ def test_spread_count_shares_the_papers_tokens_over_every_sequence():
     assert ops.spread_count(3, 512, 1, 256) == 86  # ceil(256 / 3)
     assert ops.spread_count(16, 20, 1, 10) == 2  # floor of two positions
     assert ops.spread_count(1, 20, 1, 30) == 20  # at most the sequence
+    assert ops.packed_count(512, 1, 256) == 256 and ops.packed_count(20, 3, 10) == 20  # a packed row: at most L
 
 
 def test_tokens_and_side_inputs_at_each_rows_own_positions_equal_a_loop():
