@@ -6,6 +6,7 @@ anything crashed. The pass must never crash, whatever the model.
     python bench/archs.py --types gpt2,phi3     # some
     python bench/archs.py --json out.json
 
+Each model type runs in its own process (memory limit --memory-gib, time limit --seconds).
 Per type: a tiny config (3 layers, hidden 64, 4 heads of 16, vocab 256; each field set only where
 the config has it; special token ids moved into the tiny vocabulary), the model in eval mode with sdpa attention where it has it, one dense call on a
 (2, 16) batch of random ids, then pp.compile(ratio 0.4, backend eager, layer 0 skipped) on the same
@@ -19,6 +20,9 @@ import argparse
 import collections
 import json
 import re
+import resource
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -75,16 +79,41 @@ def _layer(row: dict) -> int | None:
     return int(numbers[-1]) if numbers else None
 
 
+def isolated(model_type: str, memory_gib: float, seconds: float) -> dict:
+    """sweep_one in a child process with a memory limit and a timeout: a model type whose tiny config
+    still builds something huge (sub-configs the shrinking does not reach) is an outcome, not the
+    end of the sweep."""
+    try:
+        out = subprocess.run([sys.executable, __file__, "--one", model_type, "--memory-gib", str(memory_gib)],
+                             capture_output=True, text=True, timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return {"type": model_type, "outcome": "not built", "sites": 0, "pruned": 0, "dense": {},
+                "error": f"timed out after {seconds:.0f} s"}
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        return {"type": model_type, "outcome": "not built", "sites": 0, "pruned": 0, "dense": {},
+                "error": f"the child exited with {out.returncode} (memory limit {memory_gib} GiB?)"}
+    return json.loads(lines[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--types", help="comma-separated model types (default: every registered causal LM)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--memory-gib", type=float, default=6.0, help="memory limit of each model type's process")
+    p.add_argument("--seconds", type=float, default=300.0, help="time limit of each model type's process")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # the child: one type, its row as JSON on stdout
     args = p.parse_args()
+    if args.one:
+        limit = int(args.memory_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        print(json.dumps(sweep_one(args.one)))
+        return
     types = args.types.split(",") if args.types else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     rows = []
     for t in types:
         start = time.perf_counter()
-        rows.append(sweep_one(t))
+        rows.append(isolated(t, args.memory_gib, args.seconds))
         r = rows[-1]
         print(f"{t}: {r['outcome']} {r['pruned']}/{r['sites']} {r['error'] or ''} ({time.perf_counter() - start:.1f} s)",
               flush=True)
