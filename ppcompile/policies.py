@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import baselines
+from .registry import Named, lookup
 
 if TYPE_CHECKING:
     from .calibration import Calibration
 
 
-class Policy:
-    name = ""
+class Policy(Named):
+    kind = "policy"
     prunes = True  # False: the pass rewrites nothing (ratio 0 of every other policy equals it)
     static = False  # kept indices chosen once from calibration statistics; weights pre-sliced
     history = False  # fuses the probe with a per-position history carried between calls
@@ -35,12 +36,6 @@ class Policy:
     @property
     def needs_calibration(self) -> bool:
         return self.static
-
-    def __repr__(self) -> str:
-        return f"<policy {self.name}>"
-
-    def __str__(self) -> str:
-        return self.name
 
 
 class ProbePruning(Policy):
@@ -113,8 +108,4 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (ProbePruning(), FullBatch(), 
 
 def get_policy(policy: "str | Policy") -> Policy:
     """The registered policy of that name (or the policy object itself)."""
-    if isinstance(policy, Policy):
-        return policy
-    if not isinstance(policy, str) or policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; known policies: {', '.join(POLICIES)}")
-    return POLICIES[policy]
+    return lookup(POLICIES, policy, Policy, "policy", "policies")

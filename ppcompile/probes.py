@@ -1,6 +1,6 @@
 """Probe designs: which tokens of a batch the probe runs the block on. Every design goes through
 the same pass (passes/probe_prune.py asks the design object, never compares names); a new design
-is a subclass registered in PROBES.
+is an object registered in PROBES.
 
   paper   the paper's: top positions by the batch's residual norms, shared by the top sequences
           (sample_ratio of them, at least one); the probe's energy is averaged over its sequences
@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
+from .registry import Named, lookup
 
 
 # ---- each design's choice of tokens: plain tensor functions the graph calls (no host sync) ----
@@ -49,15 +50,11 @@ def spread_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) \
     """Each sequence's k_t positions evenly spaced over its real tokens, its first and its last
     (most recent) token included: (rows (B,), positions (B, k_t), ok (B, k_t) bool). A sequence
     with fewer than k_t real tokens repeats some; `ok` keeps each real token once."""
-    B, L = x_res.shape[:2]
-    real = torch.ones(B, L, dtype=torch.bool, device=x_res.device) if valid is None else valid  # (B, L)
-    first, span = _first_real(real), real.sum(1).clamp(min=1) - 1  # (B,); real tokens are contiguous
+    real = _real(x_res, valid)  # (B, L)
+    span = real.sum(1).clamp(min=1) - 1  # (B,)
     gaps = torch.sym_max(k_t - 1, 1)
     i = torch.arange(k_t, device=x_res.device)  # (k_t,)
-    offset = (2 * i * span.unsqueeze(1) + gaps) // (2 * gaps)  # round(i * span / (k_t - 1)): (B, k_t)
-    positions = first.unsqueeze(1) + offset  # ascending
-    repeat = torch.cat([torch.zeros_like(real[:, :1]), positions[:, 1:] == positions[:, :-1]], 1)
-    return torch.arange(B, device=x_res.device), positions, real.gather(1, positions) & ~repeat
+    return _past_first(real, (2 * i * span.unsqueeze(1) + gaps) // (2 * gaps))  # round(i * span / (k_t - 1))
 
 
 def stratified_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) \
@@ -69,16 +66,12 @@ def stratified_positions(x_res: torch.Tensor, valid: torch.Tensor | None, k_t) \
     stratum's position is the first real token itself, whatever k_t: the attention sink, which
     every probe token's attention must read (without it the probe's attention outputs, and so the
     head scores, are far from the batch's)."""
-    B, L = x_res.shape[:2]
-    real = torch.ones(B, L, dtype=torch.bool, device=x_res.device) if valid is None else valid  # (B, L)
-    first, n = _first_real(real), real.sum(1)  # (B,); real tokens are contiguous
+    real = _real(x_res, valid)  # (B, L)
+    B, n = real.shape[0], real.sum(1)  # n: (B,)
     i = torch.arange(k_t, device=x_res.device).unsqueeze(0)  # (1, k_t)
     b = torch.arange(B, device=x_res.device).unsqueeze(1)  # (B, 1)
     offset = ((2 * (i * B + b) + 1) * n.unsqueeze(1)) // (2 * B * k_t)  # (B, k_t), ascending in i
-    offset = torch.where(i == 0, 0, offset)  # the sink
-    positions = first.unsqueeze(1) + offset
-    repeat = torch.cat([torch.zeros_like(real[:, :1]), positions[:, 1:] == positions[:, :-1]], 1)
-    return torch.arange(B, device=x_res.device), positions, real.gather(1, positions) & ~repeat
+    return _past_first(real, torch.where(i == 0, 0, offset))  # the first stratum: the sink
 
 
 def batch_top_tokens(x_res: torch.Tensor, valid: torch.Tensor | None, k) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,6 +84,20 @@ def batch_top_tokens(x_res: torch.Tensor, valid: torch.Tensor | None, k) -> tupl
     flat = torch.topk(score.flatten(), k, sorted=False).indices.sort().values  # (k,)
     rows, positions = flat // L, flat % L
     return rows.unsqueeze(0), positions.unsqueeze(0), (score.flatten()[flat] >= 0).unsqueeze(0)
+
+
+def _real(x_res: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(B, L) bool: which tokens are real (all, without a mask)."""
+    return torch.ones(x_res.shape[:2], dtype=torch.bool, device=x_res.device) if valid is None else valid
+
+
+def _past_first(real: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Each sequence's positions `offset` (B, k_t, ascending) past its first real token (real
+    tokens are contiguous: left or right padding): (rows (B,), positions (B, k_t), ok (B, k_t)),
+    `ok` keeping each real token once."""
+    positions = _first_real(real).unsqueeze(1) + offset
+    repeat = torch.cat([torch.zeros_like(real[:, :1]), positions[:, 1:] == positions[:, :-1]], 1)
+    return torch.arange(real.shape[0], device=real.device), positions, real.gather(1, positions) & ~repeat
 
 
 def _with_sinks(norms: torch.Tensor) -> torch.Tensor:
@@ -108,8 +115,8 @@ def _first_real(real: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the designs ----
-class ProbeDesign:
-    name = ""
+class ProbeDesign(Named):
+    kind = "probe"
     per_sequence = False  # every sequence is probed at positions of its own: (B, k_t) positions
     packed = False  # one row of tokens from any sequences: (1, k) sequences and positions
     # per-token designs: (x_res, valid, k_t) -> (rows, positions, ok), an ops function the graph calls
@@ -119,13 +126,6 @@ class ProbeDesign:
     def per_token(self) -> bool:
         """Each probe token has a position of its own (fused with the history there)."""
         return self.per_sequence or self.packed
-
-    def __repr__(self) -> str:
-        return f"<probe {self.name}>"
-
-    def __str__(self) -> str:
-        return self.name
-
 
 class Paper(ProbeDesign):
     """Rows (k_b,) and shared positions (k_t,): ops.select_probe."""
@@ -151,8 +151,4 @@ PROBES: dict[str, ProbeDesign] = {p.name: p for p in (
 
 def get_probe(probe: "str | ProbeDesign") -> ProbeDesign:
     """The registered probe design of that name (or the design object itself)."""
-    if isinstance(probe, ProbeDesign):
-        return probe
-    if not isinstance(probe, str) or probe not in PROBES:
-        raise ValueError(f"unknown probe design {probe!r}; known designs: {', '.join(PROBES)}")
-    return PROBES[probe]
+    return lookup(PROBES, probe, ProbeDesign, "probe design", "designs")

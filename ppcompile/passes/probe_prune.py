@@ -300,7 +300,7 @@ def _labels(site: Site, whole_kv: bool = False, probe=None):
             raise Unsupported(f"{unaligned[0].name}: a side input has sequence dims but no batch dim to gather "
                               f"it per sequence (probe='{probe}'; use probe='paper')")
         per_row = [n for (n, key), need in lab.side.items() if "b" in need.values() and "s" not in need.values()]
-        if probe.packed and per_row:
+        if per_row and probe.packed:
             raise Unsupported(f"{per_row[0].name}: a side input per sequence has no positions to follow a packed "
                               f"probe row (probe='{probe}'; use another probe)")
     for n, labels in lab.labels.items():  # the probe resizes b and s, the compact rewrite h and c
@@ -449,7 +449,7 @@ def _probe_energy(g, site: Site, lab, config: PPConfig, valid, history, gi: Grap
         k_b, k_t = _probe_sizes(g, config, site, B, L, tag)
         sel = call(g, design.select, x_res, valid, k_t, name=f"{tag}_probe_select")
         kept_b, kept_t, ok = (call(g, _getitem, sel, i, name=f"{tag}_probe_{what}") for i, what in enumerate(("b", "t", "ok")))
-    else:
+    else:  # the paper's: rows (k_b,) sharing positions (k_t,)
         k_b, k_t = _probe_sizes(g, config, site, B, L, tag)
         sel = call(g, ops.select_probe, x_res, valid, k_t, k_b, config.sequence_first, name=f"{tag}_probe_select")
         kept_b = call(g, _getitem, sel, 0, name=f"{tag}_probe_b")
