@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from ppcompile.cli import _device_name, _loaded
 from ppcompile.evaluate import evaluate
 from ppcompile.methods import build_method
 from ppcompile.models import dtype_name, dtype_suffix, parse_dtype
+from readme import replace_block
 from ppcompile.probes import PROBES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,13 +259,7 @@ def main() -> None:
     if picture:
         print(f"wrote {picture}")
     if not args.no_readme:
-        readme = ROOT / "README.md"
-        block = f"<!-- probe-study:start -->\n{text}\n\n{context}.\n<!-- probe-study:end -->"
-        new = re.sub(r"<!-- probe-study:start -->.*?<!-- probe-study:end -->", lambda m: block, readme.read_text(),
-                     flags=re.S)
-        if "<!-- probe-study:start -->" not in new:
-            raise SystemExit("README.md has no <!-- probe-study:start --> ... <!-- probe-study:end --> block")
-        readme.write_text(new)
+        replace_block("probe-study", f"{text}\n\n{context}.")
 
 
 if __name__ == "__main__":

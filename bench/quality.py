@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from tabulate import tabulate
 
 from ppcompile.cli import _run_eval
 from ppcompile.models import dtype_suffix, parse_dtype
+from readme import replace_block
 from ppcompile.policies import POLICIES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,14 +124,7 @@ def main() -> None:
     text = f"{table(rows, fp32)}\n\n{context(rows)}."
     print(text)
     if not args.no_readme:
-        readme = ROOT / "README.md"
-        name = f"quality{suffix.replace('_', '-')}"  # the README block of this dtype's table
-        block = f"<!-- {name}:start -->\n{text}\n<!-- {name}:end -->"
-        new = re.sub(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", lambda m: block,
-                     readme.read_text(), flags=re.S)
-        if f"<!-- {name}:start -->" not in new:
-            raise SystemExit(f"README.md has no <!-- {name}:start --> ... <!-- {name}:end --> block")
-        readme.write_text(new)
+        replace_block(f"quality{suffix.replace('_', '-')}", text)  # the README block of this dtype's table
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ class Session:
     # ---- what torch.compile calls for every graph ----
     def backend(self, gm: fx.GraphModule, example_inputs: list, phase: str = "forward") -> Callable:
         """Rewrite and compile one graph for `phase` (forward, prefill or decode: see run_pass)."""
-        real = real_tensors(gm, example_inputs)
+        real = real_tensors(gm, example_inputs, self.derived)
         if self.config.policy.static and self.calibration is None:
             raise ValueError(f"policy '{self.config.policy}' is static: it needs calibration=<token batches, a "
                              "Calibration from pp.calibrate, or the path of a saved one>")

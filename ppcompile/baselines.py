@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .ops import top_indices
+
 
 @dataclass
 class StaticChoice:
@@ -44,17 +46,17 @@ def flap_allocation(scores: dict[str, torch.Tensor], cost: dict[str, float], tar
 
 
 def choose(policy, sites: list, weights: dict[str, torch.Tensor], cost: dict[str, float],
-           cal, layer_ratio: float) -> dict[str, StaticChoice]:
+           cal, layer_ratio: float, groups: int = 1) -> dict[str, StaticChoice]:
     """The static decision of `policy` (a StaticPolicy) for every site. `sites` carry the uniform
     kept counts (`site.kept`), `weights` the final projections' weights, `cost` the FLOPs per token
     of one unit of each site; `layer_ratio` is r_l, the fraction FLAP prunes of the sites'
-    prunable FLOPs."""
+    prunable FLOPs; `groups`: the kept units split evenly over that many runs (ops.top_indices)."""
     scores = {s.name: policy.unit_scores(s, weights[s.name], cal) for s in sites}
     target = layer_ratio * sum(len(scores[s.name]) * cost[s.name] for s in sites)
     counts = policy.counts(scores, {s.name: s.kept for s in sites}, cost, target)
     choices = {}
     for s in sites:
-        kept = scores[s.name].topk(counts[s.name]).indices.sort().values
+        kept = top_indices(scores[s.name], counts[s.name], groups)
         choices[s.name] = StaticChoice(kept, policy.bias(s, weights[s.name], kept, cal))
     return choices
 

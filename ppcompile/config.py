@@ -44,6 +44,10 @@ class PPConfig:
     # "copy" made once (one more copy of that weight per pruned MLP; on CPU, where a column
     # gather runs scalar, about 7x faster to gather). "auto": copy on CPU, gather elsewhere.
     final_layout: str = "auto"
+    # Kept units split evenly over this many groups of consecutive heads/channels, top-k inside
+    # each: what each rank of a tensor-parallel model does on its own shard (tp.py), run in one
+    # process to measure what sharding costs. 1: one top-k over the whole block.
+    shards: int = 1
 
     def __post_init__(self) -> None:
         # types first: "0.4" < 1.0 is a TypeError deep in a comparison, and True passes as 1
@@ -57,7 +61,7 @@ class PPConfig:
                 raise ValueError(f"probe_budget must be a number in (0, 1) or None, got {budget}: the probe's share "
                                  "of a block's multiply-adds, e.g. 0.015; None keeps the paper's position_ratio")
             object.__setattr__(self, "probe_budget", budget)
-        for name, example in (("mlp_multiple", 64), ("cache_bucket", 128)):
+        for name, example in (("mlp_multiple", 64), ("cache_bucket", 128), ("shards", 2)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"{name} must be an int >= 1, got {_shown(v)}: e.g. {name}={example}")
@@ -72,6 +76,10 @@ class PPConfig:
                              "pruned (0.4 prunes 40%, 0 nothing)")
         object.__setattr__(self, "policy", get_policy(self.policy))
         object.__setattr__(self, "probe", get_probe(self.probe))
+        if self.shards > 1 and not self.policy.uniform_counts:
+            raise ValueError(f"policy '{self.policy}' allocates kept counts across blocks by one global threshold, "
+                             f"which does not split evenly over shards={self.shards}; use shards=1, or a policy "
+                             "with uniform counts (pp, full-batch, wanda-sp)")
         if self.blocks not in BLOCKS:
             raise ValueError(f"blocks must be one of {', '.join(BLOCKS)}, got {self.blocks!r}")
         if self.final_layout not in FINAL_LAYOUTS:
@@ -152,6 +160,12 @@ class PPConfig:
         """Channels pruned: floor(r_l * C); the kept count is rounded up to the multiple (>= 1)."""
         kept = max(1, n_channels - math.floor(self.layer_ratio(n_layers) * n_channels))
         return min(n_channels, math.ceil(kept / self.mlp_multiple) * self.mlp_multiple)
+
+    def kept_units(self, kind: str, units: int, n_layers: int) -> int:
+        """Kept heads (attention) or channels (MLP) of a block of `units`: with shards, each of
+        the `shards` groups keeps what a block of units / shards would (what its rank keeps)."""
+        rule = self.kept_heads if kind == "attention" else self.kept_channels
+        return self.shards * rule(units // self.shards, n_layers)
 
     # ---- probe sizes: exact rational arithmetic, the same for an int and a dynamic size ----
     def probe_rule(self, what: str) -> tuple[int, int, int]:

@@ -247,7 +247,7 @@ TINY_FIELDS = {  # set where the config has the field (directly or through its a
     "ffn_dim": 128, "n_inner": 128, "moe_intermediate_size": 64, "num_experts": 4, "num_local_experts": 4,
     "n_routed_experts": 4, "num_experts_per_tok": 2, "d_model": 64, "decoder_layers": 3,
     "decoder_attention_heads": 4, "decoder_ffn_dim": 128, "encoder_layers": 2, "encoder_attention_heads": 4,
-    "encoder_ffn_dim": 128, "rotary_dim": 8,
+    "encoder_ffn_dim": 128, "rotary_dim": 8, "ffn_hidden_size": 128,
 }
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 

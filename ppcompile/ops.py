@@ -100,7 +100,7 @@ def _pad_penalty(norms: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _top_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.topk(scores, k, sorted=False).indices.sort().values
+    return torch.topk(scores, k, sorted=False).indices.sort(-1).values
 
 
 def probe_count(n, num: int, den: int, floor: int):
@@ -187,9 +187,15 @@ def gather_units(weight: torch.Tensor, dim: int, kept: torch.Tensor, unit: int) 
     return units.flatten(dim, dim + 1)
 
 
-def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k best indices, ascending (sorted indices keep memory access in order)."""
-    return _top_sorted(scores, k)
+def top_indices(scores: torch.Tensor, k: int, groups: int = 1) -> torch.Tensor:
+    """The k best indices, ascending (sorted indices keep memory access in order). `groups` > 1:
+    the k // groups best of each of `groups` runs of consecutive units (a shard's heads or
+    channels), so every shard keeps as many."""
+    if groups == 1:
+        return _top_sorted(scores, k)
+    per = scores.shape[-1] // groups
+    local = _top_sorted(scores.view(groups, per), k // groups)  # (groups, k / groups)
+    return (local + torch.arange(groups, device=scores.device)[:, None] * per).flatten()
 
 
 def head_channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:

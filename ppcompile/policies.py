@@ -32,6 +32,7 @@ class Policy(Named):
     probe: str | None = "sampled"  # "sampled": top positions, then top samples; "all": the whole batch
     kinds: tuple[str, ...] = ("attention", "mlp")  # the blocks it prunes
     dense_prefill = False  # the selecting call runs its blocks dense and selects from their activations
+    uniform_counts = True  # every block of a kind keeps the same count (False: allocated across blocks)
 
     @property
     def needs_calibration(self) -> bool:
@@ -90,6 +91,7 @@ class WandaSP(StaticPolicy):
 
 class FLAP(StaticPolicy):
     name = "flap"
+    uniform_counts = False
 
     def unit_scores(self, site, weight, cal):
         w = weight.detach().double()

@@ -30,3 +30,23 @@ def zero_pruned(model, selection: dict, head_dim: int, mean: dict | None = None,
                 final.register_forward_hook(lambda m, a, out, comp=comp: out + comp.to(out.dtype))
             final.weight[:, cols] = 0.0
     return model
+
+
+def zero_final_inputs(model, selection: dict, finals: dict, head_dims: dict):
+    """In place, for any layout of the final projection's weight (nn.Linear, GPT-2's Conv1D,
+    Falcon's x @ W.T): a forward pre-hook that zeroes the input channels of every head/channel
+    not in `selection` (site -> kept indices). `finals`: site -> the final projection's module
+    path; `head_dims`: site -> head_dim (attention) or 1 (MLP). Returns the model."""
+    for site, kept in selection.items():
+        d = head_dims[site]
+        idx = (kept[:, None] * d + torch.arange(d)).flatten()
+
+        def zero(module, args, idx=idx):
+            x = args[0].clone()
+            keep = torch.zeros(x.shape[-1], dtype=torch.bool)
+            keep[idx] = True
+            x[..., ~keep] = 0.0
+            return (x,) + tuple(args[1:])
+
+        model.get_submodule(finals[site]).register_forward_pre_hook(zero)
+    return model

@@ -124,16 +124,20 @@ def test_the_recompile_limit_is_named_when_it_makes_a_call_unpruned():
 
 
 def test_torch_compile_route_enforces_strict_and_warns_on_dense_blocks():
-    from transformers import AutoConfig, AutoModelForCausalLM
-    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2,
-                                                                 vocab_size=64)).eval()
+    from transformers import AutoModelForCausalLM
+    from ppcompile.models import tiny_config
+    bloom = AutoModelForCausalLM.from_config(tiny_config("bloom")).eval()  # attention written out: left dense
+    no_blocks = torch.nn.Sequential(torch.nn.Embedding(64, 16), torch.nn.Linear(16, 64)).eval()
     ids = torch.randint(0, 64, (2, 8))
     with torch.no_grad():
         with pytest.warns(UserWarning, match="blocks left dense"):
-            torch.compile(gpt2, backend="ppcompile", options={"inductor": False})(ids)
+            torch.compile(bloom, backend="ppcompile", options={"inductor": False, "skip_layers": (0,)})(ids)
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="strict.*blocks left dense"):
+            torch.compile(bloom, backend="ppcompile", options={"inductor": False, "skip_layers": (0,), "strict": True})(ids)
         torch._dynamo.reset()
         with pytest.raises(Exception, match="strict.*no attention or MLP block"):
-            torch.compile(gpt2, backend="ppcompile", options={"inductor": False, "strict": True})(ids)
+            torch.compile(no_blocks, backend="ppcompile", options={"inductor": False, "strict": True})(ids)
 
 
 def test_torch_compile_route_keeps_one_history_across_shapes_and_checks_the_calibration():

@@ -42,6 +42,7 @@ def test_probe_sizes_have_floors():
     ({"blocks": "ffn"}, "blocks"), ({"probe_budget": 0.0}, "probe_budget"), ({"probe_budget": 1.5}, "probe_budget"),
     ({"final_layout": "transposed"}, "final_layout must be one of auto, copy, gather"),
     ({"probe": "top"}, "unknown probe design 'top'"),
+    ({"policy": "flap", "shards": 2}, "policy 'flap' allocates kept counts across blocks by one global threshold"),
 ])
 def test_bad_input_is_a_clear_error(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -87,6 +88,7 @@ def test_options_accept_every_field_and_reject_unknown_keys():
     ({"mlp_multiple": 64.0}, TypeError, r"mlp_multiple must be an int >= 1, got 64.0 \(float\): e.g. mlp_multiple=64"),
     ({"mlp_multiple": 0}, ValueError, r"mlp_multiple must be an int >= 1, got 0"),
     ({"cache_bucket": 0}, ValueError, r"cache_bucket must be an int >= 1, got 0"),
+    ({"shards": 1.5}, TypeError, r"shards must be an int >= 1, got 1.5 \(float\): e.g. shards=2"),
     ({"cache_bucket": 12.5}, TypeError, r"cache_bucket must be an int >= 1, got 12.5 \(float\): e.g. cache_bucket=128"),
     ({"strict": "False"}, TypeError, r"strict must be True or False, got 'False' \(str\): pass a bool"),
     ({"history": "off"}, TypeError, r"history must be True or False, got 'off' \(str\): pass a bool"),
@@ -120,3 +122,10 @@ def test_check_layers_refuses_skipping_every_layer_at_a_positive_ratio():
     PPConfig(ratio=0.0, skip_layers=range(4)).check_layers(4)  # nothing asked, nothing pruned: fine
     PPConfig(policy="dense", skip_layers=range(4)).check_layers(4)  # dense prunes nothing anyway
     PPConfig(ratio=0.4, skip_layers=range(3)).check_layers(4)
+
+
+def test_shards_keep_in_each_group_what_a_block_of_its_size_keeps():
+    cfg = PPConfig(ratio=0.4, skip_layers=(), shards=3, mlp_multiple=16)  # SmolLM2's 9 heads over 3 shards
+    assert cfg.kept_units("attention", 9, 30) == 3 * cfg.kept_heads(3, 30) == 3 * 2
+    assert cfg.kept_units("mlp", 1536, 30) == 3 * cfg.kept_channels(512, 30) == 3 * 320
+    assert PPConfig(ratio=0.4, skip_layers=()).kept_units("attention", 9, 30) == 6  # no shards: the block's rule

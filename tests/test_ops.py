@@ -62,6 +62,8 @@ def test_fusion_and_scores_match_the_formulas():
     direct = [torch.stack([e[j] * W[i, j] ** 2 for i in range(2) for j in (2 * h, 2 * h + 1)]).norm() for h in range(2)]
     assert torch.allclose(hs, torch.stack(direct))
     assert ops.top_indices(torch.tensor([0.1, 5.0, 0.3, 2.0]), 2).tolist() == [1, 3]
+    # two groups of 3: the best of each, though the global top 2 would be both in the first
+    assert ops.top_indices(torch.tensor([9.0, 8.0, 0.0, 1.0, 2.0, 0.5]), 2, 2).tolist() == [0, 4]
     assert ops.head_channels(torch.tensor([0, 2]), 3).tolist() == [0, 1, 2, 6, 7, 8]
 
 

@@ -14,7 +14,8 @@ from torch import fx
 from .. import ops
 from .graph import call, copy_graph, final_input, graph_inputs
 from .seam import Seam, Slot
-from .sites import Site, find_sites
+from .sites import Site
+from .unfuse import prepare
 
 STATS = ("sq", "count", "total", "total_sq")  # the tables per site
 
@@ -37,7 +38,7 @@ class StatsPass:
 def run_stats_pass(gm: fx.GraphModule) -> StatsPass:
     gm = copy_graph(gm)
     g = gm.graph
-    sites, _, _ = find_sites(gm)
+    sites, _, _ = prepare(gm)
     sites = [s for s in sites if s.status == "pruned"]  # every block the pruning pass could rewrite
     result = StatsPass(gm, sites)
     if sites:

@@ -43,8 +43,20 @@ ELEMENTWISE = {
     F.silu, F.gelu, F.relu, F.dropout, F.softplus, F.mish, torch.relu, F.sigmoid, F.tanh,
     "mul", "add", "sub", "div", "neg", "pow", "tanh", "exp", "sigmoid", "rsqrt", "sqrt",
     "float", "to", "type_as", "contiguous", "clone", "half", "bfloat16", "relu", "silu",
+    # activations, clamps and comparisons some blocks use: one value per position, like the rest
+    torch.square, torch.abs, torch.clamp, torch.clip, torch.minimum, torch.maximum, torch.log, torch.log1p,
+    torch.expm1, torch.sin, torch.cos, torch.reciprocal, torch.sign, torch.masked_fill, torch.gt, torch.lt,
+    torch.ge, torch.le, torch.eq, torch.ne, operator.gt, operator.lt, operator.ge, operator.le, operator.eq,
+    operator.ne, F.relu6, F.hardtanh, F.leaky_relu, F.elu, F.selu, F.celu, F.hardswish, F.hardsigmoid,
+    F.softsign, F.logsigmoid, "square", "abs", "clamp", "clip", "clamp_min", "clamp_max", "minimum",
+    "maximum", "log", "log1p", "expm1", "sin", "cos", "reciprocal", "sign", "masked_fill", "gt", "lt", "ge",
+    "le", "eq", "ne", "gelu",
 }
 RESHAPE = {"view", "reshape", torch.reshape}
+FLATTEN = {"flatten", "unflatten", torch.flatten, torch.unflatten, torch.Tensor.flatten, torch.Tensor.unflatten}
+UNFLATTEN = {"unflatten", torch.unflatten, torch.Tensor.unflatten}
+PERMUTE = {"permute", torch.permute, torch.Tensor.permute}
+SHAPE_ARGS = RESHAPE | {"expand"} | UNFLATTEN  # ops whose arguments hold sizes
 REDUCE = {"mean", "sum", torch.mean, torch.sum}
 
 
@@ -89,14 +101,14 @@ class Labeler:
         t = n.target
         if written(n) is not None:
             return self._write(n)
-        if n.op == "call_method" and t in RESHAPE or t is torch.reshape:
-            return self._reshape(n)
+        if n.op == "call_method" and t in RESHAPE or t is torch.reshape or t in FLATTEN:
+            return self._reshape(n)  # read from the output's shape
         if t == "transpose" or t is torch.transpose:
             lab = list(self._in(n))
             i, j = (d % len(lab) for d in n.args[1:3])
             lab[i], lab[j] = lab[j], lab[i]
             return tuple(lab)
-        if t == "permute" or t is torch.permute:
+        if t in PERMUTE:
             order = n.args[1] if isinstance(n.args[1], (tuple, list)) else n.args[1:]
             lab = self._in(n)
             return tuple(lab[d] for d in order)
@@ -114,6 +126,14 @@ class Labeler:
             return self._sdpa(n)
         if t is torch.cat:
             return self._cat(n)
+        if t is torch.stack:
+            return self._stack(n)
+        if t is torch.view_as_complex:  # (..., d/2, 2) real -> (..., d/2) complex (LLaMA-4's rotary)
+            lab = self._in(n)
+            self._fixed(lab[-1], n)
+            return lab[:-1]
+        if t is torch.view_as_real:
+            return self._in(n) + (anon(2),)
         if t in ELEMENTWISE or t is F.layer_norm:
             return self._broadcast(n)
         raise Unsupported(f"op {getattr(t, '__name__', t)!s} ({n.name}) has no dimension rule")
@@ -150,7 +170,9 @@ class Labeler:
             out.append(tuple(dim))
         if any(a.size != 1 for a in atoms[i:]):
             raise Unsupported(f"{n.name}: reshape does not line up")
-        return tuple(out)
+        # anonymous atoms merged are one anonymous size (a flatten(-2) meets a slice of 8 as an equal)
+        return tuple(anon(size_of(d)) if len(d) > 1 and not any(a.name for a in d) and isinstance(size_of(d), int)
+                     else d for d in out)
 
     def _expand(self, n: fx.Node) -> Labels:
         lab = self._in(n)
@@ -266,6 +288,15 @@ class Labeler:
             self._fixed(lab[dim], n)
         return tuple(anon(self._out_shape(n)[dim]) if i == dim else x for i, x in enumerate(labs[0]))
 
+    def _stack(self, n: fx.Node) -> Labels:
+        """torch.stack of tensors laid out alike (GPT-J's rotate_every_two: stack((-x2, x1), -1)):
+        their dims, and a new anonymous one."""
+        labs = [self.labels.get(t) for t in n.args[0]]
+        if any(lab is None for lab in labs) or len(set(labs)) != 1:
+            raise Unsupported(f"{n.name}: stack of tensors laid out differently")
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0) % (len(labs[0]) + 1)
+        return labs[0][:dim] + (anon(len(labs)),) + labs[0][dim:]
+
     def _broadcast(self, n: fx.Node) -> Labels:
         shape = self._out_shape(n)
         out: list[Dim | None] = [None] * len(shape)
@@ -328,7 +359,7 @@ def _may_grow(prod, size) -> bool:
 def check_resizable(n: fx.Node, labels: Labels, names: set[str]) -> None:
     """Raise Unsupported now if resizing the atoms `names` would later need the size of a dynamic
     atom merged into the same argument (which the graph has no node for)."""
-    if n.target not in RESHAPE and n.target != "expand" and n.target is not torch.reshape:
+    if n.target not in SHAPE_ARGS:
         return
     for dim in labels:
         if any(a.name in names for a in dim) and \
@@ -341,9 +372,14 @@ def resized_args(n: fx.Node, labels: Labels, new: dict):
     (a name in `new`: to an int or a node) rebuilt; the others stay as they were (literals or
     symbol inputs). New product nodes go at the graph's current insertion point."""
     from .graph import mul  # graph imports this module
-    if n.target not in RESHAPE and n.target != "expand" and n.target is not torch.reshape:
+    if n.target not in SHAPE_ARGS:
         return n.args
-    shape_args = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else n.args[1:]
+    if n.target in UNFLATTEN:  # (x, dim, sizes): the sizes are the output's dims from dim on
+        dim, shape_args = n.args[1], n.args[2]
+        first = dim % (len(labels) - len(shape_args) + 1)
+        labels = labels[first:first + len(shape_args)]
+    else:
+        shape_args = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else n.args[1:]
     sizes = []
     for i, a in enumerate(shape_args):
         if a == -1 and isinstance(a, int) or not any(atom.name in new for atom in labels[i]):
@@ -356,4 +392,4 @@ def resized_args(n: fx.Node, labels: Labels, new: dict):
                 raise Unsupported(f"{n.name}: a resized dimension is merged with a dynamic one")
             size = mul(n.graph, size, factor, name=f"{n.name}_size") if size != 1 else factor
         sizes.append(size)
-    return (n.args[0], tuple(sizes))
+    return (n.args[0], n.args[1], tuple(sizes)) if n.target in UNFLATTEN else (n.args[0], tuple(sizes))

@@ -75,15 +75,21 @@ def input_device(example_inputs: list) -> torch.device:
     return next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
 
-def real_tensors(gm: fx.GraphModule, example_inputs: list) -> Callable[[fx.Node], torch.Tensor | None]:
-    """A graph node -> the real tensor behind it (a placeholder's example input, a get_attr's attribute)."""
+def real_tensors(gm: fx.GraphModule, example_inputs: list,
+                 memo: dict | None = None) -> Callable[[fx.Node], torch.Tensor | None]:
+    """A graph node -> the real tensor behind it (a placeholder's example input, a get_attr's
+    attribute, or a view or rows of those that unfuse.py made: computed once per weight and version
+    in `memo`, so that every graph of a model shares it)."""
     index = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    memo = {} if memo is None else memo
 
     def real(node: fx.Node) -> torch.Tensor | None:
         if node.op == "placeholder" and node.name in index:
             t = example_inputs[index[node.name]]
         elif node.op == "get_attr":
             t = getattr(gm, node.target, None)
+        elif node.meta.get("pp_weight"):
+            return _computed(node, real, memo)
         else:
             return None
         real_tensor = isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor)
@@ -92,10 +98,31 @@ def real_tensors(gm: fx.GraphModule, example_inputs: list) -> Callable[[fx.Node]
     return real
 
 
+def _computed(node: fx.Node, real, memo: dict) -> torch.Tensor | None:
+    args = [real(a) if isinstance(a, fx.Node) else a for a in node.args]
+    if any(a is None for a in args):
+        return None
+    key = ("pp_weight", str(node.target),
+           tuple((id(a), a._version) if isinstance(a, torch.Tensor) else repr(a) for a in args))
+    hit = memo.get(key)
+    if hit is None:
+        hit = memo[key] = (args, node.target(*args))  # the args held: their ids stay theirs
+    return hit[1]
+
+
+class NodeFailed(Exception):
+    """A node of a rewritten graph that does not run on the graph's example values."""
+
+    def __init__(self, node: fx.Node):
+        super().__init__(f"{node.name} does not run")
+        self.node = node
+
+
 def refresh_values(gm: fx.GraphModule) -> None:
     """Recompute every node's recorded value (meta "val" and "example_value") by running the
     rewritten graph on the fake values of its inputs, so that a rewritten node's meta stays true
-    (a compact projection's output has the kept width, not the dense one)."""
+    (a compact projection's output has the kept width, not the dense one). A node that does not
+    run raises NodeFailed, its cause chained."""
     from torch._subclasses.fake_tensor import FakeTensor
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
     args = [recorded(n) for n in gm.graph.nodes if n.op == "placeholder"]
@@ -120,12 +147,12 @@ def refresh_values(gm: fx.GraphModule) -> None:
         def run_node(self, n):
             try:
                 return super().run_node(n)
-            except Exception:
+            except Exception as err:
                 # An op whose meta function needs a guard (suppressed here; Dynamo could add it when
                 # it traced): a node whose inputs kept their recorded shapes keeps its recorded value.
                 old = before.get(n)
                 if old is None or not all(_same_shape(self.env.get(a), before.get(a)) for a in n.all_input_nodes):
-                    raise
+                    raise NodeFailed(n) from err
                 n.meta["val"] = old
                 return old
 

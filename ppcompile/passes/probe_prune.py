@@ -29,11 +29,13 @@ from ..baselines import StaticChoice
 from ..calibration import Calibration
 from ..config import PPConfig
 from .dims import Unsupported, check_resizable
-from .graph import GraphInputs, body_start, call, copy_graph, final_input, graph_inputs, mul, refresh_values
+from .graph import (GraphInputs, NodeFailed, body_start, call, copy_graph, final_input, graph_inputs, mul,
+                    refresh_values)
 from .outline import Outliner
 from .rewrite import compact, escapes, label_site, probe_activation
 from .seam import Seam, Slot
-from .sites import Site, find_sites, module_path, value
+from .sites import Site, module_path, value
+from .unfuse import prepare
 
 @dataclass
 class PassResult:
@@ -79,9 +81,7 @@ def history_slot(site: Site) -> Slot:
 
 
 def _kept(site: Site, config: PPConfig, n_layers: int) -> int:
-    if site.kind == "attention":
-        return config.kept_heads(site.heads, n_layers)
-    return config.kept_channels(site.channels, n_layers)
+    return config.kept_units(site.kind, site.heads or site.channels, n_layers)
 
 
 def _plan(sites: list[Site], config: PPConfig, n_layers: int, gi: GraphInputs) -> None:
@@ -100,6 +100,9 @@ def _plan(sites: list[Site], config: PPConfig, n_layers: int, gi: GraphInputs) -
             s.status = f"dense: policy {policy}"
         elif s.kind not in policy.kinds:
             s.status = f"dense: policy {policy} prunes {' and '.join(policy.kinds)} only"
+        elif (s.heads or s.channels) % config.shards:
+            s.status = (f"dense: its {s.heads or s.channels} {'heads' if s.heads else 'channels'} do not split "
+                        f"evenly over shards={config.shards}")
         s.kept = _kept(s, config, n_layers) if s.status == "pruned" else (s.heads or s.channels)
 
 
@@ -110,13 +113,34 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
     `real` (the real weights, which they score and pre-slice once); `stored`: the sites whose
     selection a prefill stored (what a decode graph can reuse); `derived`: the constants made from
     weights alone, kept across the passes of one model so that its graphs share them (see
-    _derived). Nothing a site does can fail the pass: a site the rules do not cover stays dense, with the reason in its status."""
+    _derived). Nothing a site does can fail the pass: a site the rules do not cover stays dense,
+    with the reason in its status, and so does a rewritten site that does not run on the graph's
+    example values (the last check, when the values are recorded): the pass then runs again
+    without it."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-    derived = {} if derived is None else derived
+    failed: dict[str, str] = {}
+    while True:
+        try:
+            return _rewrite(gm, config, calibration, real, phase, stored, {} if derived is None else derived, failed)
+        except _SiteFailed as e:
+            failed[e.site] = e.status
+
+
+class _SiteFailed(Exception):
+    def __init__(self, site: str, status: str):
+        super().__init__(status)
+        self.site, self.status = site, status
+
+
+def _rewrite(gm: fx.GraphModule, config: PPConfig, calibration: Calibration | None, real: RealTensor | None,
+             phase: str, stored: frozenset[str], derived: dict, failed: dict[str, str]) -> PassResult:
     gm = copy_graph(gm)
     g = gm.graph
-    sites, problems, n_layers = find_sites(gm)
+    sites, problems, n_layers = prepare(gm)
+    for s in sites:
+        if s.name in failed:
+            s.status = failed[s.name]
     result = PassResult(gm, sites, problems, n_layers, phase=phase)
     policy = config.policy
     try:
@@ -150,7 +174,7 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
     static = None
     if policy.static:
         static = _static_choices(policy, [s for s in sites if s.name in labels], labels, calibration, real,
-                                 config.layer_ratio(n_layers))
+                                 config.layer_ratio(n_layers), config.shards)
 
     step = seeded = weight = None
     updates: list[tuple[str, fx.Node]] = []
@@ -166,8 +190,7 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
         if reuse:
             with g.inserting_before(min(site.projections, key=_order(g))):
                 new_weights, kept = _reused_weights(g, seam, site, kv_whole)
-            compact(g, site, lab, new_weights, {"h": site.kept, "c": site.kept},
-                    kept if site.kind == "attention" else None, tag)  # K/V whole in decode
+            compact(g, site, lab, new_weights, kept, True, tag)  # K/V whole in decode
             continue
         history = None
         if config.uses_history:
@@ -185,7 +208,7 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
             elif dense_block:
                 act = final_input(g, site, gi, tag)
                 scores = call(g, ops.activation_scores, act, gi.valid, name=f"{tag}_score")
-                kept = call(g, ops.top_indices, scores, site.kept, name=f"{tag}_select")
+                kept = call(g, ops.top_indices, scores, site.kept, config.shards, name=f"{tag}_select")
                 share = kept_now = None
             else:
                 kept, share = _dynamic_select(g, site, lab, config, gi.valid, history, gi, real, derived, tag)
@@ -204,7 +227,7 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
         if share is not None and config.telemetry:
             seam.output(f"share/{site.name}", share)
         if not dense_block:
-            compact(g, site, lab, new_weights, {"h": site.kept, "c": site.kept}, kept if kv_whole else None, tag)
+            compact(g, site, lab, new_weights, kept, kv_whole, tag)
         if static is not None and static[site.name].bias is not None:
             _add_bias(g, site.final, static[site.name].bias, tag)
         if history is not None:
@@ -225,12 +248,30 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: Calibration |
         outliner.outline(nodes, tag, kind)
     g.lint()
     gm.recompile()
-    refresh_values(gm)
+    try:
+        refresh_values(gm)
+    except NodeFailed as e:
+        site = _site_of(e.node, sites)
+        if site is None or site.name in failed:
+            raise
+        cause = e.__cause__ or e
+        raise _SiteFailed(site.name, f"dense: the rewritten block does not run ({type(cause).__name__}: "
+                                     f"{str(cause).splitlines()[0][:160]})") from e
     return result
 
 
+def _site_of(node: fx.Node, sites: list[Site]) -> Site | None:
+    """The site a node of the rewritten graph belongs to: one of its own nodes, or one the pass
+    made for it (named after it)."""
+    for s in sites:
+        if node in s.region or node in s.projections or node is s.final:
+            return s
+    tags = [s for s in sites if node.name.startswith(s.name.replace(".", "_") + "_")]
+    return max(tags, key=lambda s: len(s.name), default=None)
+
+
 def _static_choices(policy, sites: list[Site], labels: dict, calibration: Calibration | None,
-                    real: RealTensor | None, layer_ratio: float) -> dict[str, StaticChoice]:
+                    real: RealTensor | None, layer_ratio: float, groups: int) -> dict[str, StaticChoice]:
     if calibration is None:
         raise ValueError(f"policy '{policy}' is static: it needs calibration statistics; pass "
                          "calibration=<token batches or a saved Calibration> to pp.compile")
@@ -244,7 +285,7 @@ def _static_choices(policy, sites: list[Site], labels: dict, calibration: Calibr
                              f"here, so policy '{policy}' cannot score it")
         weights[s.name] = w
         cost[s.name] = _unit_cost(s, labels[s.name][1])
-    choices = baselines.choose(policy, sites, weights, cost, calibration, layer_ratio)
+    choices = baselines.choose(policy, sites, weights, cost, calibration, layer_ratio, groups)
     for s in sites:
         s.kept = len(choices[s.name].kept)
     return choices
@@ -322,7 +363,7 @@ def _dynamic_select(g, site: Site, lab, config: PPConfig, valid, history, gi: Gr
         scores = call(g, ops.head_scores, energy, terms, site.heads, name=f"{tag}_score")
     else:
         scores = call(g, ops.channel_scores, energy, terms, name=f"{tag}_score")
-    return call(g, ops.top_indices, scores, site.kept, name=f"{tag}_select"), share
+    return call(g, ops.top_indices, scores, site.kept, config.shards, name=f"{tag}_select"), share
 
 
 def _compact_weights(g, site: Site, kept: fx.Node, kept_now: torch.Tensor | None, kv_whole: bool,

@@ -99,11 +99,13 @@ def probe_activation(g: fx.Graph, site: Site, lab: Labeler, p: fx.Node, kept_b: 
     return env[site.final.args[0]]
 
 
-def compact(g: fx.Graph, site: Site, lab: Labeler, weights: dict[fx.Node, tuple], new: dict[str, int],
-            kept_heads: fx.Node | None, tag: str) -> None:
-    """Run the whole batch on compact weights: swap the projections' weights, resize literals.
-    `kept_heads`: the kept query heads of an attention whose K/V stay whole; each reads its own
-    K/V head (attend_kept)."""
+def compact(g: fx.Graph, site: Site, lab: Labeler, weights: dict[fx.Node, tuple], kept: fx.Node,
+            kv_whole: bool, tag: str) -> None:
+    """Run the whole batch on compact weights: swap the projections' weights, resize literals to
+    the kept count, and gather each side input with a head or channel dim (an ALiBi bias in the
+    attention mask: (B, H, L, K)) at the kept units `kept`. An attention whose K/V stay whole
+    (`kv_whole`): each kept query head reads its own K/V head (attend_kept)."""
+    new = {"h": site.kept, "c": site.kept}
     for proj, (w, b) in weights.items():
         args = list(proj.args) + [None] * (3 - len(proj.args))
         args[1] = w
@@ -114,8 +116,22 @@ def compact(g: fx.Graph, site: Site, lab: Labeler, weights: dict[fx.Node, tuple]
         if n in lab.labels:
             with g.inserting_before(n):
                 n.args = resized_args(n, lab.labels[n], new)
-    if kept_heads is not None:
-        attend_kept(g, site, kept_heads, tag)
+    for (n, key), need in lab.side.items():
+        dims = [d for d, atom in need.items() if atom in new]
+        if not dims:
+            continue
+        args, kwargs = list(n.args), dict(n.kwargs)
+        side = args[key] if isinstance(key, int) else kwargs[key]
+        with g.inserting_before(n):
+            for d in dims:
+                side = call(g, torch.index_select, side, d, kept, name=f"{tag}_side_kept")
+        if isinstance(key, int):
+            args[key] = side
+        else:
+            kwargs[key] = side
+        n.args, n.kwargs = tuple(args), kwargs
+    if kv_whole and site.kind == "attention":
+        attend_kept(g, site, kept, tag)
 
 
 def attend_kept(g: fx.Graph, site: Site, kept: fx.Node, tag: str) -> None:

@@ -176,12 +176,30 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str], int]:
         if kind == "attention" and site.status == "pruned":
             _describe_attention(site)
         sites.append(site)
+    _separate(sites)
     found = {(s.layer, s.kind) for s in sites}
     for path, idx in layers.items():
         for kind in ("attention", "mlp"):
             if (idx, kind) not in found:
                 problems.append(f"{path}.{kind}: no {kind} block matched in this layer")
     return sites, problems, len(layers)
+
+
+def _separate(sites: list[Site]) -> None:
+    """Blocks in a chain of linears (fc1 -> fc2 -> out, a router's MLP) share a linear: the final
+    projection of one is a first projection of the next. Pruning both would change that linear's
+    weight twice, so the later block stays dense. A second block of one kind in a layer gets a name
+    of its own (its state is kept apart by name)."""
+    finals = {s.final: s for s in sites}
+    names: set[str] = set()
+    for s in sites:
+        shared = [finals[p] for p in s.projections if p in finals]
+        if shared and s.status == "pruned":
+            s.status = f"dense: its first projection is the final projection of {shared[0].name}"
+        name, k = s.name, 2
+        while s.name in names:
+            s.name, k = f"{name}{k}", k + 1
+        names.add(s.name)
 
 
 SOFTMAX = (torch.softmax, F.softmax, torch.Tensor.softmax, "softmax", torch.ops.aten._softmax.default)
@@ -236,13 +254,22 @@ def _qkv_projections(site: Site) -> dict[str, fx.Node] | None:
 
 
 def _reaches(src: fx.Node, dst: fx.Node) -> bool:
+    """Whether `dst`'s values depend on `src`'s (a size read off a tensor is not its values:
+    Falcon's key is broadcast to `query.shape`)."""
     stack, seen = [dst], set()
     while stack:
         n = stack.pop()
         if n is src:
             return True
-        if n in seen or not isinstance(n, fx.Node):
+        if n in seen or not isinstance(n, fx.Node) or _is_size(n):
             continue
         seen.add(n)
         stack.extend(data_inputs(n))
     return False
+
+
+def _is_size(node: fx.Node) -> bool:
+    v = recorded(node)
+    if isinstance(v, (tuple, list)) and not isinstance(v, torch.Size):
+        return bool(v) and all(isinstance(s, (int, torch.SymInt)) for s in v)
+    return isinstance(v, (int, torch.SymInt, torch.Size))

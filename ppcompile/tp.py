@@ -1,0 +1,123 @@
+"""Tensor parallelism through torch.distributed, as gpt-fast's tp.py does it: plain tensors in each
+rank's local shapes, and an all-reduce (a functional collective, which Dynamo traces into the
+graph) after each block's final projection.
+
+    torchrun --nproc-per-node 2 examples/tensor_parallel.py
+
+`shard(model)` splits every attention by heads (q rows of this rank's query heads, k/v rows of its
+K/V heads, the final projection's matching input columns) and every MLP by channels, in place.
+Which modules those are comes from the pass's own block finder on one traced call: no per-model
+code. Each rank then runs the pass on its shard: its probe reads the residual (the same on every
+rank after the all-reduce), it scores and keeps its own heads and channels, and keeps its own
+history: no communication beyond the model's own all-reduces. Each rank keeps what one block of
+its size would, which is `PPConfig(shards=world)` in one process (tests/test_tp.py checks they
+are the same).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Block:
+    kind: str  # "attention" | "mlp"
+    projections: dict[str, int]  # first projection's module path -> its units (heads or channels)
+    unit: int  # rows per unit: head_dim (attention) or 1 (MLP)
+    final: str  # the final projection's module path
+
+
+def shard(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Shard `model` in place over the ranks of `group` (default: all), each rank keeping the
+    consecutive run of heads and channels of its rank; returns it. Every block must split evenly
+    (heads, K/V heads and channels divisible by the world size)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    blocks = plan(model)
+    for b in blocks:  # all checked before any weight changes
+        for path, units in b.projections.items():
+            if units % world:
+                raise ValueError(f"{path}: its {units} heads/channels do not split evenly over {world} ranks")
+    for b in blocks:
+        for path in b.projections:
+            _keep_rows(model.get_submodule(path), rank, world)
+        final = model.get_submodule(b.final)
+        _keep_columns(final, rank, world)
+        final.register_forward_hook(_all_reduce(group))
+    _local_config(model.config, world)
+    return model
+
+
+def plan(model: nn.Module) -> list[Block]:
+    """Every attention and MLP block of `model`, from the pass's block finder on one traced call;
+    a block it cannot identify (or a fused projection) is an error naming it: half a model
+    sharded would compute nonsense."""
+    from .passes.sites import module_path
+    from .passes.unfuse import WEIGHT_VIEW, prepare
+
+    found = []
+
+    def backend(gm, example_inputs):
+        found.extend(prepare(gm)[0])
+        return gm.forward
+
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=False, isolate_recompiles=True)(ids)
+    blocks = []
+    for s in found:
+        bad = [p for p in s.projections if p.args[1].meta.get(WEIGHT_VIEW) or p.args[1].op != "placeholder"]
+        if s.status != "pruned" or bad or s.final.args[1].op != "placeholder":
+            why = "a fused projection" if bad else s.status
+            raise ValueError(f"{s.name}: cannot be sharded ({why}); tensor parallelism here needs every block "
+                             "found, with projections that are nn.Linear modules of their own")
+        if s.kind == "attention":
+            roles = {role: p for role, p in s.info["qkv"].items()}
+            units = {module_path(roles["q"]): s.heads, module_path(roles["k"]): s.kv_heads,
+                     module_path(roles["v"]): s.kv_heads}
+        else:
+            units = {module_path(p): s.channels for p in s.projections}
+        blocks.append(Block(s.kind, units, s.head_dim or 1, module_path(s.final)))
+    return blocks
+
+
+def _keep_rows(linear: nn.Linear, rank: int, world: int) -> None:
+    """This rank's run of output rows (its heads or channels)."""
+    rows = linear.weight.shape[0] // world
+    keep = slice(rank * rows, (rank + 1) * rows)
+    linear.weight = nn.Parameter(linear.weight.detach()[keep].clone(), requires_grad=False)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.detach()[keep].clone(), requires_grad=False)
+    linear.out_features = rows
+
+
+def _keep_columns(linear: nn.Linear, rank: int, world: int) -> None:
+    """This rank's run of input columns; the bias on rank 0 only (the all-reduce adds it once)."""
+    cols = linear.weight.shape[1] // world
+    linear.weight = nn.Parameter(linear.weight.detach()[:, rank * cols:(rank + 1) * cols].clone(),
+                                 requires_grad=False)
+    if linear.bias is not None and rank != 0:
+        linear.bias = nn.Parameter(torch.zeros_like(linear.bias), requires_grad=False)
+    linear.in_features = cols
+
+
+def _all_reduce(group):
+    from torch.distributed import _functional_collectives as funcol
+    group = group if group is not None else dist.group.WORLD
+
+    def hook(module, args, output):
+        return funcol.all_reduce(output, "sum", group)
+
+    return hook
+
+
+def _local_config(config, world: int) -> None:
+    """Heads per rank in the config, which caches (a static KV cache) size themselves from."""
+    if getattr(config, "head_dim", None) is None:
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    config.num_attention_heads //= world
+    if getattr(config, "num_key_value_heads", None):
+        config.num_key_value_heads //= world

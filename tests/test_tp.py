@@ -1,0 +1,109 @@
+"""Tensor parallelism (tp.py) on CPU: two gloo ranks, spawned, each running the pass on its shard
+of a tiny LLaMA (4 heads, 2 K/V heads, 128 MLP channels): ratio 0 is the single-process dense
+model, and pp on ranks keeps exactly what one process keeps with shards=2 (indices, logits,
+histories)."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import ppcompile as pp
+from ppcompile import tp
+from ppcompile.models import random_model
+
+WORLD = 2
+OPTIONS = dict(backend="eager", strict=True, skip_layers=(0,), mlp_multiple=16)
+
+
+def _batches():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 128, (3, 20), generator=g), torch.randint(0, 128, (2, 24), generator=g)]
+
+
+def _run(model, ratio: float, **options):
+    """Compile, run both batches; the last logits, selection and history tables."""
+    compiled = pp.compile(model, ratio, **OPTIONS, **options)
+    with torch.no_grad():
+        for ids in _batches():
+            logits = compiled(ids).logits
+    runtime = model.pp.runtime
+    return {"logits": logits, "kept": runtime.last_selection(),
+            "history": {k[len("history."):]: v for k, v in runtime.state_dict().items() if k.startswith("history.")}}
+
+
+def _generate(model, ratio: float, **options):
+    """generate() of 4 tokens after a padded prompt batch: the tokens and the prefill's selection."""
+    compiled = pp.compile(model, ratio, **OPTIONS, **options)
+    ids = _batches()[0]
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        out = compiled.generate(ids.masked_fill(mask == 0, 0), attention_mask=mask, max_new_tokens=4,
+                                do_sample=False, pad_token_id=0)
+    return {"tokens": out, "kept": model.pp.runtime.last_selection()}
+
+
+def _rank(rank: int, port: int, folder: str, ratio: float, run) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch._dynamo.reset()
+        model = tp.shard(random_model("llama-gqa"))
+        torch.save(run(model, ratio), os.path.join(folder, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ranks(tmp_path, ratio: float, run=_run) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(port, str(tmp_path), ratio, run), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
+
+
+def test_ratio_zero_on_two_ranks_is_the_dense_model(tmp_path):
+    ranks = _ranks(tmp_path, 0.0)
+    with torch.no_grad():
+        dense = random_model("llama-gqa")(_batches()[-1]).logits
+    for r in ranks:
+        torch.testing.assert_close(r["logits"], dense, rtol=1e-5, atol=1e-5)
+
+
+def test_ranks_keep_what_one_process_keeps_with_shards(tmp_path):
+    ranks = _ranks(tmp_path, 0.4)
+    one = _run(random_model("llama-gqa"), 0.4, shards=WORLD)
+    assert set(one["kept"]) == set(ranks[0]["kept"]) and len(one["kept"]) == 8
+    for site, kept in one["kept"].items():
+        local = kept.numel() // WORLD
+        units = 4 if site.endswith("attention") else 128
+        for rank, r in enumerate(ranks):  # rank r's units are the r-th run of the block's
+            assert torch.equal(r["kept"][site] + rank * units // WORLD, kept[rank * local:(rank + 1) * local])
+        channels = one["history"][site].shape[-1] // WORLD  # each rank's history: its channels' columns
+        for rank, r in enumerate(ranks):
+            torch.testing.assert_close(r["history"][site], one["history"][site][:, rank * channels:(rank + 1) * channels])
+    for r in ranks:
+        torch.testing.assert_close(r["logits"], one["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_block_that_does_not_split_is_refused_before_any_weight_changes():
+    model = random_model("llama-gqa", num_key_value_heads=1)  # 1 K/V head over 2 ranks (shard() asks only these)
+
+    original = model.model.layers[1].self_attn.k_proj.weight.clone()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(dist, "get_rank", lambda group=None: 0)
+        m.setattr(dist, "get_world_size", lambda group=None: WORLD)
+        with pytest.raises(ValueError, match="k_proj: its 1 heads/channels do not split evenly over 2 ranks"):
+            tp.shard(model)
+    assert torch.equal(model.model.layers[1].self_attn.k_proj.weight, original)
+
+
+def test_generation_on_ranks_equals_one_process_with_shards(tmp_path):
+    ranks = _ranks(tmp_path, 0.4, _generate)
+    one = _generate(random_model("llama-gqa"), 0.4, shards=WORLD)
+    for r in ranks:
+        assert torch.equal(r["tokens"], one["tokens"])
+        assert set(r["kept"]) == set(one["kept"]) and len(one["kept"]) == 8
