@@ -44,6 +44,7 @@ import ppcompile as pp
 from ppcompile.flops import weight_bytes
 from ppcompile.generation import timed_generate
 from ppcompile.models import KNOWN_MODELS, RANDOM_ARCHS, dtype_name, dtype_suffix, load_model, parse_dtype
+from protocol import add_protocol_args
 from speed import PeakMemory, _model, _shapes  # bench/ is the script's folder: on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,12 +218,7 @@ def main() -> None:
                                             "name for float32)")
     p.add_argument("--from-json", type=Path, nargs="+", help="print the tables of earlier runs and exit")
     p.add_argument("--quality", action="store_true", help="continuation perplexity and greedy agreement instead")
-    p.add_argument("--data", default="brown:a")
-    p.add_argument("--calibration", default="brown:fgh")
-    p.add_argument("--calibration-windows", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=4)
+    add_protocol_args(p)
     p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.4])
     p.add_argument("--seeds", default="0,1,2", help="--quality: calibration seeds")
     p.add_argument("--greedy", type=int, default=64, help="--quality: new tokens compared with dense's")

@@ -23,6 +23,7 @@ from tabulate import tabulate
 
 from ppcompile.cli import _run_eval
 from ppcompile.models import dtype_suffix, parse_dtype
+from protocol import add_protocol_args
 from readme import replace_block
 from ppcompile.policies import POLICIES
 
@@ -88,12 +89,7 @@ def context(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data", default="brown:a")
-    p.add_argument("--calibration", default="brown:fgh")
-    p.add_argument("--calibration-windows", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=4)
+    add_protocol_args(p)
     p.add_argument("--ratios", default="0.2,0.4")
     p.add_argument("--seeds", default="0,1,2,3,4", help="calibration seeds (the calibrated methods run once per seed)")
     p.add_argument("--backend", choices=["inductor", "eager"], default="inductor")

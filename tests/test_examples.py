@@ -39,3 +39,12 @@ def test_calibration_reuse(tmp_path):
 def test_generate(tmp_path):
     out = _run(str(EXAMPLES / "generate.py"), cwd=tmp_path)
     assert "forwards pruned (1 prefill + decode steps), 0 unpruned" in out and out.count("  pp   : ") == 2
+
+
+@pytest.mark.real_model
+def test_tensor_parallel(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--nproc-per-node", "3", str(EXAMPLES / "tensor_parallel.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("of 3 and 320 of 512 channels") == 3 and "pp@0.4 on 3 ranks loss" in done.stdout

@@ -107,3 +107,17 @@ def test_generation_on_ranks_equals_one_process_with_shards(tmp_path):
     for r in ranks:
         assert torch.equal(r["tokens"], one["tokens"])
         assert set(r["kept"]) == set(one["kept"]) and len(one["kept"]) == 8
+
+
+def test_flap_on_a_sharded_model_is_refused(tmp_path):
+    """FLAP's one global threshold would be set by each rank on its own: an error, not a silent
+    per-rank allocation (a world of one rank: the all-reduces are in the graph all the same)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        torch._dynamo.reset()
+        model = tp.shard(random_model("llama-gqa"))
+        compiled = pp.compile(model, 0.4, policy="flap", calibration=_batches(), backend="eager", skip_layers=(0,))
+        with pytest.raises(Exception, match="policy 'flap' allocates kept counts .* sharded over ranks"):
+            compiled(_batches()[0])
+    finally:
+        dist.destroy_process_group()

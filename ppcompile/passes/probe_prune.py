@@ -86,6 +86,10 @@ def _kept(site: Site, config: PPConfig, n_layers: int) -> int:
 
 def _plan(sites: list[Site], config: PPConfig, n_layers: int, gi: GraphInputs) -> None:
     policy = config.policy
+    if not policy.uniform_counts and any(s.info.get("all_reduce") for s in sites):
+        raise ValueError(f"policy '{policy}' allocates kept counts across blocks by one global threshold, and this "
+                         "model is sharded over ranks (tp.shard): each rank would set its own threshold; use pp, "
+                         "full-batch or wanda-sp on a tensor-parallel model")
     if (why := config.unreachable(n_layers)) and policy.prunes:
         warnings.warn(f"ppcompile: {why}", stacklevel=2)
     for s in sites:

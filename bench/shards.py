@@ -1,0 +1,104 @@
+"""What sharding costs in quality: pp with one top-k over each block against pp with the kept units
+split evenly over the shards of a tensor-parallel model (PPConfig(shards=N): what each rank keeps
+on its own, run in one process), on the quality bench's protocol.
+
+    python bench/shards.py                     # SmolLM2 (9 heads, 3 K/V heads): 3 shards
+    python bench/shards.py --from-json bench/results/shards_smollm2_brown-a.json
+
+Per calibration seed: one calibration, then dense, and pp at each ratio with shards=1 and N; the
+README block `shards` gets the medians over the seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+from ppcompile import data
+from ppcompile.config import PPConfig
+from ppcompile.cli import _device_name, _loaded, _windows_and_calibration
+from ppcompile.evaluate import evaluate
+from ppcompile.methods import build_method
+from protocol import add_protocol_args
+from readme import replace_block
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args) -> list[dict]:
+    rows = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        torch._dynamo.reset()
+        model, tokenizer = _loaded(args.model, args.seq_len, torch.float32)
+        windows, cal, _ = _windows_and_calibration(model, tokenizer, args.data, args.seq_len,
+                                                   args.batch_size * args.batches, args.batch_size, args.calibration,
+                                                   args.calibration_windows, seed, progress=True)
+        methods = {"dense": build_method("dense", model, 0.0, cal, "eager")}
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            for shards in (1, args.shards):
+                methods[f"{ratio:g}/{shards}"] = build_method("pp", model, ratio, cal, "eager", shards=shards)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(methods) + 2)
+        for r in evaluate(methods, data.iter_batches(windows, args.batch_size), progress=True):
+            ratio, shards = r.method.split("/") if "/" in r.method else (None, None)
+            rows.append({"seed": seed, "method": r.method, "ratio": ratio, "shards": shards, "ppl": r.ppl,
+                         "kl": r.kl, "top1": r.top1, "model": args.model, "text": args.data,
+                         "windows": args.batch_size * args.batches, "seq_len": args.seq_len,
+                         "calibration": args.calibration, "torch": torch.__version__, "device": _device_name(),
+                         "heads": model.config.num_attention_heads, "channels": model.config.intermediate_size,
+                         "layers": model.config.num_hidden_layers})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    dense = {r["seed"]: r["ppl"] for r in rows if r["method"] == "dense"}
+    r = rows[0]
+    out = []
+    shards = sorted({r["shards"] for r in rows if r["shards"]}, key=int)
+    for ratio in sorted({r["ratio"] for r in rows if r["ratio"]}):
+        cells = [ratio]
+        for n in shards:
+            x = [r["ppl"] / dense[r["seed"]] for r in rows if r["ratio"] == ratio and r["shards"] == n]
+            cfg = PPConfig(float(ratio), shards=int(n))
+            kept = (cfg.kept_units("attention", r["heads"], r["layers"]), cfg.kept_units("mlp", r["channels"], r["layers"]))
+            cells.append(f"{statistics.median(x):.3f} ({min(x):.3f}-{max(x):.3f}); keeps {kept[0]}/{r['heads']} heads, "
+                         f"{kept[1]}/{r['channels']} channels")
+        out.append(cells)
+    heads = ["ratio"] + ["global top-k: x dense" if s == "1" else f"balanced over {s} shards: x dense" for s in shards]
+    seeds = sorted(dense)
+    return (tabulate(out, headers=heads, tablefmt="github") +
+            f"\n\npp's perplexity as a multiple of dense, median (min-max) over calibration seeds "
+            f"{', '.join(map(str, seeds))}: {r['model']} (fp32), the first {r['windows']} {r['seq_len']}-token windows "
+            f"of {r['text']}, calibration windows of {r['calibration']}; backend eager; torch {r['torch']}, {r['device']}. "
+            f"`keeps`: heads and MLP channels kept in each pruned layer (the first three stay dense). A shard keeps "
+            f"what a block of its size keeps, so where a block does not divide, the totals differ from the global "
+            f"rule's. Printed by `python bench/shards.py`.")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    add_protocol_args(p)
+    p.add_argument("--ratios", default="0.2,0.4")
+    p.add_argument("--shards", type=int, default=3)
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--out", type=Path, default=ROOT / "bench/results/shards_smollm2_brown-a.json")
+    p.add_argument("--from-json", type=Path)
+    p.add_argument("--no-readme", action="store_true")
+    args = p.parse_args()
+    if args.from_json:
+        rows = json.loads(args.from_json.read_text())
+    else:
+        rows = run(args)
+        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    text = table(rows)
+    print(text)
+    if not args.no_readme:
+        replace_block("shards", text)
+
+
+if __name__ == "__main__":
+    main()
