@@ -13,7 +13,8 @@ the config has it; special token ids moved into the tiny vocabulary), the model 
 (2, 16) batch of random ids, then pp.compile(ratio 0.4, backend eager, layer 0 skipped) on the same
 batch. Outcomes: `pruned` (every site past layer 0 pruned), `partly`, `dense` (no site pruned),
 `no sites` (the pass found no block), `not built` / `does not run` (transformers cannot build or
-run the tiny config here: not the pass's doing), and `crash` (the pass raised: a bug).
+run the tiny config here), `does not compile` (torch.compile with the eager backend fails on the
+model alone: not the pass's doing either), and `crash` (the pass raised: a bug).
 """
 from __future__ import annotations
 
@@ -64,7 +65,13 @@ def sweep_one(model_type: str) -> dict:
             compiled = pp.compile(model, 0.4, backend="eager", skip_layers=(0,))
             with torch.no_grad():
                 compiled(ids)
-    except Exception as e:  # noqa: BLE001 - the one outcome that is the pass's fault
+    except Exception as e:  # noqa: BLE001 - the pass's fault, unless Dynamo fails on the model alone
+        torch._dynamo.reset()
+        try:
+            with torch.no_grad():
+                torch.compile(model, backend="eager")(ids)
+        except Exception as plain:  # noqa: BLE001
+            return {**row, "outcome": "does not compile", "error": f"{type(plain).__name__}: {plain}"[:200]}
         return {**row, "outcome": "crash", "error": f"{type(e).__name__}: {e}"[:300]}
     sites = [r for r in model.pp.summary() if _layer(r) != 0]
     pruned = [r for r in sites if r["status"] == "pruned"]
@@ -134,7 +141,7 @@ def main() -> None:
                        f"({_context()}).\n\n{summary}\n\n## Per model type\n\n{table}\n")
 
 
-OUTCOMES = ("pruned", "partly", "dense", "no sites", "crash", "not built", "does not run")
+OUTCOMES = ("pruned", "partly", "dense", "no sites", "crash", "not built", "does not run", "does not compile")
 DOC = Path(__file__).resolve().parents[1] / "docs" / "archs.md"
 
 
@@ -174,7 +181,8 @@ def report(rows: list[dict]) -> str:
             f"random config (3 layers, hidden 64, 4 heads), through `pp.compile(ratio=0.4, backend='eager', "
             f"skip_layers=(0,))` on a (2, 16) batch: {counts}.\n\n{outcomes}\n\n{dense}\n\n"
             f"`pruned`: every block past layer 0 pruned; `partly`: some; `dense`: none (each with its reason); "
-            f"`not built` / `does not run`: transformers cannot build or run the tiny config here (not the pass); "
+            f"`not built` / `does not run`: transformers cannot build or run the tiny config here; `does not "
+            f"compile`: torch.compile with the eager backend fails on the model alone (neither is the pass); "
             f"`crash`: the pass raised (a bug).")
 
 

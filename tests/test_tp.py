@@ -1,7 +1,7 @@
 """Tensor parallelism (tp.py) on CPU: two gloo ranks, spawned, each running the pass on its shard
 of a tiny LLaMA (4 heads, 2 K/V heads, 128 MLP channels): ratio 0 is the single-process dense
-model, and pp on ranks keeps exactly what one process keeps with shards=2 (indices, logits,
-histories)."""
+model, and pp and wanda-sp on ranks keep exactly what one process keeps with shards=2 (indices,
+logits, histories), and generate its tokens."""
 import os
 import socket
 
@@ -46,47 +46,69 @@ def _generate(model, ratio: float, **options):
     return {"tokens": out, "kept": model.pp.runtime.last_selection()}
 
 
-def _rank(rank: int, port: int, folder: str, ratio: float, run) -> None:
+def _wanda(model, ratio: float, **options):
+    """wanda-sp, calibrated on the model it prunes (on a rank: its shard's statistics)."""
+    return _run(model, ratio, policy="wanda-sp", calibration=[_batches()[1]], **options)
+
+
+# what the ranks run, each on a fresh sharded model, in one spawn (a spawn costs imports and compiles)
+RUNS = {"dense": (_run, 0.0), "pp": (_run, 0.4), "wanda-sp": (_wanda, 0.4), "generate": (_generate, 0.4)}
+
+
+def _rank(rank: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        torch._dynamo.reset()
-        model = tp.shard(random_model("llama-gqa"))
-        torch.save(run(model, ratio), os.path.join(folder, f"{rank}.pt"))
+        for name, (run, ratio) in RUNS.items():
+            torch._dynamo.reset()
+            model = tp.shard(random_model("llama-gqa"))
+            torch.save(run(model, ratio), os.path.join(folder, f"{name}_{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _ranks(tmp_path, ratio: float, run=_run) -> list[dict]:
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> dict[str, list[dict]]:
+    """Every run of RUNS on two ranks: name -> each rank's result."""
+    folder = tmp_path_factory.mktemp("ranks")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, str(tmp_path), ratio, run), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
+    mp.spawn(_rank, args=(port, str(folder)), nprocs=WORLD, join=True)
+    return {name: [torch.load(folder / f"{name}_{r}.pt") for r in range(WORLD)] for name in RUNS}
 
 
-def test_ratio_zero_on_two_ranks_is_the_dense_model(tmp_path):
-    ranks = _ranks(tmp_path, 0.0)
+def test_ratio_zero_on_two_ranks_is_the_dense_model(ranks):
     with torch.no_grad():
         dense = random_model("llama-gqa")(_batches()[-1]).logits
-    for r in ranks:
+    for r in ranks["dense"]:
         torch.testing.assert_close(r["logits"], dense, rtol=1e-5, atol=1e-5)
 
 
-def test_ranks_keep_what_one_process_keeps_with_shards(tmp_path):
-    ranks = _ranks(tmp_path, 0.4)
-    one = _run(random_model("llama-gqa"), 0.4, shards=WORLD)
-    assert set(one["kept"]) == set(ranks[0]["kept"]) and len(one["kept"]) == 8
+@pytest.mark.parametrize("name", ["pp", "wanda-sp"])
+def test_ranks_keep_what_one_process_keeps_with_shards(ranks, name):
+    run, ratio = RUNS[name]
+    one = run(random_model("llama-gqa"), ratio, shards=WORLD)
+    assert set(one["kept"]) == set(ranks[name][0]["kept"]) and len(one["kept"]) == 8
     for site, kept in one["kept"].items():
         local = kept.numel() // WORLD
         units = 4 if site.endswith("attention") else 128
-        for rank, r in enumerate(ranks):  # rank r's units are the r-th run of the block's
+        for rank, r in enumerate(ranks[name]):  # rank r's units are the r-th run of the block's
             assert torch.equal(r["kept"][site] + rank * units // WORLD, kept[rank * local:(rank + 1) * local])
+        if site not in one["history"]:  # a static policy keeps none
+            continue
         channels = one["history"][site].shape[-1] // WORLD  # each rank's history: its channels' columns
-        for rank, r in enumerate(ranks):
+        for rank, r in enumerate(ranks[name]):
             torch.testing.assert_close(r["history"][site], one["history"][site][:, rank * channels:(rank + 1) * channels])
-    for r in ranks:
+    for r in ranks[name]:
         torch.testing.assert_close(r["logits"], one["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_generation_on_ranks_equals_one_process_with_shards(ranks):
+    one = _generate(random_model("llama-gqa"), 0.4, shards=WORLD)
+    for r in ranks["generate"]:
+        assert torch.equal(r["tokens"], one["tokens"])
+        assert set(r["kept"]) == set(one["kept"]) and len(one["kept"]) == 8
 
 
 def test_a_block_that_does_not_split_is_refused_before_any_weight_changes():
@@ -99,14 +121,6 @@ def test_a_block_that_does_not_split_is_refused_before_any_weight_changes():
         with pytest.raises(ValueError, match="k_proj: its 1 heads/channels do not split evenly over 2 ranks"):
             tp.shard(model)
     assert torch.equal(model.model.layers[1].self_attn.k_proj.weight, original)
-
-
-def test_generation_on_ranks_equals_one_process_with_shards(tmp_path):
-    ranks = _ranks(tmp_path, 0.4, _generate)
-    one = _generate(random_model("llama-gqa"), 0.4, shards=WORLD)
-    for r in ranks:
-        assert torch.equal(r["tokens"], one["tokens"])
-        assert set(r["kept"]) == set(one["kept"]) and len(one["kept"]) == 8
 
 
 def test_flap_on_a_sharded_model_is_refused(tmp_path):
