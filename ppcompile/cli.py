@@ -339,6 +339,6 @@ def main(argv: list[str] | None = None) -> int:
                 args.json.write_text(json.dumps(rows, indent=2) + "\n")
         _print_table(rows)
         return 0
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:  # a bad option value: its message, no traceback
         print(f"ppcompile: error: {e}", file=sys.stderr)
         return 2
