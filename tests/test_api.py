@@ -325,3 +325,28 @@ def test_ratio_zero_equals_dense_through_inductor_in_bfloat16():
         out = c(ids).logits
     assert model.pp.runtime.counts["pruned_calls"] == 2
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_a_rewritten_block_that_does_not_run_is_left_dense_with_the_error(monkeypatch):
+    """The pass's last check: a rewrite that fails on the graph's example values (here every MLP's
+    scores, made to raise) leaves that block dense, named with the error; the others still prune
+    and the output is the dense model with only their pruned heads zeroed."""
+    from ppcompile import ops
+
+    def broken(energy, terms):
+        raise RuntimeError("no kernel for this")
+
+    monkeypatch.setattr(ops, "channel_scores", broken)
+    model, ids = random_model("llama-mha"), _ids()
+    with pytest.warns(UserWarning, match="blocks left dense"), torch.no_grad():
+        out = pp.compile(model, 0.4, backend="eager", **TINY)(ids).logits
+    rows = [r for r in model.pp.summary() if r["layer"] != 0]
+    for r in rows:
+        if r["kind"] == "mlp":
+            assert r["status"] == "dense: the rewritten block does not run (RuntimeError: no kernel for this)"
+        else:
+            assert r["status"] == "pruned"
+    sel = model.pp.runtime.last_selection()
+    assert set(sel) == {r["site"] for r in rows if r["kind"] == "attention"}
+    ref = _masked_dense_logits(random_model("llama-mha"), ids, sel, head_dim=16)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
