@@ -75,7 +75,7 @@ def plan(model: nn.Module) -> list[Block]:
             raise ValueError(f"{s.name}: cannot be sharded ({why}); tensor parallelism here needs every block "
                              "found, with projections that are nn.Linear modules of their own")
         if s.kind == "attention":
-            roles = {role: p for role, p in s.info["qkv"].items()}
+            roles = s.info["qkv"]
             units = {module_path(roles["q"]): s.heads, module_path(roles["k"]): s.kv_heads,
                      module_path(roles["v"]): s.kv_heads}
         else:

@@ -43,22 +43,23 @@ def prepare(gm: fx.GraphModule) -> tuple[list[Site], list[str], int]:
     (an attention whose q/k/v are not three linears, an MLP with one first projection), and find
     the sites. A split part may itself be fused (GPT-BigCode: q | kv, then k | v): up to 3 rounds."""
     changed = normalize_linears(gm)
-    for _ in range(3):
+    for round_ in range(4):
         if changed:
-            gm.graph.lint()
-            gm.recompile()
-            refresh_values(gm)
+            _refresh(gm)
         sites, problems, n_layers = find_sites(gm)
-        fused = [p for s in sites if _may_be_fused(s) for p in s.projections]
-        changed = sum(split_fused(gm, p) for p in fused)
+        if round_ == 3:
+            break
+        changed = sum(split_fused(gm, p) for s in sites if _may_be_fused(s) for p in s.projections)
         if not changed:
             break
-    else:
-        gm.graph.lint()
-        gm.recompile()
-        refresh_values(gm)
-        sites, problems, n_layers = find_sites(gm)
     return sites, problems, n_layers
+
+
+def _refresh(gm: fx.GraphModule) -> None:
+    """Recompile a rewritten graph and record its nodes' values (find_sites reads shapes)."""
+    gm.graph.lint()
+    gm.recompile()
+    refresh_values(gm)
 
 
 def _may_be_fused(site: Site) -> bool:
@@ -257,7 +258,7 @@ def _plan_parts(linear: fx.Node):
             whole[node] = outs
     plans = {}
     for part, outs in parts.items():
-        plan = _part_layout(outs, lead, n)
+        plan = _part_layout(outs, grids)
         if plan is None:
             return {}, []
         plans[part] = plan
@@ -297,10 +298,12 @@ def _run(node: fx.Node, whole: dict, i: int):
     return node.target(*args, **kwargs)
 
 
-def _part_layout(outs: list[torch.Tensor], lead: list[int], n: int):
-    """How a part (its column grid and lead grids) follows from a plain linear on its rows: each
-    lead dim must sit on one dim of the part, the other dims carry columns only."""
+def _part_layout(outs: list[torch.Tensor], grids: list[torch.Tensor]):
+    """How a part (its column grid and lead grids, run from the linear's `grids`) follows from a
+    plain linear on its rows: each lead dim must sit on one dim of the part, the other dims carry
+    columns only."""
     col, leads = outs[0], outs[1:]
+    lead = list(grids[0].shape[:-1])
     dims = list(range(col.dim()))
 
     def varies(t: torch.Tensor, d: int) -> bool:
@@ -329,8 +332,7 @@ def _part_layout(outs: list[torch.Tensor], lead: list[int], n: int):
     perm = tuple(source[d] for d in dims)
     # check: a linear on `rows`, unflattened and permuted, puts every column and lead index where the part has it
     row_index = torch.tensor(rows)
-    expect = [torch.arange(n).expand(*lead, n)[..., row_index]] + \
-        [g[..., :1].expand(*lead, len(rows)) for g in _lead_grids(lead, n)]
+    expect = [grids[0][..., row_index]] + [g[..., :1].expand(*lead, len(rows)) for g in grids[1:]]
     for got, want in zip(outs, expect):
         if len(col_shape) > 1:
             want = want.unflatten(-1, col_shape)
