@@ -27,9 +27,9 @@ def standardized(s: torch.Tensor) -> torch.Tensor:
     return (s - s.mean()) / std if std > 0 else torch.zeros_like(s)
 
 
-def flap_allocation(scores: dict[str, torch.Tensor], cost: dict[str, float], target: float) -> dict[str, int]:
-    """Units kept per site: prune the globally lowest-scoring units until their summed cost reaches
-    `target`; every site keeps at least one unit."""
+def flap_allocation(scores: dict, cost: dict, target: float) -> dict:
+    """Units kept per run of scores (a block, or a shard's run of one): prune the globally
+    lowest-scoring units until their summed cost reaches `target`; every run keeps at least one."""
     owner, unit_cost = [], []
     for name, s in scores.items():
         owner += [name] * len(s)
@@ -45,20 +45,24 @@ def flap_allocation(scores: dict[str, torch.Tensor], cost: dict[str, float], tar
     return kept
 
 
-def choose(policy, sites: list, weights: dict[str, torch.Tensor], cost: dict[str, float],
-           cal, layer_ratio: float, groups: int = 1) -> dict[str, StaticChoice]:
-    """The static decision of `policy` (a StaticPolicy) for every site. `sites` carry the uniform
-    kept counts (`site.kept`), `weights` the final projections' weights, `cost` the FLOPs per token
-    of one unit of each site; `layer_ratio` is r_l, the fraction FLAP prunes of the sites'
-    prunable FLOPs; `groups`: the kept units split evenly over that many runs (ops.top_indices)."""
-    scores = {s.name: policy.unit_scores(s, weights[s.name], cal) for s in sites}
-    target = layer_ratio * sum(len(scores[s.name]) * cost[s.name] for s in sites)
-    counts = policy.counts(scores, {s.name: s.kept for s in sites}, cost, target)
-    choices = {}
-    for s in sites:
-        kept = top_indices(scores[s.name], counts[s.name], groups)
-        choices[s.name] = StaticChoice(kept, policy.bias(s, weights[s.name], kept, cal))
-    return choices
+def choose(policy, sites: list, metrics: dict[str, torch.Tensor], uniform: dict[str, int],
+           cost: dict[str, float], layer_ratio: float, groups: int = 1) -> dict[str, torch.Tensor]:
+    """The kept units (ascending) of every whole block under `policy` (a StaticPolicy). `metrics`:
+    each block's channel metric (policy.channel_metric, over all its channels); `uniform`: each
+    block's kept count at the ratio; `cost`: the FLOPs per token of one unit of each block;
+    `layer_ratio`: r_l, the fraction FLAP prunes of the blocks' prunable FLOPs. `groups`: every
+    block is that many runs of consecutive units (the shards of tensor parallelism), each counted
+    on its own: an even split of the uniform count, or for FLAP at least one unit per run."""
+    scores = {s.name: policy.unit_scores(s, metrics[s.name]) for s in sites}
+    target = layer_ratio * sum(len(v) * cost[name] for name, v in scores.items())
+    runs = {(name, g): run for name, v in scores.items() for g, run in enumerate(v.view(groups, -1))}
+    counts = policy.counts(runs, {key: uniform[key[0]] // groups for key in runs},
+                           {key: cost[key[0]] for key in runs}, target)
+    kept = {}
+    for name, v in scores.items():
+        per = len(v) // groups
+        kept[name] = torch.cat([top_indices(runs[name, g], counts[name, g]) + g * per for g in range(groups)])
+    return kept
 
 
 def compensation(site, weight: torch.Tensor, kept: torch.Tensor, cal) -> torch.Tensor:

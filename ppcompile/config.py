@@ -46,7 +46,8 @@ class PPConfig:
     final_layout: str = "auto"
     # Kept units split evenly over this many groups of consecutive heads/channels, top-k inside
     # each: what each rank of a tensor-parallel model does on its own shard (tp.py), run in one
-    # process to measure what sharding costs. 1: one top-k over the whole block.
+    # process to measure what sharding costs. 1: one top-k over the whole block. FLAP keeps its
+    # one global threshold, with at least one unit in every group (counts may differ).
     shards: int = 1
 
     def __post_init__(self) -> None:
@@ -76,10 +77,6 @@ class PPConfig:
                              "pruned (0.4 prunes 40%, 0 nothing)")
         object.__setattr__(self, "policy", get_policy(self.policy))
         object.__setattr__(self, "probe", get_probe(self.probe))
-        if self.shards > 1 and not self.policy.uniform_counts:
-            raise ValueError(f"policy '{self.policy}' allocates kept counts across blocks by one global threshold, "
-                             f"which does not split evenly over shards={self.shards}; use shards=1, or a policy "
-                             "with uniform counts (pp, full-batch, wanda-sp)")
         if self.blocks not in BLOCKS:
             raise ValueError(f"blocks must be one of {', '.join(BLOCKS)}, got {self.blocks!r}")
         if self.final_layout not in FINAL_LAYOUTS:

@@ -32,7 +32,6 @@ class Policy(Named):
     probe: str | None = "sampled"  # "sampled": top positions, then top samples; "all": the whole batch
     kinds: tuple[str, ...] = ("attention", "mlp")  # the blocks it prunes
     dense_prefill = False  # the selecting call runs its blocks dense and selects from their activations
-    uniform_counts = True  # every block of a kind keeps the same count (False: allocated across blocks)
 
     @property
     def needs_calibration(self) -> bool:
@@ -63,17 +62,22 @@ class Dense(Policy):
 
 
 class StaticPolicy(Policy):
-    """Scores every unit once from the final projection's weight and calibration statistics."""
+    """Scores every unit once from the final projection's weight and calibration statistics: a
+    statistic per channel (what a rank of a tensor-parallel model can compute on its shard), then
+    scores per unit over the whole block (its channels gathered from every rank)."""
     static = True
     probe = None
 
-    def unit_scores(self, site, weight: torch.Tensor, cal: "Calibration") -> torch.Tensor:
-        """Per head (attention) or channel (MLP) of `site`, float64."""
+    def channel_metric(self, site, weight: torch.Tensor, cal: "Calibration") -> torch.Tensor:
+        """Per input channel of the final projection `weight` (d_out, C), float64 (C,)."""
         raise NotImplementedError
 
-    def counts(self, scores: dict[str, torch.Tensor], uniform: dict[str, int], cost: dict[str, float],
-               target: float) -> dict[str, int]:
-        """Units kept per site; by default the uniform counts of the ratio."""
+    def unit_scores(self, site, metric: torch.Tensor) -> torch.Tensor:
+        """The whole block's channel metric (C,) -> per head (attention) or channel (MLP)."""
+        raise NotImplementedError
+
+    def counts(self, scores: dict, uniform: dict, cost: dict, target: float) -> dict:
+        """Units kept per run of scores (a block, or one shard's run of it); by default uniform."""
         return uniform
 
     def bias(self, site, weight: torch.Tensor, kept: torch.Tensor, cal: "Calibration") -> torch.Tensor | None:
@@ -84,19 +88,23 @@ class StaticPolicy(Policy):
 class WandaSP(StaticPolicy):
     name = "wanda-sp"
 
-    def unit_scores(self, site, weight, cal):
-        per_channel = weight.detach().double().abs().sum(0) * cal.energy(site.name).sqrt().to(weight.device)
-        return per_channel.view(site.heads, -1).sum(-1) if site.kind == "attention" else per_channel
+    def channel_metric(self, site, weight, cal):
+        return weight.detach().double().abs().sum(0) * cal.energy(site.name).sqrt().to(weight.device)
+
+    def unit_scores(self, site, metric):
+        return metric.view(-1, site.head_dim).sum(-1) if site.kind == "attention" else metric
 
 
 class FLAP(StaticPolicy):
     name = "flap"
-    uniform_counts = False
 
-    def unit_scores(self, site, weight, cal):
+    def channel_metric(self, site, weight, cal):
         w = weight.detach().double()
-        per_channel = baselines.standardized(cal.variance(site.name).to(w.device) * w.pow(2).sum(0))
-        return per_channel.view(site.heads, -1).mean(-1) if site.kind == "attention" else per_channel
+        return cal.variance(site.name).to(w.device) * w.pow(2).sum(0)
+
+    def unit_scores(self, site, metric):
+        z = baselines.standardized(metric)  # over the whole block's channels
+        return z.view(-1, site.head_dim).mean(-1) if site.kind == "attention" else z
 
     def counts(self, scores, uniform, cost, target):
         return baselines.flap_allocation(scores, cost, target)

@@ -11,7 +11,8 @@ code. Each rank then runs the pass on its shard: its probe reads the residual (t
 rank after the all-reduce), it scores and keeps its own heads and channels, and keeps its own
 history: no communication beyond the model's own all-reduces. Each rank keeps what one block of
 its size would, which is `PPConfig(shards=world)` in one process (tests/test_tp.py checks they
-are the same).
+are the same). Static policies score once, at compile time, on every rank's statistics gathered
+(`whole_blocks`): FLAP's one threshold is over all ranks' units, and a rank keeps its part of it.
 """
 from __future__ import annotations
 
@@ -121,3 +122,26 @@ def _local_config(config, world: int) -> None:
     config.num_attention_heads //= world
     if getattr(config, "num_key_value_heads", None):
         config.num_key_value_heads //= world
+
+
+def shard_group(sites) -> str | None:
+    """The process group (by name) whose all-reduce sums the sites' outputs; None: not sharded."""
+    names = {s.info.get("all_reduce") for s in sites} - {None}
+    if len(names) > 1:
+        raise ValueError(f"the blocks of this graph are summed over different process groups {sorted(names)}; "
+                         "a static policy scores over one")
+    return next(iter(names), None)
+
+
+def whole_blocks(metrics: dict[str, torch.Tensor], group_name: str) -> tuple[dict[str, torch.Tensor], int, int]:
+    """Each site's per-channel statistic on this rank (its run of the block's channels) -> the
+    whole block's, every rank's run in rank order; and (rank, world). One all-gather; every rank
+    of the group calls it on the same sites (they compile the same graph)."""
+    group = dist.distributed_c10d._resolve_process_group(group_name)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    local = torch.cat(list(metrics.values()))  # (sum of C_local,)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local, group=group)
+    sizes = [len(m) for m in metrics.values()]
+    per_rank = [p.split(sizes) for p in parts]
+    return {name: torch.cat([p[i] for p in per_rank]) for i, name in enumerate(metrics)}, rank, world

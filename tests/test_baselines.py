@@ -10,7 +10,8 @@ from ppcompile.policies import get_policy
 
 
 def unit_scores(policy, site, weight, cal):
-    return get_policy(policy).unit_scores(site, weight, cal)
+    policy = get_policy(policy)
+    return policy.unit_scores(site, policy.channel_metric(site, weight, cal))
 
 
 def _site(name, kind, channels, heads=0, head_dim=0, kept=0):
@@ -69,17 +70,32 @@ def test_flap_allocation_prunes_the_globally_lowest_units():
 def test_flap_bias_compensation_is_the_pruned_columns_times_their_mean():
     cal = _calibration("s", X)
     site = _site("s", "mlp", 4)
-    (choice,) = choose(get_policy("flap"), [site], {"s": W}, {"s": 1.0}, cal, layer_ratio=0.5).values()
+    flap = get_policy("flap")
+    (kept,) = choose(flap, [site], {"s": flap.channel_metric(site, W, cal)}, {"s": 4}, {"s": 1.0},
+                     layer_ratio=0.5).values()
     mu = X.reshape(-1, 4).mean(0)
-    pruned = [j for j in range(4) if j not in choice.kept.tolist()]
-    assert len(choice.kept) == 2 and len(pruned) == 2
+    pruned = [j for j in range(4) if j not in kept.tolist()]
+    assert len(kept) == 2 and len(pruned) == 2
     expected = sum(W[:, j] * mu[j] for j in pruned)
-    torch.testing.assert_close(choice.bias, expected)
+    torch.testing.assert_close(flap.bias(site, W, kept, cal), expected)
 
 
 def test_wanda_sp_keeps_the_uniform_count_of_best_heads():
     cal = _calibration("s", X)
-    site = _site("s", "attention", 4, heads=2, head_dim=2, kept=1)
-    (choice,) = choose(get_policy("wanda-sp"), [site], {"s": W}, {"s": 1.0}, cal, layer_ratio=0.5).values()
+    site = _site("s", "attention", 4, heads=2, head_dim=2)
+    wanda = get_policy("wanda-sp")
+    (kept,) = choose(wanda, [site], {"s": wanda.channel_metric(site, W, cal)}, {"s": 1}, {"s": 1.0},
+                     layer_ratio=0.5).values()
     scores = unit_scores("wanda-sp", site, W, cal)
-    assert choice.kept.tolist() == [int(scores.argmax())] and choice.bias is None
+    assert kept.tolist() == [int(scores.argmax())] and wanda.bias(site, W, kept, cal) is None
+
+
+def test_over_shards_flap_keeps_its_threshold_and_a_unit_in_every_run():
+    """Channel metrics 4, 3, 1, 2 (standardizing keeps the order), one unit each, pruning 3 of 4:
+    one block keeps channel 0 only; over two shards, run 1 (channels 2, 3) keeps its best, 3, and
+    the threshold then stops at channel 1 (run 0 keeps 0 as well)."""
+    site, metric = _site("s", "mlp", 4), {"s": torch.tensor([4.0, 3.0, 1.0, 2.0], dtype=torch.float64)}
+    flap, wanda = get_policy("flap"), get_policy("wanda-sp")
+    assert choose(flap, [site], metric, {"s": 1}, {"s": 1.0}, layer_ratio=0.75)["s"].tolist() == [0]
+    assert choose(flap, [site], metric, {"s": 1}, {"s": 1.0}, layer_ratio=0.75, groups=2)["s"].tolist() == [0, 3]
+    assert choose(wanda, [site], metric, {"s": 2}, {"s": 1.0}, layer_ratio=0.5, groups=2)["s"].tolist() == [0, 3]

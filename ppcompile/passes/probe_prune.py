@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from .. import baselines, ops
+from .. import baselines, ops, tp
 from ..baselines import StaticChoice
 from ..calibration import Calibration
 from ..config import PPConfig
@@ -86,10 +86,6 @@ def _kept(site: Site, config: PPConfig, n_layers: int) -> int:
 
 def _plan(sites: list[Site], config: PPConfig, n_layers: int, gi: GraphInputs) -> None:
     policy = config.policy
-    if not policy.uniform_counts and any(s.info.get("all_reduce") for s in sites):
-        raise ValueError(f"policy '{policy}' allocates kept counts across blocks by one global threshold, and this "
-                         "model is sharded over ranks (tp.shard): each rank would set its own threshold; use pp, "
-                         "full-batch or wanda-sp on a tensor-parallel model")
     if (why := config.unreachable(n_layers)) and policy.prunes:
         warnings.warn(f"ppcompile: {why}", stacklevel=2)
     for s in sites:
@@ -276,6 +272,10 @@ def _site_of(node: fx.Node, sites: list[Site]) -> Site | None:
 
 def _static_choices(policy, sites: list[Site], labels: dict, calibration: Calibration | None,
                     real: RealTensor | None, layer_ratio: float, groups: int) -> dict[str, StaticChoice]:
+    """The static decision for every site. On a rank of a tensor-parallel model, the channel
+    metrics of every rank are gathered (once, here, at compile time) and every rank makes the one
+    decision for whole blocks, then keeps its own run of it: what one process with shards=world
+    keeps (FLAP's threshold is global, so ranks may keep different counts)."""
     if calibration is None:
         raise ValueError(f"policy '{policy}' is static: it needs calibration statistics; pass "
                          "calibration=<token batches or a saved Calibration> to pp.compile")
@@ -289,9 +289,18 @@ def _static_choices(policy, sites: list[Site], labels: dict, calibration: Calibr
                              f"here, so policy '{policy}' cannot score it")
         weights[s.name] = w
         cost[s.name] = _unit_cost(s, labels[s.name][1])
-    choices = baselines.choose(policy, sites, weights, cost, calibration, layer_ratio, groups)
+    metrics = {s.name: policy.channel_metric(s, weights[s.name], calibration) for s in sites}
+    rank, world = 0, 1
+    if group := tp.shard_group(sites):
+        metrics, rank, world = tp.whole_blocks(metrics, group)
+    kept = baselines.choose(policy, sites, metrics, {s.name: s.kept * world for s in sites}, cost, layer_ratio,
+                            groups * world)
+    choices = {}
     for s in sites:
-        s.kept = len(choices[s.name].kept)
+        units = s.heads or s.channels  # this rank's
+        mine = kept[s.name][kept[s.name] // units == rank] - rank * units
+        choices[s.name] = StaticChoice(mine, policy.bias(s, weights[s.name], mine, calibration))
+        s.kept = len(mine)
     return choices
 
 

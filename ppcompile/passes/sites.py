@@ -164,8 +164,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str], int]:
                     projections=projections, x=next(iter(xs)), x_res=next(iter(xs)),
                     region=region, channels=value(node.args[0]).shape[-1],
                     sdpa=sdpas[0] if sdpas else None)
-        # a tensor-parallel shard (tp.py): its partial output is summed over the ranks
-        site.info["all_reduce"] = any(u.target in ALL_REDUCE for u in node.users)
+        # a tensor-parallel shard (tp.py): its partial output is summed over the ranks of this group
+        site.info["all_reduce"] = next((u.args[2] for u in node.users if u.target in ALL_REDUCE), None)
         if eager_attention:  # scores, softmax and matmuls written out: no rule reads heads off them
             site.status = ("dense: attention without scaled_dot_product_attention (load the model with "
                            "attn_implementation='sdpa' where it has one)")
