@@ -10,7 +10,9 @@ The calibration windows are a random sample, and which windows it draws moves th
 methods' perplexity by a few percent, so by default the calibrated methods run once per
 calibration seed and the table gives the median multiple with its range over the seeds.
 Full-batch uses no calibration: it runs once. In another dtype than float32 the table also gives
-each multiple of the float32 run (its JSON, the same seeds) and how far the two are apart.
+each multiple of the float32 run (its JSON, the same seeds) and how far the two are apart. pp runs
+the paper's probe (probe="paper"), as the reference multiples do; the default design is compared
+with it in bench/probe_study.py.
 """
 from __future__ import annotations
 
@@ -83,7 +85,8 @@ def context(rows: list[dict]) -> str:
             f"as warm-up), calibration {cal['windows']} seeded-random {cal['seq_len']}-token windows of "
             f"{cal['text']} (seeds {', '.join(str(s) for s in seeds)}; {r['calibration_seconds']:.0f} s "
             f"per calibration); medians over the seeds, range = min-max of the multiple; dense runs eager (the model "
-            f"as loaded), the pruned methods with backend {r['backend']}; torch {r['torch']}, {r['device']}")
+            f"as loaded), the pruned methods with backend {r['backend']}, pp with the paper's probe (probe=paper); "
+            f"torch {r['torch']}, {r['device']}")
 
 
 def main() -> None:
@@ -111,7 +114,7 @@ def main() -> None:
             rows += _run_eval(args.model, args.data, args.seq_len, args.batch_size, args.batches, methods,
                               ratios, True, calibration=args.calibration,
                               calibration_windows=args.calibration_windows, seed=seed, backend=args.backend,
-                              dtype=dtype)
+                              dtype=dtype, options={"probe": "paper"})
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(rows, indent=2) + "\n")
     suffix = dtype_suffix(rows[0].get("dtype", "float32"))  # the run's (--from-json), not --dtype

@@ -234,7 +234,7 @@ def test_pp_keeps_what_probe_and_history_give_by_hand():
     hook = model.model.layers[4].post_attention_layernorm.register_forward_hook(
         lambda m, a, o: cap.update(x_res=a[0], x=o))
     c = pp.compile(model, 0.12, backend="eager", skip_layers=(0, 1, 2, 3), mlp_multiple=16, blocks="mlp",
-                   sample_ratio=0.5)
+                   sample_ratio=0.5, probe="paper")
     history = torch.rand(12, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         c(ids)  # warm-up

@@ -51,9 +51,10 @@ def test_a_stream_of_shapes_runs_pruned_through_at_most_two_graphs(policy):
         assert model.pp.runtime.tables["model.layers.1.mlp"].shape[0] == max(L for _, L in shapes)
 
 
-@pytest.mark.parametrize("options", [{}, {"probe_budget": 0.1}, {"probe": "every"}, {"probe": "spread", "probe_budget": 0.1},
-                                     {"probe": "flat", "probe_budget": 0.1}],
-                         ids=["paper probe", "probe budget", "every", "spread with budget", "flat with budget"])
+@pytest.mark.parametrize("options", [{}, {"probe": "paper"}, {"probe": "paper", "probe_budget": 0.1}, {"probe": "every"},
+                                     {"probe": "spread", "probe_budget": 0.1}, {"probe": "flat", "probe_budget": 0.1}],
+                         ids=["default probe", "paper probe", "paper with budget", "every", "spread with budget",
+                              "flat with budget"])
 @pytest.mark.parametrize("arch", ["llama-gqa", "opt"])
 def test_the_dynamic_graph_computes_what_a_static_one_does(arch, options):
     ids = _batch(3, 21, 0)
