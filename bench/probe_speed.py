@@ -3,7 +3,8 @@ called in turn, call by call, so that a slow spell of the machine hits every met
 median time per call and each design's median ratio to the first design's, per round.
 
     python bench/probe_speed.py                          # LLaMA-2B-shaped, bf16, 8 x 512, paper vs spread
-    python bench/probe_speed.py --probes paper,spread,stratified --shape 1x512
+    python bench/probe_speed.py --probes paper,spread,stratified --shape 1x512 --no-readme
+    python bench/probe_speed.py --from-json bench/results/probe_speed_llama-2b-shaped_bfloat16.json
 
 The first call of each method is its compile (Dynamo and Inductor, with Inductor's caches off, so
 every compile is cold; the process's one-time costs are paid on a tiny function first); it is
@@ -23,6 +24,7 @@ from tabulate import tabulate
 import ppcompile as pp
 from ppcompile.cli import _device_name
 from ppcompile.models import dtype_name, parse_dtype, random_model
+from readme import replace_block
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,13 +83,17 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/probe_speed_llama-2b-shaped_bfloat16.json")
     p.add_argument("--from-json", type=Path)
+    p.add_argument("--no-readme", action="store_true")
     args = p.parse_args()
     if args.from_json:
         rows = json.loads(args.from_json.read_text())
     else:
         rows = run(args)
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    print(table(rows))
+    text = table(rows)
+    print(text)
+    if not args.no_readme:
+        replace_block("probe-speed", text)
 
 
 if __name__ == "__main__":
