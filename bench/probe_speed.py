@@ -13,7 +13,6 @@ reported as `first call s`.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from tabulate import tabulate
 import ppcompile as pp
 from ppcompile.cli import _device_name
 from ppcompile.models import dtype_name, parse_dtype, random_model
-from readme import replace_block
+from readme import publish, rows_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,7 +66,7 @@ def table(rows: list[dict]) -> str:
            for x in rows]
     return (tabulate(out, headers=["method", "s / call", f"/ {base[3:]} (per round)", "/ dense (per round)",
                                    "first call s"], tablefmt="github") +
-            f"\n\n{r['model']} ({r['dtype']}), {r['batch']} x {r['seq_len']} random token ids, ratio {rows[0]['ratio'] or rows[1]['ratio']}, "
+            f"\n\n{r['model']} ({r['dtype']}), {r['batch']} x {r['seq_len']} random token ids, ratio {max(x['ratio'] for x in rows)}, "
             f"medians of {len(r['all_seconds'])} rounds with the methods called in turn; first call: compile with "
             f"Inductor's caches off, and one call; {r['machine']}, torch {r['torch']}. "
             f"Printed by `python bench/probe_speed.py`.")
@@ -85,15 +84,7 @@ def main() -> None:
     p.add_argument("--from-json", type=Path)
     p.add_argument("--no-readme", action="store_true")
     args = p.parse_args()
-    if args.from_json:
-        rows = json.loads(args.from_json.read_text())
-    else:
-        rows = run(args)
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    text = table(rows)
-    print(text)
-    if not args.no_readme:
-        replace_block("probe-speed", text)
+    publish("probe-speed", table(rows_of(args, run)), args)
 
 
 if __name__ == "__main__":

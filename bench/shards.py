@@ -11,7 +11,6 @@ README block `shards` gets the medians over the seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ppcompile.cli import _device_name, _loaded, _windows_and_calibration
 from ppcompile.evaluate import evaluate
 from ppcompile.methods import build_method
 from protocol import add_protocol_args
-from readme import replace_block
+from readme import publish, rows_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,15 +88,7 @@ def main() -> None:
     p.add_argument("--from-json", type=Path)
     p.add_argument("--no-readme", action="store_true")
     args = p.parse_args()
-    if args.from_json:
-        rows = json.loads(args.from_json.read_text())
-    else:
-        rows = run(args)
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    text = table(rows)
-    print(text)
-    if not args.no_readme:
-        replace_block("shards", text)
+    publish("shards", table(rows_of(args, run)), args)
 
 
 if __name__ == "__main__":
