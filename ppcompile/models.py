@@ -167,6 +167,11 @@ def _converted_checkpoint(name: str) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if not (tmp / "config.json").is_file():  # never rename a copy without its config into place
+            raise RuntimeError(f"converting {name}: transformers wrote no config.json (under a torch.distributed "
+                               "group it writes on rank 0 only): load the model on rank 0 first, then on the others")
+        if target.is_dir() and not (target / "config.json").is_file():
+            shutil.rmtree(target)  # a broken copy (no config): absent, not a cache
         tmp.rename(target)
     except OSError:
         if not (target / "config.json").is_file():

@@ -41,10 +41,61 @@ def test_generate(tmp_path):
     assert "forwards pruned (1 prefill + decode steps), 0 unpruned" in out and out.count("  pp   : ") == 2
 
 
+ROOT = EXAMPLES.parent
+SMOLLM2 = dict(layers=30, heads=9, channels=1536)  # SmolLM2-135M's shape (and 3 K/V heads)
+
+
+def _documented_torchrun(nproc: int) -> str:
+    """The command the README's "Tensor parallel" and docs/distributed.md give for `nproc` ranks:
+    the same line in both."""
+    line = f"torchrun --nproc-per-node {nproc} examples/tensor_parallel.py"
+    for doc in (ROOT / "README.md", ROOT / "docs" / "distributed.md"):
+        assert line in doc.read_text().splitlines(), f"{doc.name} does not document `{line}`"
+    return line
+
+
+def _dense_loss() -> float:
+    """The example's dense loss, computed here in one process."""
+    import torch
+
+    from ppcompile import data
+    from ppcompile.models import load_model
+    model, tokenizer = load_model("smollm2-135m")
+    ids = data.token_windows("brown:a", tokenizer, seq_len=128, n_windows=4)
+    with torch.no_grad():
+        return model(ids, labels=ids).loss.item()
+
+
 @pytest.mark.real_model
-def test_tensor_parallel(tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    done = subprocess.run([str(torchrun), "--nproc-per-node", "3", str(EXAMPLES / "tensor_parallel.py")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=900)
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_tensor_parallel(nproc):
+    import json
+    import re
+    import shlex
+
+    from ppcompile import PPConfig
+    command = shlex.split(_documented_torchrun(nproc))
+    command[0] = str(Path(sys.executable).with_name("torchrun"))  # this environment's
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("of 3 and 320 of 512 channels") == 3 and "pp@0.4 on 3 ranks loss" in done.stdout
+    # what a rank keeps of layer 3 (the first pruned): a block of its size's rule at 0.4
+    rule, n, heads, channels = PPConfig(ratio=0.4), SMOLLM2["layers"], SMOLLM2["heads"], SMOLLM2["channels"]
+    local = channels // nproc
+    if nproc == 2:  # 3 K/V heads do not split over 2: the attention stays whole on every rank
+        attention = r"attention replicated \(9 heads on every rank\), keeps heads (\[[\d, ]*\])"
+        kept_heads = rule.kept_heads(heads, n)  # 6 of 9
+        assert done.stderr.count("3 K/V heads do not split over 2 ranks: attention replicated") == 1
+    else:
+        attention = r"attention keeps local heads (\[[\d, ]*\]) of its 3 \(of 9\)"
+        kept_heads = rule.kept_heads(heads // nproc, n)  # 2 of 3
+        assert "replicated" not in done.stderr
+    lines = [re.fullmatch(rf"rank (\d) of {nproc}: layer 3 {attention}; MLP keeps (\d+) of its {local} channels "
+                          rf"\(of {channels}\)", line) for line in done.stdout.splitlines()[:nproc]]
+    assert all(lines), done.stdout
+    assert sorted(int(m[1]) for m in lines) == list(range(nproc))
+    assert all(len(json.loads(m[2])) == kept_heads and int(m[3]) == rule.kept_channels(local, n) for m in lines)
+    if nproc == 2:  # a replicated block is pruned alike on every rank
+        assert len({m[2] for m in lines}) == 1
+    loss = re.search(rf"dense loss (\d+\.\d+), pp@0\.4 on {nproc} ranks loss (\d+\.\d+)", done.stdout)
+    assert loss, done.stdout
+    assert abs(float(loss[1]) - _dense_loss()) < 1e-3 and float(loss[2]) > float(loss[1])

@@ -208,3 +208,16 @@ def test_smollm2_real_model():
     cached = models.cache_dir() / "models" / "smollm2-135m"
     assert (cached / "config.json").is_file()
     assert list(cached.glob("*.safetensors"))
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_a_cached_copy_without_its_config_is_converted_again(tmp_path, monkeypatch):
+    # what ranks that converted at once under a process group left (tokenizer files, no config)
+    monkeypatch.setenv("PPCOMPILE_CACHE", str(tmp_path))
+    broken = tmp_path / "models" / "smollm2-135m"
+    broken.mkdir(parents=True)
+    (broken / "tokenizer.json").write_text("{}")
+    model, _ = load_model("smollm2-135m")
+    assert (broken / "config.json").is_file() and list(broken.glob("*.safetensors"))
+    assert model.config.num_hidden_layers == 30
