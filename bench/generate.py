@@ -43,8 +43,9 @@ from tabulate import tabulate
 import ppcompile as pp
 from ppcompile.flops import weight_bytes
 from ppcompile.generation import timed_generate
+from ppcompile.guard import assert_pruned
 from ppcompile.models import KNOWN_MODELS, RANDOM_ARCHS, dtype_name, dtype_suffix, load_model, parse_dtype
-from protocol import add_protocol_args
+from protocol import add_protocol_args, provenance
 from speed import PeakMemory, _model, _shapes  # bench/ is the script's folder: on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,8 +115,7 @@ def _rows(fns, rows, batch, prompt, new, ratio, cache_len) -> list[dict]:
     out = []
     for m, fn in fns.items():
         session = fn.pp
-        if session.runtime.counts["unpruned_calls"]:
-            raise RuntimeError(f"{m}: {session.runtime.counts['unpruned_calls']} calls ran unpruned: not measured")
+        assert_pruned(fn, method=f"{m} (generate, batch {batch} x prompt {prompt})")  # every prefill and decode step
         decode = next(r for r in reversed(session.passes) if r.phase == "decode")
         step = statistics.median(rows[m]["decode"])
         out.append({"method": m, "batch": batch, "prompt": prompt, "new": new, "cache_len": cache_len,
@@ -125,7 +125,7 @@ def _rows(fns, rows, batch, prompt, new, ratio, cache_len) -> list[dict]:
                     "decode_tok_s": batch / step, "decode_step_s": step,
                     "decode_spread": [min(rows[m]["decode"]), max(rows[m]["decode"])],
                     "weight_bytes": weight_bytes(decode.gm), "first_call_s": rows[m]["first_s"],
-                    "peak_mib": rows[m]["peak_mib"]})
+                    "peak_mib": rows[m]["peak_mib"], "provenance": provenance(fn, dtype=fn.dtype)})
     dense = next((r for r in out if r["method"] == "dense"), None)
     for r in out:
         if dense:
@@ -172,11 +172,14 @@ def continuation_quality(args, dtype: torch.dtype) -> list[dict]:
                     n, t = continuation_nll(fn, b, half, whole=method == "full-batch")
                     nll, tokens = nll + n, tokens + t
             greedy = _greedy_tokens(fn, prompts, args.greedy)
+            if method != "dense":  # every scored call and greedy step ran pruned
+                assert_pruned(fn, method=f"{method} at ratio {ratio} (continuation quality)")
             if method == "dense":
                 dense_greedy = greedy
             agree = float((greedy == dense_greedy).float().mean())  # position by position
             rows.append({"method": method, "ratio": ratio, "seed": seed, "ppl": math.exp(nll / tokens),
-                         "tokens": tokens, "greedy_agreement": agree})
+                         "tokens": tokens, "greedy_agreement": agree,
+                         "provenance": provenance(None if method == "dense" else fn, dtype=dtype)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -31,7 +31,8 @@ from ppcompile.cli import _device_name, _loaded
 from ppcompile.evaluate import evaluate
 from ppcompile.methods import build_method
 from ppcompile.models import dtype_name, dtype_suffix, parse_dtype
-from readme import replace_block
+from protocol import Methods
+from readme import model_name, replace_block
 from ppcompile.probes import PROBES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,15 +96,18 @@ def run_group(model, tokenizer, args, text: str, batch: int, seed: int, first_se
         if row["method"] == "pp":
             row["probe_flops"] = flops[shape]
         rows[label] = {**base, **row}
+    made = Methods()  # the session of each method, to check after the evaluation that it ran pruned
     for label, row in rows.items():
         options = {k: row[k] for k in ("probe", "probe_budget", "history")} if row["method"] == "pp" else {}
-        fns[label] = build_method(row["method"], model, row["ratio"], None if row["method"] == "full-batch" else cal,
-                                  args.backend, **options)
+        fns[label] = made.build(label, build_method, row["method"], model, row["ratio"],
+                                None if row["method"] == "full-batch" else cal, args.backend, **options)
     reference = next((label for label, row in rows.items() if row["method"] == "dense"), None)
     results = evaluate(fns, data.iter_batches(windows, batch), reference=reference, progress=args.progress)
+    made.check()
     out = []
     for r in results:
-        out.append({**rows[r.method], "ppl": r.ppl, "kl": r.kl, "top1": r.top1, "tokens": r.tokens})
+        out.append({**rows[r.method], "ppl": r.ppl, "kl": r.kl, "top1": r.top1, "tokens": r.tokens,
+                    "provenance": made.provenance(r.method, dtype=args.dtype)})
     return out
 
 
@@ -249,7 +253,7 @@ def main() -> None:
     print(table(summary) + "\n")
     text = report(summary)
     r = rows[0]
-    context = (f"{r['model']} ({r['dtype']}), the first {r['windows']} non-overlapping {r['seq_len']}-token windows of each "
+    context = (f"{model_name(r['model'])} in {r['dtype']}, the first {r['windows']} non-overlapping {r['seq_len']}-token windows of each "
                f"text, calibration {r['calibration_windows']} seeded-random windows of {r['calibration']} per seed "
                f"(seeds {', '.join(str(s) for s in sorted({x['seed'] for x in rows if x['seed'] is not None}))}); "
                f"pruned methods with backend {r['backend']}; torch {r['torch']}, {r['device']}")

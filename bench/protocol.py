@@ -1,8 +1,22 @@
-"""The quality protocol's arguments, shared by the benches that evaluate perplexity: the text,
-the calibration windows, the window length and the batches."""
+"""What the benches share: the quality protocol's arguments (the text, the calibration windows,
+the window length and the batches); the provenance every JSON row records (the policy and the
+PPConfig fields it ran with, the probe design, the dtype, torch and transformers, the CPU); and
+the sessions of the methods `build_method` makes, so that a bench can check that what it measured
+ran pruned (ppcompile.guard)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import platform
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import transformers
+
+from ppcompile.backend import Session
+from ppcompile.config import PPConfig
+from ppcompile.guard import assert_pruned, session_of
 
 
 def add_protocol_args(p: argparse.ArgumentParser) -> None:
@@ -12,3 +26,89 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=4)
+
+
+# ---- provenance ----
+@lru_cache(maxsize=None)
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows of it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(compiled=None, *, dtype, config: PPConfig | None = None) -> dict:
+    """What a row was measured with: `compiled` (what pp.compile returned, or its Session) or
+    `config`; neither: the model unpruned (dense, plain or through torch.compile). `options` are
+    the PPConfig fields besides policy and probe that differ from the defaults (`backend`: how
+    the rewritten graph ran, where a session is known); `probe` is the design the policy's probe
+    ran ("all": the whole batch; None: no probe)."""
+    session = session_of(compiled) if compiled is not None else None
+    config = session.config if session is not None else config
+    out = {"policy": "dense", "probe": None, "options": {}} if config is None else {
+        "policy": config.policy.name,
+        "probe": config.probe.name if config.policy.probe == "sampled" else config.policy.probe,
+        "options": _changed(config)}
+    if session is not None:
+        out["backend"] = "inductor" if session.inductor else "eager"
+    out.update(dtype=dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."),
+               torch=torch.__version__, transformers=transformers.__version__, cpu=cpu_model(),
+               threads=torch.get_num_threads())
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def _changed(config: PPConfig) -> dict:
+    """The PPConfig fields besides the policy and probe that differ from the defaults."""
+    default = PPConfig().as_dict()
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.as_dict().items()
+            if default[k] != v and k not in ("policy", "probe")}
+
+
+# ---- the sessions of methods made by name ----
+class Methods:
+    """The ppcompile session of every method `build_method` made while recorded, by label (a
+    method built without one, such as dense run eagerly, has none): build_method returns a logits
+    function, and the session is what pp.compile leaves on the model (`model.pp`)."""
+
+    def __init__(self):
+        self.sessions: dict[str, Session] = {}
+
+    def build(self, label: str, build, name: str, model, *args, **kwargs):
+        """`build(name, model, *args, **kwargs)`, recording the session it made under `label`."""
+        before = model.__dict__.get("pp")
+        fn = build(name, model, *args, **kwargs)
+        made = model.__dict__.get("pp")
+        if made is not before and isinstance(made, Session):
+            self.sessions[label] = made
+        return fn
+
+    @contextlib.contextmanager
+    def recording(self, module, label):
+        """While open, every `module.build_method(name, model, ratio, ...)` call is recorded under
+        `label(name, ratio)` (for code that builds its methods itself, e.g. ppcompile.cli._run_eval)."""
+        original = module.build_method
+
+        def build_method(name, model, ratio, *args, **kwargs):
+            return self.build(label(name, ratio), original, name, model, ratio, *args, **kwargs)
+
+        module.build_method = build_method
+        try:
+            yield self
+        finally:
+            module.build_method = original
+
+    def check(self) -> None:
+        """assert_pruned on every recorded method (after its measured calls), named by its label
+        and the PPConfig fields it changed."""
+        for label, session in self.sessions.items():
+            assert_pruned(session, method=f"{label} {_changed(session.config)}")
+
+
+    def provenance(self, label: str, *, dtype) -> dict:
+        return provenance(self.sessions.get(label), dtype=dtype)

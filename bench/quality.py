@@ -23,10 +23,11 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+import ppcompile.cli
 from ppcompile.cli import _run_eval
 from ppcompile.models import dtype_suffix, parse_dtype
-from protocol import add_protocol_args
-from readme import replace_block
+from protocol import Methods, add_protocol_args
+from readme import model_name, replace_block
 from ppcompile.policies import POLICIES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,10 @@ REFERENCE = {0.2: {"full-batch": 1.35, "pp": 1.46, "wanda-sp": 1.44, "flap": 1.6
 
 
 CALIBRATED = {name for name, p in POLICIES.items() if p.history or p.static}  # the methods whose choices depend on the calibration sample
+
+
+def _label(method: str, ratio: float) -> str:
+    return f"{method}@{ratio:g}"
 
 
 def _multiples(rows: list[dict]) -> dict[tuple, dict[int, float]]:
@@ -80,13 +85,15 @@ def context(rows: list[dict]) -> str:
     r = rows[0]
     cal = r["calibration"]
     seeds = sorted({x["calibration"]["seed"] for x in rows})
-    return (f"{r['model']} ({r.get('dtype', 'float32')}), evaluation text {r['text']} (first {r['batches'] * r['batch_size']} "
+    return (f"{model_name(r['model'])} in {r.get('dtype', 'float32')}, evaluation text {r['text']} (first {r['batches'] * r['batch_size']} "
             f"non-overlapping {r['seq_len']}-token windows, batch {r['batch_size']}, first batch run once "
             f"as warm-up), calibration {cal['windows']} seeded-random {cal['seq_len']}-token windows of "
             f"{cal['text']} (seeds {', '.join(str(s) for s in seeds)}; {r['calibration_seconds']:.0f} s "
             f"per calibration); medians over the seeds, range = min-max of the multiple; dense runs eager (the model "
             f"as loaded), the pruned methods with backend {r['backend']}, pp with the paper's probe (probe=paper); "
-            f"torch {r['torch']}, {r['device']}")
+            f"torch {r['torch']}, {r['device']}. `reference x dense`: the multiples issue 3 gave for an independent "
+            f"implementation of ALGORITHM.md on this protocol (not the paper's LLaMA-2-7B multiples; that "
+            f"implementation and its runs are not in this repository)")
 
 
 def main() -> None:
@@ -111,10 +118,13 @@ def main() -> None:
         for i, seed in enumerate(int(x) for x in args.seeds.split(",")):
             # dense once per seed: KL and top-1 are measured against it in the same run
             methods = METHODS if i == 0 else [m for m in METHODS if m == "dense" or m in CALIBRATED]
-            rows += _run_eval(args.model, args.data, args.seq_len, args.batch_size, args.batches, methods,
-                              ratios, True, calibration=args.calibration,
-                              calibration_windows=args.calibration_windows, seed=seed, backend=args.backend,
-                              dtype=dtype, options={"probe": "paper"})
+            with Methods().recording(ppcompile.cli, _label) as made:  # _run_eval builds them: keep their sessions
+                new = _run_eval(args.model, args.data, args.seq_len, args.batch_size, args.batches, methods,
+                                ratios, True, calibration=args.calibration,
+                                calibration_windows=args.calibration_windows, seed=seed, backend=args.backend,
+                                dtype=dtype, options={"probe": "paper"})
+            made.check()  # every evaluated batch of a pruned method ran pruned
+            rows += [{**r, "provenance": made.provenance(_label(r["method"], r["ratio"]), dtype=dtype)} for r in new]
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(rows, indent=2) + "\n")
     suffix = dtype_suffix(rows[0].get("dtype", "float32"))  # the run's (--from-json), not --dtype

@@ -22,8 +22,8 @@ from ppcompile.config import PPConfig
 from ppcompile.cli import _device_name, _loaded, _windows_and_calibration
 from ppcompile.evaluate import evaluate
 from ppcompile.methods import build_method
-from protocol import add_protocol_args
-from readme import publish, rows_of
+from protocol import Methods, add_protocol_args
+from readme import model_name, publish, rows_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,19 +36,24 @@ def run(args) -> list[dict]:
         windows, cal, _ = _windows_and_calibration(model, tokenizer, args.data, args.seq_len,
                                                    args.batch_size * args.batches, args.batch_size, args.calibration,
                                                    args.calibration_windows, seed, progress=True)
+        made = Methods()  # the session of each pp method, checked after the evaluation
         methods = {"dense": build_method("dense", model, 0.0, cal, "eager")}
         for ratio in (float(r) for r in args.ratios.split(",")):
             for shards in (1, args.shards):
-                methods[f"{ratio:g}/{shards}"] = build_method("pp", model, ratio, cal, "eager", shards=shards)
+                label = f"{ratio:g}/{shards}"
+                methods[label] = made.build(label, build_method, "pp", model, ratio, cal, "eager", shards=shards)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(methods) + 2)
-        for r in evaluate(methods, data.iter_batches(windows, args.batch_size), progress=True):
+        results = evaluate(methods, data.iter_batches(windows, args.batch_size), progress=True)
+        made.check()
+        for r in results:
             ratio, shards = r.method.split("/") if "/" in r.method else (None, None)
             rows.append({"seed": seed, "method": r.method, "ratio": ratio, "shards": shards, "ppl": r.ppl,
                          "kl": r.kl, "top1": r.top1, "model": args.model, "text": args.data,
                          "windows": args.batch_size * args.batches, "seq_len": args.seq_len,
                          "calibration": args.calibration, "torch": torch.__version__, "device": _device_name(),
                          "heads": model.config.num_attention_heads, "channels": model.config.intermediate_size,
-                         "layers": model.config.num_hidden_layers})
+                         "layers": model.config.num_hidden_layers,
+                         "provenance": made.provenance(r.method, dtype=torch.float32)})
     return rows
 
 
@@ -70,7 +75,7 @@ def table(rows: list[dict]) -> str:
     seeds = sorted(dense)
     return (tabulate(out, headers=heads, tablefmt="github") +
             f"\n\npp's perplexity as a multiple of dense, median (min-max) over calibration seeds "
-            f"{', '.join(map(str, seeds))}: {r['model']} (fp32), the first {r['windows']} {r['seq_len']}-token windows "
+            f"{', '.join(map(str, seeds))}: {model_name(r['model'])} in fp32, the first {r['windows']} {r['seq_len']}-token windows "
             f"of {r['text']}, calibration windows of {r['calibration']}; backend eager; torch {r['torch']}, {r['device']}. "
             f"`keeps`: heads and MLP channels kept in each pruned layer (the first three stay dense). A shard keeps "
             f"what a block of its size keeps, so where a block does not divide, the totals differ from the global "

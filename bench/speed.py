@@ -49,8 +49,10 @@ from tabulate import tabulate
 import ppcompile as pp
 from ppcompile.calibration import collect
 from ppcompile.cli import parse_option
+from ppcompile.guard import assert_pruned
 from ppcompile.models import (KNOWN_MODELS, RANDOM_ARCHS, dtype_name, dtype_suffix, load_model, parse_dtype,
                               random_model)
+from protocol import provenance  # bench/ is the script's folder: on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["dense", "pp", "flap", "pp-eager"]  # also: pp-static
@@ -189,6 +191,9 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
                 for rep in range(reps):
                     for key, fn in fns.items():
                         rows[key].setdefault("busy_times", []).append(_timed(fn, ids, device))
+    for (m, r), fn in fns.items():  # every timed call of a pruned method ran pruned, or nothing is reported
+        if m != "dense":
+            assert_pruned(fn, method=f"{m} at ratio {r}, batch {batch} x {seq}")
     added = {key: _added_mib(fn) for key, fn in fns.items()}
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     dense = rows.get(("dense", 0.0))
@@ -211,7 +216,8 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
                     "peak_mib": row["peak_mib"],
                     "peak_vs_dense": row["peak_mib"] / dense["peak_mib"] if dense and dense["peak_mib"] else None,
                     "weights_mib": weights, "added_mib": added[m, r],
-                    "busy_seconds": busy_s, "busy_vs_dense": busy_s / dense_busy if dense_busy else None})
+                    "busy_seconds": busy_s, "busy_vs_dense": busy_s / dense_busy if dense_busy else None,
+                    "provenance": provenance(None if m == "dense" else fns[m, r], dtype=model.dtype)})
     return out
 
 
@@ -280,15 +286,14 @@ def run_stream(model, vocab: int, n: int, max_batch: int, max_len: int, ratio: f
                 stats[m]["seconds"] += time.perf_counter() - start
                 stats[m]["compile_s"] += _compile_seconds() - compiling
                 stats[m]["graphs"] += _graphs() - graphs
-    counts = pruned.pp.runtime.counts
-    if counts["unpruned_calls"]:
-        raise RuntimeError(f"pp ran {counts['unpruned_calls']} calls unpruned: the stream is not measured")
+    assert_pruned(pruned, method=f"pp at ratio {ratio} (stream of {n} shapes)")
     rows = []
     for m, st in stats.items():
         steady = st["seconds"] - st["compile_s"]
         rows.append({"method": m, "stream": n, "max_batch": max_batch, "max_len": max_len, "ratio": ratio,
                      "tokens": tokens, "graphs": st["graphs"], "seconds": st["seconds"], "compile_s": st["compile_s"],
-                     "us_per_token": 1e6 * st["seconds"] / tokens, "us_per_token_steady": 1e6 * steady / tokens})
+                     "us_per_token": 1e6 * st["seconds"] / tokens, "us_per_token_steady": 1e6 * steady / tokens,
+                     "provenance": provenance(pruned if m == "pp" else None, dtype=model.dtype)})
     for r in rows:
         r["vs_dense"] = r["seconds"] / rows[0]["seconds"]
         r["vs_dense_steady"] = (r["seconds"] - r["compile_s"]) / (rows[0]["seconds"] - rows[0]["compile_s"])

@@ -1,0 +1,32 @@
+"""docs/results.md and the README's headline block are what `python bench/results.py` makes from
+bench/results/: regenerated into a temporary copy (the real files are not written), they equal the
+files in the checkout, so a second run changes nothing. No model runs: only the benches'
+--from-json / --report paths."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("docs/results.md", "README.md")
+
+
+def _blocks(text: str) -> dict[str, str]:
+    return dict(re.findall(r"<!-- ([\w.-]+):start -->\n(.*?)\n<!-- \1:end -->", text, flags=re.S))
+
+
+def test_regeneration_reproduces_the_committed_files(tmp_path):
+    before = {name: (ROOT / name).read_bytes() for name in DOCS}
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "results.py"), "--into", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in DOCS:
+        assert (ROOT / name).read_bytes() == before[name], f"the regeneration wrote the real {name}"
+        committed, regenerated = (ROOT / name).read_text(), (tmp_path / name).read_text()
+        assert _blocks(regenerated) == _blocks(committed), f"{name}: a block differs; run python bench/results.py"
+        assert regenerated == committed, f"{name} differs from its regeneration; run python bench/results.py"
+    assert list(_blocks((ROOT / "README.md").read_text())) == ["headline"]  # the README's one results block
+    assert len(_blocks((ROOT / "docs/results.md").read_text())) > 1
+
