@@ -36,10 +36,12 @@ def run(args) -> list[dict]:
     torch.compile(lambda x: (x * 2).sum(), dynamic=False)(torch.ones(8))  # Inductor's one-time costs
     torch._dynamo.reset()
     batch, seq = args.shape
-    ids = torch.randint(0, 1000, (batch, seq), generator=torch.Generator().manual_seed(0))
-    methods, first = {}, {}
+    methods, first, ids = {}, {}, None
     for probe in args.probes + ["dense"]:
         model = random_model(args.model).to(args.dtype)
+        if ids is None:  # ids within the vocabulary of any model (a tiny one has 256)
+            vocab = min(1000, model.config.vocab_size)
+            ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
         fn = torch.compile(model) if probe == "dense" else pp.compile(model, args.ratio, probe=probe)
         t = time.perf_counter()
         fn(ids)

@@ -57,9 +57,10 @@ def run(rank: int, world: int) -> None:
         pruned = pp.compile(model, ratio=RATIO, backend="eager")  # backend="inductor" compiles each rank's graph
         pruned(ids)  # the warm-up batch
         loss = pruned(ids, labels=ids).loss.item()
-    print(f"rank {rank} of {world}: {kept_line(model, world)}", flush=True)
-    dist.barrier()
+    lines = [None] * world  # printed by rank 0, in rank order: ranks writing at once interleave their lines
+    dist.all_gather_object(lines, f"rank {rank} of {world}: {kept_line(model, world)}")
     if rank == 0:
+        print(*lines, sep="\n")
         print(f"dense loss {dense_loss:.3f}, pp@{RATIO} on {world} ranks loss {loss:.3f}", flush=True)
 
 

@@ -314,6 +314,7 @@ def test_execution_in_half_precision_equals_dense_with_its_own_selection_zeroed(
     assert (out.float() - ref.float()).abs().mean() < 1e-3
 
 
+@pytest.mark.inductor
 def test_ratio_zero_equals_dense_through_inductor_in_bfloat16():
     model = random_model("llama-gqa", dtype=torch.bfloat16)
     ids = _ids(b=2, L=16)

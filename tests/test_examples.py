@@ -29,6 +29,7 @@ def test_torch_compile_backend(tmp_path):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_calibration_reuse(tmp_path):
     out = _run(str(EXAMPLES / "calibration_reuse.py"), str(tmp_path / "cal.pt"), cwd=tmp_path)
     assert (tmp_path / "cal.pt").is_file() and "flap@0.4" in out
@@ -67,6 +68,7 @@ def _dense_loss() -> float:
 
 
 @pytest.mark.real_model
+@pytest.mark.slow  # spawns ranks
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_tensor_parallel(nproc):
     import json

@@ -100,6 +100,7 @@ def ranks(tmp_path_factory) -> dict[str, list[dict]]:
     return {name: [torch.load(folder / f"{name}_{r}.pt") for r in range(WORLD)] for name in [*RUNS, *UNEVEN]}
 
 
+@pytest.mark.slow  # spawns ranks
 def test_ratio_zero_on_two_ranks_is_the_dense_model(ranks):
     with torch.no_grad():
         dense = random_model("llama-gqa")(_batches()[-1]).logits
@@ -107,6 +108,7 @@ def test_ratio_zero_on_two_ranks_is_the_dense_model(ranks):
         torch.testing.assert_close(r["logits"], dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # spawns ranks
 @pytest.mark.parametrize("name", ["pp", "wanda-sp", "flap"])
 def test_ranks_keep_what_one_process_keeps_with_shards(ranks, name):
     run, ratio = RUNS[name]
@@ -129,6 +131,7 @@ def test_ranks_keep_what_one_process_keeps_with_shards(ranks, name):
         torch.testing.assert_close(r["logits"], one["logits"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # spawns ranks
 def test_generation_on_ranks_equals_one_process_with_shards(ranks):
     one = _generate(random_model("llama-gqa"), 0.4, shards=WORLD)
     for r in ranks["generate"]:
@@ -179,6 +182,7 @@ def test_a_static_policy_refuses_sharded_and_replicated_blocks_together():
         tp.shard_group([sharded, whole])
 
 
+@pytest.mark.slow  # spawns ranks
 def test_uneven_ratio_zero_on_two_ranks_is_the_dense_model(ranks):
     with torch.no_grad():
         dense = _uneven_model()(_batches()[-1]).logits
@@ -186,6 +190,7 @@ def test_uneven_ratio_zero_on_two_ranks_is_the_dense_model(ranks):
         torch.testing.assert_close(r["logits"], dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # spawns ranks
 @pytest.mark.parametrize("name, shards", [("uneven attention", 1), ("uneven mlp", WORLD)])
 def test_uneven_ranks_keep_what_one_process_keeps(ranks, name, shards):
     """A replicated attention keeps on every rank what one process keeps of the whole block; a
@@ -202,6 +207,7 @@ def test_uneven_ranks_keep_what_one_process_keeps(ranks, name, shards):
         torch.testing.assert_close(r["logits"], one["logits"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # spawns ranks
 def test_uneven_ranks_prune_the_replicated_attention_alike(ranks):
     """Both blocks pruned: every rank keeps the same heads of the whole attention (its input is the
     same on every rank), the first pruned one what one process keeps (its input is the dense
@@ -218,6 +224,7 @@ def test_uneven_ranks_prune_the_replicated_attention_alike(ranks):
     torch.testing.assert_close(r0["logits"], r1["logits"], rtol=0, atol=0)
 
 
+@pytest.mark.slow  # spawns ranks
 def test_uneven_generation_on_ranks_equals_one_process_with_shards(ranks):
     """The static KV cache of a replicated attention sizes itself from the whole head counts."""
     run, ratio, options = UNEVEN["uneven generate"]

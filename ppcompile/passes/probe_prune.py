@@ -397,6 +397,8 @@ def _compact_weights(g, site: Site, kept: fx.Node, kept_now: torch.Tensor | None
 
     def gather(w: fx.Node, dim: int, name: str) -> fx.Node:
         t = real(w) if real is not None else None
+        if t is not None and chan_now is not None and len(chan_now) == t.shape[dim]:
+            return w  # every unit kept (ratio 0): the model's own weight, no copy, the dense matmul
         if t is not None and chan_now is not None:  # in the layout a matmul of a few tokens reads fastest (_stored)
             kept_t = t.detach().index_select(dim, chan_now.to(t.device))
             return _const(g, f"{tag}_{name}", kept_t.t().contiguous().t() if kept_t.dim() == 2 else kept_t)
