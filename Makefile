@@ -12,12 +12,16 @@ BROWN := $(PPCOMPILE_CACHE)/brown/package/ca01
 demo: $(VENV)/.installed $(BROWN)
 	$(BIN)/ppcompile demo
 
+# Two workers (one per core), each test file on one of them (a file's spawned ranks and torchrun
+# runs never overlap); each worker's torch runs one thread (tests/conftest.py).
+XDIST := -n 2 --dist loadfile
+
 # unit tests and the eager route: no Inductor compile, no spawned ranks, no mutation runs
 test: $(VENV)/.installed $(BROWN)
-	$(BIN)/python -m pytest -q -m "not slow and not inductor" --durations=10
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow and not inductor" --durations=10
 
 test-all: $(VENV)/.installed $(BROWN)
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q $(XDIST) --durations=25
 
 # docs/results.md and the README's headline block, from the JSON in bench/results/
 results: $(VENV)/.installed

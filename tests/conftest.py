@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: a second torch thread would share it
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
