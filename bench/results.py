@@ -69,21 +69,23 @@ def _provenance(rows: list[dict], files: list[str], command: str) -> str:
 
 
 # ---- the blocks speed.py and generate.py print without provenance
-def speed(block: str, *files: str) -> None:
+def _printed(bench: str, files: tuple[str, ...]) -> tuple[list[Path], list[dict], str, str]:
+    """What `bench --from-json files` prints: (paths, their rows, the command, the text)."""
     paths = [RES / f for f in files]
     rows = [r for p in paths for r in json.loads(p.read_text())]
-    command = "python bench/speed.py --from-json " + " ".join(_rel(p) for p in paths)
-    text = _run("speed", "--from-json", *paths)
+    command = f"python bench/{bench}.py --from-json " + " ".join(_rel(p) for p in paths)
+    return paths, rows, command, _run(bench, "--from-json", *paths)
+
+
+def speed(block: str, *files: str) -> None:
+    paths, rows, command, text = _printed("speed", files)
     readme.replace_block(block, f"{text}\n\nOne forward call of random token ids per row (batch x seq_len), seconds: "
                                 f"the median of the timed rounds; every method of a file in one process, interleaved. "
                                 f"{_provenance(rows, [_rel(p) for p in paths], command)}.")
 
 
 def generate(block: str, *files: str) -> None:
-    paths = [RES / f for f in files]
-    rows = [r for p in paths for r in json.loads(p.read_text())]
-    command = "python bench/generate.py --from-json " + " ".join(_rel(p) for p in paths)
-    text = _run("generate", "--from-json", *paths)
+    paths, rows, command, text = _printed("generate", files)
     if "greedy_agreement" in rows[0]:
         seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in rows}))
         windows = {r["tokens"] * 2 // r["seq_len"] for r in rows}
