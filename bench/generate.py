@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -45,29 +44,22 @@ from ppcompile.flops import weight_bytes
 from ppcompile.generation import timed_generate
 from ppcompile.guard import assert_pruned
 from ppcompile.models import KNOWN_MODELS, RANDOM_ARCHS, dtype_name, dtype_suffix, load_model, parse_dtype
-from protocol import add_protocol_args, provenance
+from ppcompile.workloads import device_name, windows_and_calibration
+from protocol import CALIBRATED, add_protocol_args, label, parse_label, provenance
 from speed import PeakMemory, _model, _shapes  # bench/ is the script's folder: on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["dense", "pp@0", "pp", "griffin", "flap", "wanda-sp"]
-QUALITY_METHODS = ["full-batch", "pp", "griffin", "flap", "wanda-sp"]
-CALIBRATED = {"flap", "wanda-sp", "pp"}
+# method labels (protocol.label): "pp@0" is pp at ratio 0 (the pass's decode path with nothing
+# pruned: what the rewrite gains besides pruning); a label without a ratio runs at the bench's --ratio
+METHODS = [label("dense"), label("pp", 0.0), label("pp"), label("griffin"), label("flap"), label("wanda-sp")]
+QUALITY_METHODS = [label("full-batch"), label("pp"), label("griffin"), label("flap"), label("wanda-sp")]
 FORWARD = {"dense", "pp"}  # also timed on a plain forward of the prompt (prefill = forward + generate's own work)
 
 
-def _policy_ratio(method: str, ratio: float) -> tuple[str, float]:
-    """A method's policy and ratio: "dense" is ratio 0; "pp@0" is pp at ratio 0 (the pass's decode
-    path with nothing pruned: what the rewrite gains besides pruning); else the bench's ratio."""
-    if method == "dense":
-        return "dense", 0.0
-    policy, _, at = method.partition("@")
-    return policy, float(at) if at else ratio
-
-
 def _compiled(model, method: str, ratio: float, cal, cache_len: int):
-    policy, ratio = _policy_ratio(method, ratio)
+    policy, ratio, options = parse_label(method, ratio)
     return pp.compile(model, ratio, policy=policy, calibration=cal if policy in CALIBRATED else None,
-                      cache_bucket=cache_len)
+                      cache_bucket=cache_len, **options)
 
 
 def _generate(fn, ids, new: int):
@@ -80,7 +72,7 @@ def run(model, vocab: int, shapes: list[tuple[int, int]], new: int, ratio: float
     graphs), then per shape: a warm-up generation each, and `reps` rounds interleaved."""
     gen = torch.Generator().manual_seed(0)
     cal = pp.calibrate(model, [torch.randint(0, vocab, (2, 128), generator=gen).to(device) for _ in range(2)]) \
-        if CALIBRATED & {_policy_ratio(m, ratio)[0] for m in methods} else None
+        if CALIBRATED & {parse_label(m)[0] for m in methods} else None
     torch._dynamo.reset()
     cache_len = 128 * math.ceil(max(p + new for _, p in shapes) / 128)
     fns = {m: _compiled(model, m, ratio, cal, cache_len) for m in methods}
@@ -119,7 +111,7 @@ def _rows(fns, rows, batch, prompt, new, ratio, cache_len) -> list[dict]:
         decode = next(r for r in reversed(session.passes) if r.phase == "decode")
         step = statistics.median(rows[m]["decode"])
         out.append({"method": m, "batch": batch, "prompt": prompt, "new": new, "cache_len": cache_len,
-                    "ratio": _policy_ratio(m, ratio)[1],
+                    "ratio": parse_label(m, ratio)[1],
                     "prefill_s": statistics.median(rows[m]["prefill"]),
                     "forward_s": statistics.median(rows[m]["forward"]) if rows[m]["forward"] else None,
                     "decode_tok_s": batch / step, "decode_step_s": step,
@@ -150,36 +142,37 @@ def table(rows: list[dict]) -> str:
 # ---- quality ----
 def continuation_quality(args, dtype: torch.dtype) -> list[dict]:
     from ppcompile import data
-    from ppcompile.cli import _windows_and_calibration
     from ppcompile.evaluate import continuation_nll
     model, tokenizer = load_model(args.model, dtype=dtype)
     half, rows = args.seq_len // 2, []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        windows, cal, _ = _windows_and_calibration(model, tokenizer, args.data, args.seq_len,
-                                                   args.batch_size * args.batches, args.batch_size,
-                                                   args.calibration, args.calibration_windows, seed, False)
+        windows, cal, _ = windows_and_calibration(model, tokenizer, args.data, args.seq_len,
+                                                  args.batch_size * args.batches, args.batch_size,
+                                                  args.calibration, args.calibration_windows, seed, False)
         batches = list(data.iter_batches(windows, args.batch_size))
         methods = [m for m in (args.methods or ",".join(QUALITY_METHODS)).split(",") if m != "dense"]
         runs = [("dense", 0.0)] + [(m, r) for r in args.ratios for m in methods]
         prompts = batches[0][:, :half]  # greedy agreement: the first batch's prompts, against dense (run first)
         for method, ratio in runs:
+            policy, ratio, options = parse_label(method, ratio)
             torch._dynamo.reset()
-            fn = model if method == "dense" else pp.compile(  # values equal Inductor's (tests): run eager
-                model, ratio, policy=method, calibration=cal if method in CALIBRATED else None, backend="eager")
+            fn = model if policy == "dense" else pp.compile(  # values equal Inductor's (tests): run eager
+                model, ratio, policy=policy, calibration=cal if policy in CALIBRATED else None, backend="eager",
+                **options)
             nll = tokens = 0
             with torch.no_grad():
                 for b in batches:
-                    n, t = continuation_nll(fn, b, half, whole=method == "full-batch")
+                    n, t = continuation_nll(fn, b, half, whole=policy == "full-batch")
                     nll, tokens = nll + n, tokens + t
             greedy = _greedy_tokens(fn, prompts, args.greedy)
-            if method != "dense":  # every scored call and greedy step ran pruned
-                assert_pruned(fn, method=f"{method} at ratio {ratio} (continuation quality)")
-            if method == "dense":
+            if policy != "dense":  # every scored call and greedy step ran pruned
+                assert_pruned(fn, method=f"{label(policy, ratio, **options)} (continuation quality)")
+            if policy == "dense":
                 dense_greedy = greedy
             agree = float((greedy == dense_greedy).float().mean())  # position by position
             rows.append({"method": method, "ratio": ratio, "seed": seed, "ppl": math.exp(nll / tokens),
                          "tokens": tokens, "greedy_agreement": agree,
-                         "provenance": provenance(None if method == "dense" else fn, dtype=dtype)})
+                         "provenance": provenance(None if policy == "dense" else fn, dtype=dtype)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -233,8 +226,7 @@ def main() -> None:
         return
     dtype = parse_dtype(args.dtype or ("float32" if args.quality else "auto"), args.device)
     suffix = dtype_suffix(dtype)
-    machine = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)" \
-        if args.device == "cpu" else torch.cuda.get_device_name()
+    machine = device_name(args.device)
     if args.quality:
         if args.model not in KNOWN_MODELS and not Path(args.model).is_dir():
             raise SystemExit("--quality needs a real model (e.g. smollm2-135m): random weights have no quality")

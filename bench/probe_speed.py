@@ -21,10 +21,10 @@ import torch
 from tabulate import tabulate
 
 import ppcompile as pp
-from ppcompile.cli import _device_name
 from ppcompile.guard import assert_pruned
 from ppcompile.models import dtype_name, parse_dtype, random_model
-from protocol import provenance
+from ppcompile.workloads import device_name
+from protocol import label, provenance
 from readme import publish, rows_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,14 +56,15 @@ def run(args) -> list[dict]:
             times[name].append(time.perf_counter() - t)
     for name, fn in methods.items():  # every timed call of a design ran pruned, or nothing is reported
         if name != "dense":
-            assert_pruned(fn, method=f"pp probe={name}")
+            assert_pruned(fn, method=label("pp", probe=name))
     base = args.probes[0]
     return [{"model": args.model, "dtype": dtype_name(args.dtype), "batch": batch, "seq_len": seq,
-             "ratio": 0.0 if name == "dense" else args.ratio, "method": "dense" if name == "dense" else f"pp probe={name}",
+             "ratio": 0.0 if name == "dense" else args.ratio,
+             "method": label("dense") if name == "dense" else label("pp", probe=name),
              "seconds": statistics.median(v), "all_seconds": v, "first_call_s": first[name],
              f"vs_{base}": statistics.median(a / b for a, b in zip(v, times[base])),
              "vs_dense": statistics.median(a / b for a, b in zip(v, times["dense"])),
-             "machine": _device_name(), "torch": torch.__version__,
+             "machine": device_name(), "torch": torch.__version__,
              "provenance": provenance(None if name == "dense" else methods[name], dtype=args.dtype)}
             for name, v in times.items()]
 

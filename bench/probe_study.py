@@ -27,11 +27,11 @@ from tabulate import tabulate
 import ppcompile as pp
 from ppcompile import data
 from ppcompile.calibration import collect
-from ppcompile.cli import _device_name, _loaded
 from ppcompile.evaluate import evaluate
 from ppcompile.methods import build_method
 from ppcompile.models import dtype_name, dtype_suffix, parse_dtype
-from protocol import Methods
+from ppcompile.workloads import device_name, load
+from protocol import Methods, label
 from readme import model_name, replace_block
 from ppcompile.probes import PROBES
 
@@ -65,7 +65,7 @@ def run_group(model, tokenizer, args, text: str, batch: int, seed: int, first_se
     base = {"text": text, "batch_size": batch, "model": args.model, "dtype": dtype_name(args.dtype),
             "seq_len": args.seq_len, "windows": args.windows, "calibration": args.calibration,
             "calibration_windows": args.calibration_windows, "backend": args.backend, "torch": torch.__version__,
-            "device": _device_name()}
+            "device": device_name()}
     todo = []  # (row without results, builder)
     if first_seed:
         todo.append(({"method": "dense", "ratio": 0.0, "probe": None, "probe_budget": None, "history": None,
@@ -85,9 +85,9 @@ def run_group(model, tokenizer, args, text: str, batch: int, seed: int, first_se
     torch._dynamo.reset()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(todo) + 2)
     first = next(data.iter_batches(windows, batch))
-    fns, rows, flops = {}, {}, {}
-    for i, (row, options) in enumerate(todo):
-        label = f"{i}:{row['method']}"
+    fns, rows, flops, options_of = {}, {}, {}, {}
+    for row, options in todo:
+        name = label(row["method"], row["ratio"], **options)  # pp@0.4 probe=paper probe_budget=null history=true
         shape = (options.get("probe"), options.get("probe_budget"))
         if row["method"] == "pp" and shape not in flops:  # the probe's FLOPs at this shape, by torch's counter
             e = pp.explain(model, first, row["ratio"], **options)
@@ -95,13 +95,12 @@ def run_group(model, tokenizer, args, text: str, batch: int, seed: int, first_se
             torch._dynamo.reset()
         if row["method"] == "pp":
             row["probe_flops"] = flops[shape]
-        rows[label] = {**base, **row}
+        rows[name], options_of[name] = {**base, **row}, options
     made = Methods()  # the session of each method, to check after the evaluation that it ran pruned
-    for label, row in rows.items():
-        options = {k: row[k] for k in ("probe", "probe_budget", "history")} if row["method"] == "pp" else {}
-        fns[label] = made.build(label, build_method, row["method"], model, row["ratio"],
-                                None if row["method"] == "full-batch" else cal, args.backend, **options)
-    reference = next((label for label, row in rows.items() if row["method"] == "dense"), None)
+    for name, row in rows.items():
+        fns[name] = made.build(name, build_method, row["method"], model, row["ratio"],
+                               None if row["method"] == "full-batch" else cal, args.backend, **options_of[name])
+    reference = next((name for name, row in rows.items() if row["method"] == "dense"), None)
     results = evaluate(fns, data.iter_batches(windows, batch), reference=reference, progress=args.progress)
     made.check()
     out = []
@@ -236,7 +235,7 @@ def main() -> None:
     out = args.out or ROOT / f"bench/results/probe_study_{args.model}{dtype_suffix(args.dtype)}.jsonl"
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.is_file() else []
     if not args.report:
-        model, tokenizer = _loaded(args.model, args.seq_len, args.dtype)
+        model, tokenizer = load(args.model, args.seq_len, args.dtype)
         done = {key(r) for r in rows}
         for i, seed in enumerate(args.seeds):
             cal = _calibration(model, tokenizer, args, seed) if True in args.history or args.baselines else None

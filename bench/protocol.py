@@ -1,22 +1,30 @@
 """What the benches share: the quality protocol's arguments (the text, the calibration windows,
-the window length and the batches); the provenance every JSON row records (the policy and the
-PPConfig fields it ran with, the probe design, the dtype, torch and transformers, the CPU); and
-the sessions of the methods `build_method` makes, so that a bench can check that what it measured
-ran pruned (ppcompile.guard)."""
+the window length and the batches); how a method is named (`label`, read back by `parse_label`,
+which also reads the spellings of earlier runs' JSON files); the provenance every JSON row records
+(the policy and the PPConfig fields it ran with, the probe design, the dtype, torch and
+transformers, the CPU); and the sessions of the methods `build_method` makes, so that a bench can
+check that what it measured ran pruned (ppcompile.guard)."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import platform
+import re
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 import transformers
 
+from ppcompile import methods
 from ppcompile.backend import Session
 from ppcompile.config import PPConfig
 from ppcompile.guard import assert_pruned, session_of
+from ppcompile.policies import POLICIES
+
+# the policies whose choices depend on the calibration sample (its history is seeded, or its
+# kept units are chosen from it): what a bench calibrates, and runs once per calibration seed
+CALIBRATED = {name for name, p in POLICIES.items() if p.history or p.needs_calibration}
 
 
 def add_protocol_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +34,32 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=4)
+
+
+# ---- method labels ----
+# One name per method, in every bench's rows, tables and messages: ppcompile.methods.label,
+# POLICY[@RATIO][ FIELD=VALUE ...] ("pp", "pp@0", "pp probe=paper", "pp backend=eager",
+# "pp@0.2 shards=3"); the fields are pp.compile options.
+label = methods.label
+# How earlier runs' JSON files in bench/results/ spell some methods (read, never written now):
+# speed.py's variants of pp, and shards.py's RATIO/SHARDS of pp
+_OLD_SPELLINGS = {"pp-eager": "pp backend=eager", "pp-static": "pp dynamic=false"}
+_OLD_SHARDS = re.compile(r"(\d*\.?\d+)/(\d+)")
+
+
+def parse_label(text: str, ratio: float | None = None) -> tuple[str, float | None, dict]:
+    """(policy, ratio, pp.compile options) of a method's label (see ppcompile.methods.parse_label:
+    the ratio is the label's own, 0.0 for dense, else `ratio`), old spellings included."""
+    old = _OLD_SHARDS.fullmatch(text)
+    text = label("pp", float(old[1]), shards=int(old[2])) if old else _OLD_SPELLINGS.get(text, text)
+    return methods.parse_label(text, ratio)
+
+
+def canonical(text: str) -> str:
+    """A label as `label` writes it now: 'pp-eager' -> 'pp backend=eager'; a label made by
+    `label` is unchanged."""
+    policy, ratio, options = parse_label(text)
+    return label(policy, ratio, **options)
 
 
 # ---- provenance ----
@@ -51,7 +85,7 @@ def provenance(compiled=None, *, dtype, config: PPConfig | None = None) -> dict:
     config = session.config if session is not None else config
     out = {"policy": "dense", "probe": None, "options": {}} if config is None else {
         "policy": config.policy.name,
-        "probe": config.probe.name if config.policy.probe == "sampled" else config.policy.probe,
+        "probe": getattr(config.policy.design(config.probe), "name", None),
         "options": _changed(config)}
     if session is not None:
         out["backend"] = "inductor" if session.inductor else "eager"
@@ -89,13 +123,14 @@ class Methods:
         return fn
 
     @contextlib.contextmanager
-    def recording(self, module, label):
+    def recording(self, module, name_of=label):
         """While open, every `module.build_method(name, model, ratio, ...)` call is recorded under
-        `label(name, ratio)` (for code that builds its methods itself, e.g. ppcompile.cli._run_eval)."""
+        `name_of(name, ratio)`, by default its label (for code that builds its methods itself, e.g.
+        ppcompile.workloads.run_eval, which names them so too)."""
         original = module.build_method
 
         def build_method(name, model, ratio, *args, **kwargs):
-            return self.build(label(name, ratio), original, name, model, ratio, *args, **kwargs)
+            return self.build(name_of(name, ratio), original, name, model, ratio, *args, **kwargs)
 
         module.build_method = build_method
         try:

@@ -23,25 +23,16 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-import ppcompile.cli
-from ppcompile.cli import _run_eval
+from ppcompile import workloads
 from ppcompile.models import dtype_suffix, parse_dtype
-from protocol import Methods, add_protocol_args
+from protocol import CALIBRATED, Methods, add_protocol_args, label
 from readme import model_name, replace_block
-from ppcompile.policies import POLICIES
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["dense", "full-batch", "pp", "wanda-sp", "flap"]
 # PPL / dense PPL of an independent implementation of ALGORITHM.md on this protocol (issue 3)
 REFERENCE = {0.2: {"full-batch": 1.35, "pp": 1.46, "wanda-sp": 1.44, "flap": 1.62},
              0.4: {"full-batch": 2.61, "pp": 2.95, "wanda-sp": 3.04, "flap": 3.49}}
-
-
-CALIBRATED = {name for name, p in POLICIES.items() if p.history or p.static}  # the methods whose choices depend on the calibration sample
-
-
-def _label(method: str, ratio: float) -> str:
-    return f"{method}@{ratio:g}"
 
 
 def _multiples(rows: list[dict]) -> dict[tuple, dict[int, float]]:
@@ -118,13 +109,13 @@ def main() -> None:
         for i, seed in enumerate(int(x) for x in args.seeds.split(",")):
             # dense once per seed: KL and top-1 are measured against it in the same run
             methods = METHODS if i == 0 else [m for m in METHODS if m == "dense" or m in CALIBRATED]
-            with Methods().recording(ppcompile.cli, _label) as made:  # _run_eval builds them: keep their sessions
-                new = _run_eval(args.model, args.data, args.seq_len, args.batch_size, args.batches, methods,
-                                ratios, True, calibration=args.calibration,
-                                calibration_windows=args.calibration_windows, seed=seed, backend=args.backend,
-                                dtype=dtype, options={"probe": "paper"})
+            with Methods().recording(workloads) as made:  # run_eval builds them: keep their sessions
+                new = workloads.run_eval(args.model, args.data, args.seq_len, args.batch_size, args.batches,
+                                         methods, ratios, True, calibration=args.calibration,
+                                         calibration_windows=args.calibration_windows, seed=seed,
+                                         backend=args.backend, dtype=dtype, options={"probe": "paper"})
             made.check()  # every evaluated batch of a pruned method ran pruned
-            rows += [{**r, "provenance": made.provenance(_label(r["method"], r["ratio"]), dtype=dtype)} for r in new]
+            rows += [{**r, "provenance": made.provenance(label(r["method"], r["ratio"]), dtype=dtype)} for r in new]
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(rows, indent=2) + "\n")
     suffix = dtype_suffix(rows[0].get("dtype", "float32"))  # the run's (--from-json), not --dtype

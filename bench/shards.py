@@ -19,10 +19,10 @@ from tabulate import tabulate
 
 from ppcompile import data
 from ppcompile.config import PPConfig
-from ppcompile.cli import _device_name, _loaded, _windows_and_calibration
 from ppcompile.evaluate import evaluate
 from ppcompile.methods import build_method
-from protocol import Methods, add_protocol_args
+from ppcompile.workloads import device_name, load, windows_and_calibration
+from protocol import Methods, add_protocol_args, label, parse_label
 from readme import model_name, publish, rows_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,25 +32,27 @@ def run(args) -> list[dict]:
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         torch._dynamo.reset()
-        model, tokenizer = _loaded(args.model, args.seq_len, torch.float32)
-        windows, cal, _ = _windows_and_calibration(model, tokenizer, args.data, args.seq_len,
-                                                   args.batch_size * args.batches, args.batch_size, args.calibration,
-                                                   args.calibration_windows, seed, progress=True)
+        model, tokenizer = load(args.model, args.seq_len, torch.float32)
+        windows, cal, _ = windows_and_calibration(model, tokenizer, args.data, args.seq_len,
+                                                  args.batch_size * args.batches, args.batch_size, args.calibration,
+                                                  args.calibration_windows, seed, progress=True)
         made = Methods()  # the session of each pp method, checked after the evaluation
         methods = {"dense": build_method("dense", model, 0.0, cal, "eager")}
         for ratio in (float(r) for r in args.ratios.split(",")):
             for shards in (1, args.shards):
-                label = f"{ratio:g}/{shards}"
-                methods[label] = made.build(label, build_method, "pp", model, ratio, cal, "eager", shards=shards)
+                name = label("pp", ratio, shards=shards)  # pp@0.2 shards=3 (earlier runs' JSON: 0.2/3)
+                methods[name] = made.build(name, build_method, "pp", model, ratio, cal, "eager", shards=shards)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(methods) + 2)
         results = evaluate(methods, data.iter_batches(windows, args.batch_size), progress=True)
         made.check()
         for r in results:
-            ratio, shards = r.method.split("/") if "/" in r.method else (None, None)
+            _, ratio, options = parse_label(r.method)
+            # as text, as earlier runs' rows have them (table() compares them as text)
+            ratio, shards = (f"{ratio:g}", str(options["shards"])) if "shards" in options else (None, None)
             rows.append({"seed": seed, "method": r.method, "ratio": ratio, "shards": shards, "ppl": r.ppl,
                          "kl": r.kl, "top1": r.top1, "model": args.model, "text": args.data,
                          "windows": args.batch_size * args.batches, "seq_len": args.seq_len,
-                         "calibration": args.calibration, "torch": torch.__version__, "device": _device_name(),
+                         "calibration": args.calibration, "torch": torch.__version__, "device": device_name(),
                          "heads": model.config.num_attention_heads, "channels": model.config.intermediate_size,
                          "layers": model.config.num_hidden_layers,
                          "provenance": made.provenance(r.method, dtype=torch.float32)})

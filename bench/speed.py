@@ -22,8 +22,12 @@ call, Linux only); and the memory a method holds besides the model's weights (`a
 tensors its passes made, such as flap's sliced weights and pp's transposed copies, and its
 runtime's history tables), next to the weights' own (`weights_mib`).
 Token ids are random: speed does not depend on them, and flap is calibrated on two random
-batches for the same reason. `pp` serves any shape (batch and sequence dynamic); `pp-static`
-is the same pass compiled for the one shape (dynamic=False), to measure what dynamic costs.
+batches for the same reason. `pp` serves any shape (batch and sequence dynamic); `pp dynamic=false`
+is the same pass compiled for the one shape, to measure what dynamic costs.
+
+--methods: method labels (protocol.label), POLICY[ FIELD=VALUE ...] with pp.compile options:
+`pp backend=eager` runs the rewritten graph eagerly. Earlier runs' spellings `pp-eager` and
+`pp-static` (pp dynamic=false) are read too; rows are written with the labels.
 
     python bench/speed.py --model smollm2-135m --stream 50 --max-batch 16 --max-len 1024
 
@@ -36,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -52,10 +55,15 @@ from ppcompile.cli import parse_option
 from ppcompile.guard import assert_pruned
 from ppcompile.models import (KNOWN_MODELS, RANDOM_ARCHS, dtype_name, dtype_suffix, load_model, parse_dtype,
                               random_model)
-from protocol import provenance  # bench/ is the script's folder: on sys.path
+from ppcompile.policies import get_policy
+from ppcompile.workloads import device_name
+from protocol import canonical, label, parse_label, provenance  # bench/ is the script's folder: on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["dense", "pp", "flap", "pp-eager"]  # also: pp-static
+EAGER = label("pp", backend="eager")  # pp, the rewritten graph run eagerly (earlier runs' JSON: pp-eager)
+METHODS = [label("dense"), label("pp"), label("flap"), EAGER]  # also: label("pp", dynamic=False)
+# the methods matrix() gives a column, and the column's caption (as the published tables have it)
+MATRIX = {label("pp"): "pp", label("flap"): "flap", EAGER: "pp-eager"}
 
 
 def _rss_kib(field: str) -> int:
@@ -134,36 +142,38 @@ def _compile_seconds() -> float:
 def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], methods: list[str], reps: int,
               device: torch.device, profile: bool = False, busy: bool = False,
               pp_options: dict | None = None) -> list[dict]:
-    """Every method at every ratio on one (batch, seq), against one dense baseline, interleaved;
-    with `busy`, the rounds again beside another CPU-bound process. `pp_options`: PPConfig fields
-    for the pp methods (pp, pp-eager, pp-static)."""
+    """Every method (a label: protocol.label) at every ratio on one (batch, seq), against one dense
+    baseline, interleaved; with `busy`, the rounds again beside another CPU-bound process.
+    `pp_options`: PPConfig fields for the pp methods (pp, pp backend=eager, pp dynamic=false)."""
     pp_options = pp_options or {}
+    methods = [canonical(m) for m in methods]
+    policy_of = {m: parse_label(m)[0] for m in methods}
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
-    # flap's calibration (random batches: speed does not depend on them), shared by the timed
-    # model and its FLOPs count so that both prune the same heads and channels
+    # a static policy's calibration (random batches: speed does not depend on them), shared by the
+    # timed model and its FLOPs count so that both prune the same heads and channels
     cal = collect(model, [torch.randint(0, vocab, (2, seq), generator=gen).to(device) for _ in range(2)]) \
-        if "flap" in methods else None
+        if any(get_policy(p).needs_calibration for p in policy_of.values()) else None
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     runs = [("dense", 0.0)] if "dense" in methods else []
     runs += [(m, r) for r in ratios for m in methods if m != "dense"]
     flops = {}
     for m, r in runs:
-        policy = m.replace("-eager", "").replace("-static", "")
+        policy = policy_of[m]
         if m != "dense" and (policy, r) not in flops:
             flops[policy, r] = pp.explain(model, ids, r, policy=policy,
-                                          calibration=cal if policy == "flap" else None,
+                                          calibration=cal if get_policy(policy).needs_calibration else None,
                                           **(pp_options if policy == "pp" else {})).flops
     torch._dynamo.reset()  # the captures above are not among the measured models
     fns = {}
     for m, r in runs:
         if m == "dense":
             fns[m, r] = torch.compile(model, dynamic=False)
-        elif m == "flap":
-            fns[m, r] = pp.compile(model, r, policy="flap", calibration=cal)
         else:
-            fns[m, r] = pp.compile(model, r, backend="eager" if m == "pp-eager" else "inductor",
-                                   dynamic=m != "pp-static", **pp_options)
+            policy, _, options = parse_label(m)
+            fns[m, r] = pp.compile(model, r, policy=policy,
+                                   calibration=cal if get_policy(policy).needs_calibration else None,
+                                   **{**(pp_options if policy == "pp" else {}), **options})
     rows = {key: {"times": []} for key in runs}
     with torch.no_grad():
         for key, fn in fns.items():  # compile + the warm-up call
@@ -193,7 +203,8 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
                         rows[key].setdefault("busy_times", []).append(_timed(fn, ids, device))
     for (m, r), fn in fns.items():  # every timed call of a pruned method ran pruned, or nothing is reported
         if m != "dense":
-            assert_pruned(fn, method=f"{m} at ratio {r}, batch {batch} x {seq}")
+            policy, _, options = parse_label(m)
+            assert_pruned(fn, method=f"{label(policy, r, **options)}, batch {batch} x {seq}")
     added = {key: _added_mib(fn) for key, fn in fns.items()}
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     dense = rows.get(("dense", 0.0))
@@ -203,7 +214,7 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
     for (m, r), row in rows.items():
         median = statistics.median(row["times"])
         busy_s = statistics.median(row["busy_times"]) if busy else None
-        f = flops.get((m.replace("-eager", "").replace("-static", ""), r))
+        f = flops.get((policy_of[m], r))
         ratio_flops = f["pruned"] / f["dense"] if f else 1.0
         out.append({"method": m, "batch": batch, "seq_len": seq, "ratio": r,
                     "seconds": median, "spread": [min(row["times"]), max(row["times"])],
@@ -321,17 +332,19 @@ def matrix(rows: list[dict]) -> str:
     dense_compile = {shape(r): r["compile_s"] for r in rows if r["method"] == "dense"}
     cells: dict[tuple, dict] = {}
     for r in rows:
-        if r["method"] == "dense":
+        method = canonical(r["method"])  # earlier runs' spellings too (pp-eager)
+        if method == "dense":
             continue
         key = (*shape(r), r["ratio"])
         cell = cells.setdefault(key, {})
-        cell[r["method"]] = r["vs_dense"]
-        if r["method"] == "pp":
+        if method in MATRIX:
+            cell[MATRIX[method]] = r["vs_dense"]
+        if method == "pp":
             cell["pp FLOPs"], cell["probe FLOPs"] = r["flops_ratio"], r["probe_flops"]
             base = dense_compile.get(key[:4])
             cell["pp compile"] = r["compile_s"] / base if base else None
             cell["pp busy"] = r.get("busy_vs_dense")
-    cols = ["pp", "flap", "pp-eager", "pp FLOPs", "probe FLOPs", "pp compile", "pp busy"]
+    cols = [*MATRIX.values(), "pp FLOPs", "probe FLOPs", "pp compile", "pp busy"]
     headers = [c if "FLOPs" in c else f"{c} / dense" for c in cols]
     body = [[*key, *(cell.get(c) for c in cols)] for key, cell in cells.items()]
     return tabulate(body, headers=["model", "dtype", "batch", "seq_len", "ratio", *headers], floatfmt=".3g",
@@ -352,7 +365,8 @@ def main() -> None:
     p.add_argument("--shapes", type=_shapes, default=[(8, 512)],
                    help="BATCHxSEQ,... e.g. 1x512,8x512,16x512 (default 8x512)")
     p.add_argument("--ratio", type=lambda s: [float(x) for x in s.split(",")], default=[0.4])
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated method labels, POLICY[ FIELD=VALUE ...] (see above)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (see above)")
@@ -382,8 +396,7 @@ def main() -> None:
     dtype = parse_dtype(args.dtype, device)
     model, vocab = _model(args.model, device, dtype)
     tag = f"{args.model}_{device.type}{dtype_suffix(dtype)}"
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    machine = device_name(device)
     if args.stream:
         rows = [{"model": args.model, "dtype": dtype_name(dtype), **r, "machine": machine, "torch": torch.__version__}
                 for r in run_stream(model, vocab, args.stream, args.max_batch, args.max_len, args.ratio[0], device)]

@@ -54,7 +54,7 @@ class Session:
         when a graph compiles."""
         if self.model_fingerprint is not None:
             cal.check(self.model_fingerprint)
-        if self.config.policy.static and self.passes:
+        if self.config.policy.needs_calibration and self.passes:
             raise ValueError(f"policy '{self.config.policy}' already chose its heads and channels when the model "
                              "was compiled; pass the calibration to pp.compile(..., calibration=...)")
         self.calibration = cal
@@ -65,7 +65,7 @@ class Session:
     def backend(self, gm: fx.GraphModule, example_inputs: list, phase: str = "forward") -> Callable:
         """Rewrite and compile one graph for `phase` (forward, prefill or decode: see run_pass)."""
         real = real_tensors(gm, example_inputs, self.derived)
-        if self.config.policy.static and self.calibration is None:
+        if self.config.policy.needs_calibration and self.calibration is None:
             raise ValueError(f"policy '{self.config.policy}' is static: it needs calibration=<token batches, a "
                              "Calibration from pp.calibrate, or the path of a saved one>")
         result = run_pass(gm, self.config, calibration=self.calibration, real=real, phase=phase,
@@ -80,9 +80,9 @@ class Session:
             self.dumper.write_pass(folder, gm, result, self.config)
         self._report(result)
         for s in result.sites:
-            if s.status == "pruned":
-                self.runtime.sites[s.name] = {"layer": s.layer, "kind": s.kind, "total": s.heads or s.channels,
-                                              "pruned_flops": s.info["pruned_flops"]}
+            if s.pruned:
+                self.runtime.sites[s.name] = {"layer": s.layer, "kind": s.kind, "total": s.units,
+                                              "pruned_flops": s.pruned_flops}
         seam, runtime = result.seam, self.runtime
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
@@ -105,7 +105,7 @@ class Session:
 
     def _report(self, result: PassResult) -> None:
         """Strict: any block left dense that the config did not ask for is an error; else a warning."""
-        unmatched = [f"{r['site']}: {r['status']}" for r in site_rows(result) if left_dense_unmatched(r["status"])]
+        unmatched = [f"{r['site']}: {r['status']}" for r in site_rows(result) if left_dense_unmatched(r)]
         if not result.sites and self.config.strict:
             raise ValueError("ppcompile (strict): no attention or MLP block of this model could be matched")
         if unmatched and self.config.strict:

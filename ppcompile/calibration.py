@@ -20,9 +20,9 @@ import torch
 
 from .evaluate import log_progress, unpack_batch
 from .inputs import check_batches
-from .passes.collect_stats import STATS, run_stats_pass
+from .passes.collect_stats import run_stats_pass
 from .passes.graph import real_tensors
-from .passes.seam import Slot
+from .passes.seam import CALIBRATION_STATS, Slot, parse
 
 FORMAT = "ppcompile.calibration/1"
 NO_BATCHES = "calibration got no batches: pass a list of at least one token batch (B, L)"
@@ -66,7 +66,7 @@ class Calibration:
     def provide(self, slot: Slot, rows: int, device) -> torch.Tensor:
         """The table a stats slot ("<stat>/<site>") names (rows [0, rows) of a per-position one),
         created or grown (new rows zero) as needed."""
-        stat, site = slot.name.split("/", 1)
+        stat, site, _ = parse(slot.name)
         tables = self.stats.setdefault(site, {})
         t = tables.get(stat)
         if t is None or (slot.per_position and t.shape[0] < rows):
@@ -171,7 +171,7 @@ def _state_problem(state) -> str | None:
     if wrong:
         return f"missing or malformed {', '.join(wrong)}"
     for site, tables in state["stats"].items():
-        if not isinstance(tables, dict) or set(tables) != set(STATS) or \
+        if not isinstance(tables, dict) or set(tables) != set(CALIBRATION_STATS) or \
                 not all(isinstance(t, torch.Tensor) for t in tables.values()):
             return f"malformed statistics of {site}"
     return None

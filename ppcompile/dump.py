@@ -57,7 +57,7 @@ class Dumper:
         (folder / "02_rewritten.py").write_text(readable(result.gm))
         report = {"config": config.as_dict(), "batch": _size(result.batch), "seq_len": _size(result.seq_len),
                   "n_layers": result.n_layers, "sites": rows,
-                  "pruned": sum(r["status"] == "pruned" for r in rows)}
+                  "pruned": sum(r["reason"] is None for r in rows)}
         (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
     @staticmethod

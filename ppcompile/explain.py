@@ -23,11 +23,11 @@ class Explanation:
 
     @property
     def unmatched(self) -> list[dict]:
-        return [r for r in self.rows if left_dense_unmatched(r["status"])]
+        return [r for r in self.rows if left_dense_unmatched(r)]
 
     def __str__(self) -> str:
         f = self.flops
-        pruned = sum(r["status"] == "pruned" for r in self.rows)
+        pruned = sum(r["reason"] is None for r in self.rows)
         lines = [format_rows(self.rows), "",
                  f"policy {self.config.policy}, ratio {self.config.ratio}: {pruned} blocks pruned, "
                  f"{len(self.unmatched)} left dense that could not be matched, {self.graphs} graph(s)"]

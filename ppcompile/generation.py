@@ -17,11 +17,15 @@ from __future__ import annotations
 import functools
 import math
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
-from .backend import Session
 from .inputs import check_call, check_training
+from .passes.select import selector_for
+
+if TYPE_CHECKING:
+    from .backend import Session
 
 # Inputs whose first two dims are (batch, sequence): made dynamic on every call.
 BATCH_BY_SEQUENCE = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "labels")
@@ -60,7 +64,8 @@ class Router:
         check_training(self.model.training)
         for message in check_call(args, kwargs, max_positions=self._max_positions) if user else ():
             session.warn_once(f"ppcompile: {message}")
-        if phase == "decode" and config.policy.prunes and not config.policy.static and not runtime.stored_sites:
+        if phase == "decode" and config.policy.prunes and not selector_for(config.policy).fixed and \
+                not runtime.stored_sites:
             raise ValueError("a decode call (its static cache holds tokens) before any prefill: the decode reuses a "
                              "prefill's selection; run the prompt first into an empty cache (generate() does)")
         if config.dynamic:

@@ -8,7 +8,6 @@ warning scrolls by in a long bench; `assert_pruned` makes both an error, after t
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 from .backend import Session
@@ -75,17 +74,9 @@ def _site_problems(session: Session, allowed: set[str], n_layers: int | None) ->
     skipped = set(session.config.skip_layers)  # dense by the config, whatever else their status says
     for result in session.passes:
         for row in site_rows(result):
-            if row["site"] not in allowed and _layer(row) not in skipped and left_dense_unmatched(row["status"]):
+            if row["site"] not in allowed and row["layer"] not in skipped and left_dense_unmatched(row):
                 found.setdefault(row["site"], f"{row['site']} ({result.phase} graph): {row['status']}")
     return list(found.values()) + _missing_layers(session, n_layers)
-
-
-def _layer(row: dict) -> int | None:
-    """A site's layer; a block the pass found no match for has none: the last index in its name."""
-    if row.get("layer") is not None:
-        return row["layer"]
-    numbers = re.findall(r"\.(\d+)\.", row["site"])
-    return int(numbers[-1]) if numbers else None
 
 
 def _missing_layers(session: Session, n_layers: int | None) -> list[str]:

@@ -1,6 +1,7 @@
 """Policies: where a pruned site's kept heads and channels come from. Every policy runs through the
-same pass; the pass asks the policy object what it needs (a probe, a history, calibration) instead
-of comparing names. A new policy is a subclass registered in POLICIES.
+same pass, which builds its selection with the builder registered for the policy's class
+(passes/select.py, @register_selector), never by comparing names. A new policy is a subclass and
+one registered builder; registered in POLICIES, it is known by name.
 
   pp          per batch: a probe of top positions and samples, fused with the history (the method)
   full-batch  per batch: the whole batch is the probe, no history (the oracle)
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import baselines
+from .probes import ProbeDesign, WholeBatch
 from .registry import Named, lookup
 
 if TYPE_CHECKING:
@@ -27,46 +29,47 @@ if TYPE_CHECKING:
 class Policy(Named):
     kind = "policy"
     prunes = True  # False: the pass rewrites nothing (ratio 0 of every other policy equals it)
-    static = False  # kept indices chosen once from calibration statistics; weights pre-sliced
     history = False  # fuses the probe with a per-position history carried between calls
-    probe: str | None = "sampled"  # "sampled": top positions, then top samples; "all": the whole batch
+    needs_calibration = False  # scores from calibration statistics, which pp.compile must be given
     kinds: tuple[str, ...] = ("attention", "mlp")  # the blocks it prunes
-    dense_prefill = False  # the selecting call runs its blocks dense and selects from their activations
+    measured_in = "forward"  # where its pruning shows: "generation" when its selecting call runs dense
 
-    @property
-    def needs_calibration(self) -> bool:
-        return self.static
+    def design(self, configured: ProbeDesign) -> ProbeDesign | None:
+        """The probe design its selection runs, given the configured one; None: it runs no probe."""
+        return None
 
 
 class ProbePruning(Policy):
     name = "pp"
     history = True
 
+    def design(self, configured):
+        return configured
+
 
 class FullBatch(Policy):
     name = "full-batch"
-    probe = "all"
+
+    def design(self, configured):
+        return WholeBatch()
 
 
 class Griffin(Policy):
     name = "griffin"
-    probe = None
     kinds = ("mlp",)
-    dense_prefill = True
+    measured_in = "generation"  # the prompt runs dense; the decode steps after it are pruned
 
 
 class Dense(Policy):
     name = "dense"
     prunes = False
-    probe = None
 
 
 class StaticPolicy(Policy):
     """Scores every unit once from the final projection's weight and calibration statistics: a
     statistic per channel (what a rank of a tensor-parallel model can compute on its shard), then
     scores per unit over the whole block (its channels gathered from every rank)."""
-    static = True
-    probe = None
+    needs_calibration = True
 
     def channel_metric(self, site, weight: torch.Tensor, cal: "Calibration") -> torch.Tensor:
         """Per input channel of the final projection `weight` (d_out, C), float64 (C,)."""

@@ -1,6 +1,7 @@
 """Probe designs: which tokens of a batch the probe runs the block on. Every design goes through
-the same pass (passes/probe_prune.py asks the design object, never compares names); a new design
-is an object registered in PROBES.
+the same pass: the pass looks up the token builder registered for the design's class
+(passes/probe.py), never its name. A new design is a class (or an object of one), registered
+in PROBES to be known by name.
 
   paper   the paper's: top positions by the batch's residual norms, shared by the top sequences
           (sample_ratio of them, at least one); the probe's energy is averaged over its sequences
@@ -116,36 +117,40 @@ def _first_real(real: torch.Tensor) -> torch.Tensor:
 
 # ---- the designs ----
 class ProbeDesign(Named):
+    """Which tokens the probe runs on. How the pass picks them, and lays them out, is the token
+    builder registered for the design's class (passes/probe.py, @probe_tokens)."""
     kind = "probe"
-    per_sequence = False  # every sequence is probed at positions of its own: (B, k_t) positions
-    packed = False  # one row of tokens from any sequences: (1, k) sequences and positions
-    # per-token designs: (x_res, valid, k_t) -> (rows, positions, ok), an ops function the graph calls
-    select = None
 
-    @property
-    def per_token(self) -> bool:
-        """Each probe token has a position of its own (fused with the history there)."""
-        return self.per_sequence or self.packed
 
 class Paper(ProbeDesign):
     """Rows (k_b,) and shared positions (k_t,): ops.select_probe."""
     name = "paper"
 
 
-class PerToken(ProbeDesign):
-    """A design whose tokens each have a position of their own, chosen by `select`."""
+class WholeBatch(ProbeDesign):
+    """Every token of the batch (the full-batch oracle's probe; not a design users pick by name)."""
+    name = "all"
 
-    def __init__(self, name: str, select, *, packed: bool = False):
+
+class PerSequence(ProbeDesign):
+    """Every sequence at positions of its own, chosen by `select`: (x_res, valid, k_t) -> (rows
+    (B,), positions (B, k_t), ok (B, k_t)), a plain tensor function the graph calls."""
+
+    def __init__(self, name: str, select):
         self.name, self.select = name, select
-        self.per_sequence, self.packed = not packed, packed
+
+
+class Packed(PerSequence):
+    """One row of tokens from any sequences, chosen by `select`: (x_res, valid, k) -> (rows (1, k),
+    positions (1, k), ok (1, k)): each token's sequence and position."""
 
 
 PROBES: dict[str, ProbeDesign] = {p.name: p for p in (
     Paper(),
-    PerToken("every", sequence_positions),
-    PerToken("spread", spread_positions),
-    PerToken("stratified", stratified_positions),
-    PerToken("flat", batch_top_tokens, packed=True),
+    PerSequence("every", sequence_positions),
+    PerSequence("spread", spread_positions),
+    PerSequence("stratified", stratified_positions),
+    Packed("flat", batch_top_tokens),
 )}
 
 

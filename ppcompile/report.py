@@ -5,25 +5,28 @@ from tabulate import tabulate
 
 from .passes.probe_prune import PassResult
 from .passes.sites import module_path
+from .passes.status import Dense, Reason
 
 COLUMNS = ["site", "layer", "kind", "module", "total", "kept", "status"]
 
 
 def site_rows(result: PassResult) -> list[dict]:
     """Every site of a pass: layer, kind, final projection's module, units (heads or channels),
-    kept units, status ("pruned" or "dense: <why>"); then every block the pass could not match."""
+    kept units, status ("pruned" or "dense: <why>", and the reason's name); then every block the
+    pass could not match."""
     rows = [{"site": s.name, "layer": s.layer, "kind": s.kind, "module": module_path(s.final),
-             "total": s.heads or s.channels, "kept": s.kept, "status": s.status} for s in result.sites]
-    for p in result.problems:
-        site, why = p.split(": ", 1)
-        rows.append({"site": site, "status": f"dense: {why}"})
+             "total": s.units, "kept": s.kept, **_status(s.status)} for s in result.sites]
+    rows += [{"site": p.name, "layer": p.layer, "kind": p.kind, **_status(p.status)} for p in result.problems]
     return rows
 
 
-def left_dense_unmatched(status: str) -> bool:
+def _status(status) -> dict:
+    return {"status": str(status), "reason": status.reason.name if isinstance(status, Dense) else None}
+
+
+def left_dense_unmatched(row: dict) -> bool:
     """A block left dense because the pass could not handle it (not by the config's choice)."""
-    return status.startswith("dense") and not any(
-        why in status for why in ("skipped layer", ": policy ", "blocks="))
+    return row["reason"] is not None and not Reason[row["reason"]].chosen
 
 
 def format_rows(rows: list[dict], columns: list[str] = COLUMNS) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .passes.seam import Slot
+from .passes.seam import HISTORY, KEPT, SEEDED, SHARE, STEP, STORED, Slot, by_site, parse, slot_name
 
 
 class Runtime:
@@ -24,8 +24,7 @@ class Runtime:
         self.key = key  # what the state belongs to ({"model": fingerprint, "config": {...}}); checked on load
         self.telemetry = telemetry  # aggregate every call's selections for stats()
         self.sites: dict[str, dict] = {}  # site -> layer, kind, total units, pruned FLOPs fraction
-        self.slots: dict[str, torch.Tensor] = {"step": torch.zeros((), dtype=torch.long),
-                                               "seeded": torch.zeros((), dtype=torch.bool)}
+        self.slots: dict[str, torch.Tensor] = {s.name: s.new(0, "cpu") for s in (STEP, SEEDED)}
         # calls of the compiled model that ran pruned / unpruned, compiled graphs run, pruned sites run
         self.counts = {"pruned_calls": 0, "unpruned_calls": 0, "graph_runs": 0, "site_runs": 0}
         self._last: dict[str, torch.Tensor] = {}
@@ -35,22 +34,22 @@ class Runtime:
     @property
     def step(self) -> torch.Tensor:
         """Calls so far through a graph with a history; call 0 is the warm-up."""
-        return self.slots["step"]
+        return self.slots[STEP.name]
 
     @property
     def seeded(self) -> torch.Tensor:
         """Whether the history holds real statistics (from calibration or served calls)."""
-        return self.slots["seeded"]
+        return self.slots[SEEDED.name]
 
     @property
     def tables(self) -> dict[str, torch.Tensor]:
         """Site -> its history table (positions seen so far, channels)."""
-        return {name.split("/", 1)[1]: t for name, t in self.slots.items() if name.startswith("history/")}
+        return by_site(self.slots, HISTORY)
 
     @property
     def stored_sites(self) -> frozenset[str]:
         """Sites whose selection a prefill stored (what a decode graph reuses)."""
-        return frozenset(n.split("/")[1] for n in self.slots if n.startswith("stored/") and n.endswith("/kept"))
+        return frozenset(by_site(self.slots, STORED, "kept"))
 
     def provide(self, slot: Slot, rows: int, device) -> torch.Tensor:
         """The tensor of `slot` for a call (rows [0, rows) of a per-position one), on `device`;
@@ -74,7 +73,7 @@ class Runtime:
     def seed(self, histories: dict[str, torch.Tensor]) -> None:
         """Start from calibration: site -> (L, C) mean of x^2 per position; the history is seeded."""
         for site, h in histories.items():
-            self._put(f"history/{site}", h)
+            self._put(slot_name(HISTORY, site), h)
         self.seeded.fill_(True)
 
     def _put(self, name: str, value: torch.Tensor) -> None:
@@ -90,11 +89,11 @@ class Runtime:
     def record(self, outputs: dict[str, torch.Tensor]) -> None:
         """After a call: its named extra outputs (kept/<site>, share/<site>). Selections stay on
         their device; telemetry aggregates on the device too, so recording never waits for it."""
-        kept = {n[len("kept/"):]: t for n, t in outputs.items() if n.startswith("kept/")}
+        kept, shares = by_site(outputs, KEPT), by_site(outputs, SHARE)
         self._last.update(kept)
         if self.telemetry:
             for site, k in kept.items():
-                self._aggregate(site, k, outputs.get(f"share/{site}"))
+                self._aggregate(site, k, shares.get(site))
 
     def _aggregate(self, site: str, kept: torch.Tensor, share: torch.Tensor | None) -> None:
         a = self._agg.get(site)
@@ -143,12 +142,13 @@ class Runtime:
 
     # ---- persistence ----
     def state_dict(self) -> dict:
-        state = {f"history.{k}": v.clone() for k, v in self.tables.items()}
-        state.update(step=self.step.clone(), seeded=self.seeded.clone(), key=self.key)
+        """The history tables (by slot name, "history/<site>"), step, seeded and the key."""
+        state = {slot_name(HISTORY, k): v.clone() for k, v in self.tables.items()}
+        state.update({STEP.name: self.step.clone(), SEEDED.name: self.seeded.clone(), "key": self.key})
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        missing = {"step", "seeded"} - set(state)
+        missing = {STEP.name, SEEDED.name} - set(state)
         if missing:
             raise ValueError(f"runtime state lacks {sorted(missing)}")
         theirs = state.get("key")
@@ -156,23 +156,28 @@ class Runtime:
             what = [k for k in self.key if self.key.get(k) != theirs.get(k)]
             raise ValueError(f"this runtime state belongs to another {' and '.join(what)} "
                              f"(saved {theirs}, here {self.key})")
-        for name, t in state.items():
-            if name.startswith("history."):
-                site = name[len("history."):]
-                cur = self.tables.get(site)
-                if cur is not None and cur.shape[1] != t.shape[1]:
-                    raise ValueError(f"history of {site}: {t.shape[1]} channels in the state, "
-                                     f"{cur.shape[1]} in the model")
-                self._put(f"history/{site}", t.float())
-        self.step.copy_(state["step"])
-        self.seeded.copy_(state["seeded"])
+        for site, t in _histories(state).items():
+            cur = self.tables.get(site)
+            if cur is not None and cur.shape[1] != t.shape[1]:
+                raise ValueError(f"history of {site}: {t.shape[1]} channels in the state, "
+                                 f"{cur.shape[1]} in the model")
+            self._put(slot_name(HISTORY, site), t.float())
+        self.step.copy_(state[STEP.name])
+        self.seeded.copy_(state[SEEDED.name])
 
     def reset(self) -> None:
-        self.slots = {n: t for n, t in self.slots.items() if not n.startswith("stored/")}  # no prefill ran
+        self.slots = {n: t for n, t in self.slots.items() if parse(n)[0] != STORED}  # no prefill ran
         for t in self.slots.values():
             t.zero_()
         self._last.clear()
         self._agg.clear()
+
+
+def _histories(state: dict) -> dict[str, torch.Tensor]:
+    """Site -> history table of a saved state: "history/<site>" keys, or "history.<site>" as states
+    saved by earlier versions spelled them."""
+    old = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(HISTORY + ".")}
+    return old | by_site(state, HISTORY)
 
 
 def _jaccard_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,9 @@ all-reduces. A replicated block is pruned on every rank as one process prunes it
 inputs, so every rank keeps the same units. Each rank keeps what one block of its size would,
 which is `PPConfig(shards=world)` in one process (tests/test_tp.py checks they are the same) where
 every block splits. Static policies score once, at compile time, on every rank's statistics
-gathered (`whole_blocks`): FLAP's one threshold is over all ranks' units, and a rank keeps its
-part of it; they refuse a model with sharded and replicated blocks together (`shard_group`).
+gathered (passes/static.py `whole_blocks`): FLAP's one threshold is over all ranks' units, and a
+rank keeps its part of it; they refuse a model with sharded and replicated blocks together
+(`shard_group`).
 """
 from __future__ import annotations
 
@@ -123,12 +124,12 @@ def plan(model: nn.Module) -> list[Block]:
     blocks = []
     for s in found:
         bad = [p for p in s.projections if p.args[1].meta.get(WEIGHT_VIEW) or p.args[1].op != "placeholder"]
-        if s.status != "pruned" or bad or s.final.args[1].op != "placeholder":
-            why = "a fused projection" if bad else s.status
+        if not s.pruned or bad or s.final.args[1].op != "placeholder":
+            why = "a fused projection" if bad else str(s.status)
             raise ValueError(f"{s.name}: cannot be sharded ({why}); tensor parallelism here needs every block "
                              "found, with projections that are nn.Linear modules of their own")
         if s.kind == "attention":
-            roles = s.info["qkv"]
+            roles = s.qkv
             units = {module_path(roles["q"]): s.heads, module_path(roles["k"]): s.kv_heads,
                      module_path(roles["v"]): s.kv_heads}
             counts = {"K/V heads": s.kv_heads, "query heads": s.heads}  # K/V first: a GQA group keeps its queries
@@ -179,35 +180,3 @@ def _local_config(config, world: int, heads: bool) -> None:
     config.num_attention_heads //= world
     if getattr(config, "num_key_value_heads", None):
         config.num_key_value_heads //= world
-
-
-def shard_group(sites) -> str | None:
-    """The process group (by name) whose all-reduce sums the sites' outputs; None: not sharded.
-    Sharded and replicated sites together are refused: a static policy's one decision counts a
-    sharded block's units once over the ranks, and gathering a replicated one would count it once
-    per rank."""
-    names = {s.info.get("all_reduce") for s in sites}
-    if None in names and len(names) > 1:
-        whole = next(s.name for s in sites if s.info.get("all_reduce") is None)
-        raise ValueError(f"{whole} is replicated (tp.shard: it does not split over the ranks) and other blocks are "
-                         "sharded; a static policy (wanda-sp, flap) cannot score both yet: use policy 'pp', or a "
-                         "world size that splits every block")
-    names -= {None}
-    if len(names) > 1:
-        raise ValueError(f"the blocks of this graph are summed over different process groups {sorted(names)}; "
-                         "a static policy scores over one")
-    return next(iter(names), None)
-
-
-def whole_blocks(metrics: dict[str, torch.Tensor], group_name: str) -> tuple[dict[str, torch.Tensor], int, int]:
-    """Each site's per-channel statistic on this rank (its run of the block's channels) -> the
-    whole block's, every rank's run in rank order; and (rank, world). One all-gather; every rank
-    of the group calls it on the same sites (they compile the same graph)."""
-    group = dist.distributed_c10d._resolve_process_group(group_name)
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    local = torch.cat(list(metrics.values()))  # (sum of C_local,)
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local, group=group)
-    sizes = [len(m) for m in metrics.values()]
-    per_rank = [p.split(sizes) for p in parts]
-    return {name: torch.cat([p[i] for p in per_rank]) for i, name in enumerate(metrics)}, rank, world

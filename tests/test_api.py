@@ -69,7 +69,7 @@ def test_both_final_layouts_prune_the_same_and_only_copy_adds_weights(arch):
             outs[layout] = pp.compile(model, 0.4, backend="eager", strict=True, final_layout=layout, **TINY)(ids).logits
         sels[layout] = model.pp.runtime.last_selection()
         copies = {name: b for name, b in model.pp.passes[-1].gm.named_buffers() if name.endswith("_transposed")}
-        mlp_sites = [s for s in model.pp.passes[-1].sites if s.kind == "mlp" and s.status == "pruned"]
+        mlp_sites = [s for s in model.pp.passes[-1].sites if s.kind == "mlp" and s.pruned]
         assert len(copies) == (len(mlp_sites) if layout == "copy" else 0)
         finals = [w for name, w in model.named_parameters() if name.endswith(("down_proj.weight", "fc2.weight"))]
         for copy in copies.values():  # each is the down projection's weight of a pruned layer, transposed

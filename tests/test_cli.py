@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ppcompile import cli, data
+from ppcompile import cli, data, workloads
 from ppcompile.models import load_model, random_config, random_model
 
 
@@ -116,13 +116,20 @@ def test_bad_numbers_are_refused_while_parsing(argv, match, capsys, no_model):
     assert exit.value.code == 2 and match in capsys.readouterr().err
 
 
+def test_griffin_in_eval_is_refused_before_loading_naming_where_it_is_measured(capsys, no_model):
+    assert cli.main(["eval", "--methods", "dense,griffin", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "method 'griffin' selects its channels from a prompt for generation" in err
+    assert "`ppcompile generate --policy griffin`" in err
+
+
 def test_good_numbers_parse():
-    args = cli._parser().parse_args(["eval", "--ratio", "0, 0.2,0.4,", "--seq-len", "16"])
+    args = cli.parser().parse_args(["eval", "--ratio", "0, 0.2,0.4,", "--seq-len", "16"])
     assert args.ratio == [0.0, 0.2, 0.4] and args.seq_len == 16
-    assert cli._parser().parse_args(["inspect", "--ratio", "0.3", "--batches", "0"]).ratio == 0.3
-    assert cli._parser().parse_args(["eval"]).dtype == torch.float32  # the quality protocol's dtype
-    assert cli._parser().parse_args(["demo", "--dtype", "bfloat16"]).dtype == torch.bfloat16
-    assert cli._parser().parse_args(["generate", "--dtype", "float16"]).dtype == torch.float16
+    assert cli.parser().parse_args(["inspect", "--ratio", "0.3", "--batches", "0"]).ratio == 0.3
+    assert cli.parser().parse_args(["eval"]).dtype == torch.float32  # the quality protocol's dtype
+    assert cli.parser().parse_args(["demo", "--dtype", "bfloat16"]).dtype == torch.bfloat16
+    assert cli.parser().parse_args(["generate", "--dtype", "float16"]).dtype == torch.float16
 
 
 def test_a_seq_len_past_a_local_checkpoints_positions_is_refused_before_loading(tmp_path, capsys, no_model):
@@ -139,7 +146,7 @@ def test_a_seq_len_past_a_loaded_models_positions_is_refused_before_calibration(
 
     def refuse(*args, **kwargs):
         raise AssertionError("calibration or evaluation ran")
-    monkeypatch.setattr(cli, "_windows_and_calibration", refuse)
+    monkeypatch.setattr(workloads, "windows_and_calibration", refuse)
     code = cli.main(["eval", "--model", "smollm2-135m", "--seq-len", "300", "--calibration", "pydoc", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "--seq-len 300 is longer than the model's max_position_embeddings (256)" in err

@@ -19,12 +19,12 @@ def test_rewritten_nodes_record_their_compact_shapes(dynamic):
     cfg = model.pp.config
     heads, channels = cfg.kept_heads(4, 5), cfg.kept_channels(128, 5)
     for site in result.sites:
-        if site.status != "pruned":
+        if not site.pruned:
             continue
         width = heads * 16 if site.kind == "attention" else channels
         assert value(site.final.args[0]).shape[-1] == width, site.name  # the final projection's input
         assert value(site.final).shape[-1] == 64  # its output: the model's width, as before
-        q = site.info["qkv"]["q"] if site.kind == "attention" else site.projections[0]
+        q = site.qkv["q"] if site.kind == "attention" else site.projections[0]
         assert value(q).shape[-1] == width, site.name
         if site.kind == "attention":  # K/V are kept whole (GQA)
-            assert value(site.info["qkv"]["k"]).shape[-1] == 2 * 16
+            assert value(site.qkv["k"]).shape[-1] == 2 * 16

@@ -42,3 +42,17 @@ def test_telemetry_over_identical_and_different_batches():
 def test_stats_without_telemetry_is_a_clear_error():
     with pytest.raises(ValueError, match="telemetry=True"):
         Runtime().stats()
+
+
+def test_state_round_trips_by_slot_name_and_a_state_saved_with_dotted_keys_still_loads():
+    rt = Runtime()
+    table = torch.arange(12.0).view(3, 4)
+    rt.seed({"model.layers.1.mlp": table})
+    state = rt.state_dict()
+    assert set(state) == {"history/model.layers.1.mlp", "step", "seeded", "key"}
+    old = {"history.model.layers.1.mlp": table * 2, "step": torch.tensor(5), "seeded": torch.tensor(True)}
+    fresh = Runtime()
+    fresh.load_state_dict(old)  # earlier versions spelled the history "history.<site>"
+    assert torch.equal(fresh.tables["model.layers.1.mlp"], table * 2) and int(fresh.step) == 5
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.tables["model.layers.1.mlp"], table) and int(fresh.step) == 0

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 import ppcompile as pp
 from ppcompile import tp
+from ppcompile.passes.static import shard_group
 from ppcompile.models import random_model
 
 WORLD = 2
@@ -35,7 +36,7 @@ def _run(model, ratio: float, **options):
             logits = compiled(ids).logits
     runtime = model.pp.runtime
     return {"logits": logits, "kept": runtime.last_selection(),
-            "history": {k[len("history."):]: v for k, v in runtime.state_dict().items() if k.startswith("history.")}}
+            "history": {site: t.clone() for site, t in runtime.tables.items()}}
 
 
 def _generate(model, ratio: float, **options):
@@ -176,10 +177,10 @@ def test_an_attention_that_does_not_split_stays_whole_and_the_mlps_split():
 
 
 def test_a_static_policy_refuses_sharded_and_replicated_blocks_together():
-    sharded, whole = (SimpleNamespace(name=n, info=i) for n, i in (("l.mlp", {"all_reduce": "0"}), ("l.attention", {})))
-    assert tp.shard_group([sharded]) == "0" and tp.shard_group([whole]) is None
+    sharded, whole = (SimpleNamespace(name=n, all_reduce=g) for n, g in (("l.mlp", "0"), ("l.attention", None)))
+    assert shard_group([sharded]) == "0" and shard_group([whole]) is None
     with pytest.raises(ValueError, match="l.attention is replicated .* use policy 'pp'"):
-        tp.shard_group([sharded, whole])
+        shard_group([sharded, whole])
 
 
 @pytest.mark.slow  # spawns ranks

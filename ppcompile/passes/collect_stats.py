@@ -8,24 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import fx
 
 from .. import ops
 from .graph import call, copy_graph, final_input, graph_inputs
-from .seam import Seam, Slot
+from .seam import STATS, Seam, slot_name, stat_slots
 from .sites import Site
 from .unfuse import prepare
-
-STATS = ("sq", "count", "total", "total_sq")  # the tables per site
-
-
-def stat_slots(site: str, channels: int) -> list[Slot]:
-    """A site's four tables: slot names are "<stat>/<site>"."""
-    return [Slot(f"sq/{site}", (channels,), per_position=True),
-            Slot(f"count/{site}", (), per_position=True),
-            Slot(f"total/{site}", (channels,), dtype=torch.float64),
-            Slot(f"total_sq/{site}", (channels,), dtype=torch.float64)]
 
 
 @dataclass
@@ -39,7 +28,7 @@ def run_stats_pass(gm: fx.GraphModule) -> StatsPass:
     gm = copy_graph(gm)
     g = gm.graph
     sites, _, _ = prepare(gm)
-    sites = [s for s in sites if s.status == "pruned"]  # every block the pruning pass could rewrite
+    sites = [s for s in sites if s.pruned]  # every block the pruning pass could rewrite
     result = StatsPass(gm, sites)
     if sites:
         gi = graph_inputs(gm, sites)
@@ -50,7 +39,7 @@ def run_stats_pass(gm: fx.GraphModule) -> StatsPass:
             x = final_input(g, site, gi, tag)
             with g.inserting_after(site.final):
                 update = call(g, ops.accumulate_stats_, *tables, x, gi.valid, name=f"{tag}_stats")
-            result.seam.output(f"stats/{site.name}", update)
+            result.seam.output(slot_name(STATS, site.name), update)
     result.seam.close(g)
     g.lint()
     gm.recompile()

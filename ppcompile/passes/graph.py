@@ -10,11 +10,16 @@ import torch
 from torch import fx
 
 from .. import ops
-from .dims import Unsupported
 from .sites import Site, recorded, value
 
 Size = "int | sympy.Expr"  # a size the pass compares without guarding: an int or a symbol's expression
 SizeArg = "int | fx.Node"  # a size as a node argument: an int, or a node that computes it
+
+
+class Unsupported(Exception):
+    """A block the pass cannot rewrite (an op no dimension rule covers, a size no input carries):
+    the site stays dense, with this as the reason. Here, not in dims.py, so that dims can use
+    these helpers without an import cycle; dims re-exports it."""
 
 
 def static(size) -> Size:

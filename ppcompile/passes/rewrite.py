@@ -15,7 +15,7 @@ from torch import fx
 
 from .. import ops
 from .graph import call, shape_of
-from .dims import Atom, Labeler, Labels, anon, resized_args
+from .dims import Atom, Labeler, Labels, Unsupported, anon, resized_args
 from .sites import SDPA_PARAMS, Site, sdpa_params, writers, written
 
 
@@ -23,20 +23,42 @@ def label_site(site: Site, kv_whole: bool) -> Labeler:
     """Label the block's dims from its input x: b, s from x; h/kv/c on the projections' outputs."""
     shape = shape_of(site.x)
     x_lab: Labels = ((Atom("b", shape[0]),), (Atom("s", shape[1]),), anon(shape[-1])) if len(shape) == 3 \
-        else ((Atom("b", site.info["B"]), Atom("s", site.info["L"])), anon(shape[-1]))
+        else ((Atom("b", site.batch), Atom("s", site.seq_len)), anon(shape[-1]))
     lab = Labeler({site.x: x_lab})
     for p in site.projections:
         out = shape_of(p)[-1]
         if site.kind == "mlp":
             dim = (Atom("c", out),)
         else:
-            role = next(r for r, n in site.info["qkv"].items() if n is p)
+            role = next(r for r, n in site.qkv.items() if n is p)
             heads = out // site.head_dim
             name = "h" if role == "q" or not kv_whole else "kv"
             dim = (Atom(name, heads), Atom(None, site.head_dim))
         lab.labels[p] = x_lab[:-1] + (dim,)
     lab.run(site.region)
     return lab
+
+
+def site_labels(site: Site, whole_kv: bool = False) -> tuple[Labeler, bool]:
+    """Dim labels of the block, and whether its K/V stay whole (GQA, K/V in a cache, or asked);
+    Unsupported where a per-head or per-channel value leaves the block, or the final projection's
+    input is not laid out by heads or channels."""
+    kv_whole = False
+    if site.kind == "attention":
+        leaked = escapes(site)
+        kv_whole = whole_kv or site.kv_heads != site.heads or bool(leaked)
+        lab = label_site(site, kv_whole)
+        q_leaks = [n for n in leaked if n in lab.labels and any(a.name == "h" for d in lab.labels[n] for a in d)]
+        if q_leaks:
+            raise Unsupported(f"{q_leaks[0].name} (per query head) is used outside the block")
+    else:
+        lab = label_site(site, kv_whole)
+        if escapes(site):
+            raise Unsupported("an intermediate of the MLP is used outside the block")
+    fin = lab.labels.get(site.final.args[0])
+    if fin is None or [a.name for a in fin[-1]][:1] not in (["h"], ["c"]):
+        raise Unsupported("the final projection's input is not laid out by head/channel")
+    return lab, kv_whole
 
 
 def escapes(site: Site) -> set[fx.Node]:

@@ -22,7 +22,7 @@ SeqSource = "tuple[int, int | None] | int"
 
 @dataclass(frozen=True)
 class Slot:
-    name: str  # e.g. "history/model.layers.3.mlp", "step"
+    name: str  # e.g. "history/model.layers.3.mlp", "step": see slot_name()
     shape: tuple[int, ...] = ()  # the trailing dims
     per_position: bool = False  # a leading dim of one row per token position: (L, *shape)
     dtype: torch.dtype = torch.float32
@@ -36,6 +36,59 @@ class Slot:
 
 # A provider returns the tensor a slot holds now, with `rows` rows if it is per position.
 Provider = Callable[[Slot, int, torch.device], torch.Tensor]
+
+
+# ---- every name that crosses the seam: made here, and taken apart here ----
+#   slots    step, seeded, history/<site>, stored/<site>/<what>, <stat>/<site> (calibration)
+#   outputs  kept/<site>, share/<site>, update/<site>, stats/<site>, advance
+STEP = Slot("step", dtype=torch.long)  # calls so far; call 0 is the warm-up
+SEEDED = Slot("seeded", dtype=torch.bool)  # the history holds real statistics
+ADVANCE = "advance"
+HISTORY, STORED, KEPT, SHARE, UPDATE, STATS = "history", "stored", "kept", "share", "update", "stats"
+
+
+def slot_name(family: str, site: str, part: str | None = None) -> str:
+    """"kept/<site>", "stored/<site>/<part>": a site's slot or output in `family`."""
+    return f"{family}/{site}" if part is None else f"{family}/{site}/{part}"
+
+
+def parse(slot_or_output: str) -> tuple[str, str | None, str | None]:
+    """"stored/<site>/kept" -> ("stored", "<site>", "kept"); "step" -> ("step", None, None)."""
+    family, _, rest = slot_or_output.partition("/")
+    site, _, part = rest.partition("/")
+    return family, site or None, part or None
+
+
+def by_site(named: dict, family: str, part: str | None = None) -> dict:
+    """The entries of `named` (slot or output name -> value) in `family` (and `part`), by site."""
+    out = {}
+    for key, v in named.items():
+        fam, site, p = parse(key)
+        if fam == family and site is not None and p == part:
+            out[site] = v
+    return out
+
+
+def history_slot(site: str, channels: int) -> Slot:
+    """A site's history: mean of its final projection's input squared, per position and channel."""
+    return Slot(slot_name(HISTORY, site), (channels,), per_position=True)
+
+
+def stored_slot(site: str, part: str, shape: tuple[int, ...], dtype: torch.dtype) -> Slot:
+    """What a prefill stores for `site` ("kept", "q_w", ...), which its decode steps read."""
+    return Slot(slot_name(STORED, site, part), shape, dtype=dtype)
+
+
+CALIBRATION_STATS = ("sq", "count", "total", "total_sq")  # the calibration's tables per site
+
+
+def stat_slots(site: str, channels: int) -> list[Slot]:
+    """A site's calibration tables: per position and channel sums of x^2, token counts per
+    position, per channel sums of x and of x^2."""
+    return [Slot(slot_name("sq", site), (channels,), per_position=True),
+            Slot(slot_name("count", site), (), per_position=True),
+            Slot(slot_name("total", site), (channels,), dtype=torch.float64),
+            Slot(slot_name("total_sq", site), (channels,), dtype=torch.float64)]
 
 
 @dataclass

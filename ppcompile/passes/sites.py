@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .opsets import NORM_PARTS
+from .status import PRUNED, Dense, Pruned, Reason
+
 LINEAR = {torch._C._nn.linear, F.linear}
 SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
 _ROOT = re.compile(r"^L\['(?:self|args)'\](?:\[\d+\])?\.?")
@@ -36,9 +39,34 @@ class Site:
     heads: int = 0
     kv_heads: int = 0
     head_dim: int = 0
-    status: str = "pruned"  # or "dense: <why>"
+    status: Pruned | Dense = PRUNED  # or Dense(<reason>): status.py
     kept: int = 0  # heads (attention) or channels (MLP) kept
-    info: dict = field(default_factory=dict)
+    qkv: dict[str, fx.Node] = field(default_factory=dict)  # attention: "q"/"k"/"v" -> its projection
+    all_reduce: str | None = None  # a tensor-parallel shard: the group whose all-reduce sums its output
+    batch: object = 0  # the graph's batch and sequence sizes (ints, or symbols of a dynamic graph)
+    seq_len: object = 0
+    pruned_flops: float = 0.0  # the fraction of the block's projection FLOPs a call prunes
+
+    @property
+    def pruned(self) -> bool:
+        return self.status is PRUNED
+
+    @property
+    def units(self) -> int:
+        """Heads (attention) or channels (MLP): what the pass keeps some of."""
+        return self.heads or self.channels
+
+    def leave_dense(self, reason: Reason, detail: str = "") -> None:
+        self.status, self.kept = Dense(reason, detail), self.units
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """A block of a decoder layer the pass found no site for."""
+    name: str
+    layer: int
+    kind: str
+    status: Dense
 
 
 def module_path(node: fx.Node) -> str:
@@ -139,11 +167,11 @@ def _residual(x: fx.Node) -> fx.Node:
     return outside[0] if len(set(outside)) == 1 else x
 
 
-def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str], int]:
-    """All blocks the pass can rewrite, a line for every decoder layer block it could not, and
-    the number of decoder layers in the graph."""
+def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Unmatched], int]:
+    """All blocks the pass can rewrite, every decoder layer's block it found no site for, and the
+    number of decoder layers in the graph."""
     sites: list[Site] = []
-    problems: list[str] = []
+    problems: list[Unmatched] = []
     layers: dict[str, int] = {}
     for node in gm.graph.nodes:
         info = layer_of(node)
@@ -165,17 +193,16 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str], int]:
                     region=region, channels=value(node.args[0]).shape[-1],
                     sdpa=sdpas[0] if sdpas else None)
         # a tensor-parallel shard (tp.py): its partial output is summed over the ranks of this group
-        site.info["all_reduce"] = next((u.args[2] for u in node.users if u.target in ALL_REDUCE), None)
+        site.all_reduce = next((u.args[2] for u in node.users if u.target in ALL_REDUCE), None)
         if eager_attention:  # scores, softmax and matmuls written out: no rule reads heads off them
-            site.status = ("dense: attention without scaled_dot_product_attention (load the model with "
-                           "attn_implementation='sdpa' where it has one)")
+            site.leave_dense(Reason.NO_SDPA)
         elif len(xs) != 1:
-            site.status = "dense: its first projections read different inputs"
+            site.leave_dense(Reason.SPLIT_INPUT)
         elif len(sdpas) > 1:
-            site.status = "dense: more than one attention op in the block"
+            site.leave_dense(Reason.MANY_SDPA)
         else:
             site.x_res = _residual(site.x)
-        if kind == "attention" and site.status == "pruned":
+        if kind == "attention" and site.pruned:
             _describe_attention(site)
         sites.append(site)
     _separate(sites)
@@ -183,7 +210,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str], int]:
     for path, idx in layers.items():
         for kind in ("attention", "mlp"):
             if (idx, kind) not in found:
-                problems.append(f"{path}.{kind}: no {kind} block matched in this layer")
+                problems.append(Unmatched(f"{path}.{kind}", idx, kind, Dense(Reason.UNMATCHED, kind)))
     return sites, problems, len(layers)
 
 
@@ -196,8 +223,8 @@ def _separate(sites: list[Site]) -> None:
     names: set[str] = set()
     for s in sites:
         shared = [finals[p] for p in s.projections if p in finals]
-        if shared and s.status == "pruned":
-            s.status = f"dense: its first projection is the final projection of {shared[0].name}"
+        if shared and s.pruned:
+            s.leave_dense(Reason.CHAINED, shared[0].name)
         name, k = s.name, 2
         while s.name in names:
             s.name, k = f"{name}{k}", k + 1
@@ -209,8 +236,8 @@ SOFTMAX = (torch.softmax, F.softmax, torch.Tensor.softmax, "softmax", torch.ops.
 
 
 def _is_reduction(node: fx.Node) -> bool:
-    return node.target in ("mean", "sum", "var", torch.mean, torch.sum, torch.var, F.layer_norm,
-                           torch.rsqrt, "rsqrt")
+    """A step of a norm (a reduction over channels, rsqrt, layer_norm): no MLP has one inside."""
+    return node.target in NORM_PARTS
 
 
 def _describe_attention(site: Site) -> None:
@@ -219,14 +246,13 @@ def _describe_attention(site: Site) -> None:
     site.heads = site.channels // site.head_dim
     by_role = _qkv_projections(site)
     if by_role is None:
-        site.status = "dense: q/k/v projections not identified"
+        site.leave_dense(Reason.QKV_UNKNOWN)
         return
-    site.info["projections"] = {r: module_path(p) for r, p in by_role.items()}
     site.kv_heads = value(by_role["k"]).shape[-1] // site.head_dim
     if q.shape[1] != site.heads or site.heads * site.head_dim != site.channels:
-        site.status = "dense: head layout of the attention op is not (B, H, L, D)"
+        site.leave_dense(Reason.HEAD_LAYOUT)
     elif site.heads % max(site.kv_heads, 1):
-        site.status = "dense: query heads are not a multiple of key/value heads"
+        site.leave_dense(Reason.GQA_RATIO)
 
 
 SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -252,7 +278,7 @@ def _qkv_projections(site: Site) -> dict[str, fx.Node] | None:
         out[role] = hits[0]
     if len(set(out.values())) != 3 or len(site.projections) != 3:
         return None
-    site.info["qkv"] = out
+    site.qkv = out
     return out
 
 

@@ -27,15 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from . import opsets
 from .graph import body_start, call, hint, refresh_values, static
 from .sites import Site, find_sites, is_linear, value
+from .status import Dense, Reason
 
 WEIGHT_VIEW = "pp_weight"  # meta key: a node computed from weights alone (see real_tensors)
-MOVES = {  # ops that move or select elements without computing: what may lie between a linear and its parts
-    "view", "reshape", "transpose", "permute", "split", "chunk", "unbind", "contiguous", "unflatten", "flatten",
-    "narrow", "squeeze", "unsqueeze", operator.getitem, torch.split, torch.chunk, torch.unbind, torch.narrow,
-    torch.transpose, torch.reshape, torch.flatten, torch.permute, torch.squeeze, torch.unsqueeze,
-}
 
 
 def prepare(gm: fx.GraphModule) -> tuple[list[Site], list[str], int]:
@@ -64,7 +61,7 @@ def _refresh(gm: fx.GraphModule) -> None:
 
 def _may_be_fused(site: Site) -> bool:
     if site.kind == "attention":
-        return site.status == "dense: q/k/v projections not identified"
+        return site.status == Dense(Reason.QKV_UNKNOWN)
     return len(site.projections) == 1
 
 
@@ -94,9 +91,9 @@ def normalize_linears(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target is torch.addmm:
+        if node.target in opsets.ADDMM:
             done += _conv1d(gm.graph, node)
-        elif node.target in (torch.matmul, operator.matmul):
+        elif node.target in opsets.MATMUL:
             done += _matmul(gm.graph, node)
     return done
 
@@ -109,8 +106,8 @@ def _conv1d(g: fx.Graph, node: fx.Node) -> bool:
     bias, flat, w = node.args
     if _weight(w, 2) is None or _weight(bias, 1) is None or not isinstance(flat, fx.Node):
         return False
-    if flat.op != "call_method" or flat.target not in ("view", "reshape") or not node.users or \
-            any(u.op != "call_method" or u.target not in ("view", "reshape") for u in node.users):
+    if flat.op != "call_method" or flat.target not in opsets.RESHAPE or not node.users or \
+            any(u.op != "call_method" or u.target not in opsets.RESHAPE for u in node.users):
         return False
     x = flat.args[0]
     xv = value(x)
@@ -145,7 +142,7 @@ def _matmul(g: fx.Graph, node: fx.Node) -> bool:
         return False
     bias, out = None, node
     users = list(node.users)
-    if len(users) == 1 and users[0].op == "call_function" and users[0].target in (operator.add, torch.add) \
+    if len(users) == 1 and users[0].op == "call_function" and users[0].target in opsets.ADD \
             and len(users[0].args) == 2 and not users[0].kwargs:
         other = next(a for a in users[0].args if a is not node) if node in users[0].args else None
         if _weight(other, 1) is not None:
@@ -166,7 +163,7 @@ def _transposed_weight(node: fx.Node) -> fx.Node | None:
     """W for W.T, W.t(), W.transpose(0, 1) of a 2-d weight W."""
     if node.op == "call_function" and node.target is builtins.getattr and node.args[1:] == ("T",):
         return _weight(node.args[0], 2)
-    if node.target in ("t", torch.t) or node.target in ("transpose", torch.transpose) and \
+    if node.target in opsets.TRANSPOSE_2D or node.target in opsets.TRANSPOSE and \
             sorted(d % 2 for d in node.args[1:3]) == [0, 1]:
         return _weight(node.args[0], 2)
     return None
@@ -275,7 +272,7 @@ def _after(linear: fx.Node):
 
 def _moves(node: fx.Node, whole: dict) -> bool:
     """A data-movement op whose only tensor input carries the whole fused output."""
-    if node.op not in ("call_method", "call_function") or node.target not in MOVES:
+    if node.op not in ("call_method", "call_function") or node.target not in opsets.MOVES:
         return False
     tensors = [a for a in node.all_input_nodes if a in whole or value(a) is not None]
     return len(tensors) == 1 and tensors[0] in whole

@@ -1,0 +1,148 @@
+"""Where a site's kept units come from: one selection builder per policy, registered by its class.
+
+    @register_selector(MyPolicy)
+    def my_selection(ctx: SelectContext, site: Site, history) -> Selection: ...
+
+The pass looks the builder up by the policy's type (its classes in method resolution order, so a
+subclass inherits its parent's), calls it once per pruned site, and wraps whatever it returns in
+the same compact rewrite (compact.py). A builder adds its nodes before the node it names as the
+selection's `anchor`; the compact weights are gathered there too. `fixed=True`: the selection is
+made once at compile time (its kept units are constants); every graph rebuilds it alike, so a
+prefill stores nothing and a decode selects again. Otherwise a prefill stores the selection and
+its decode steps reuse it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import fx
+
+from .. import ops
+from ..config import PPConfig
+from ..policies import FullBatch, Griffin, Policy, ProbePruning
+from .compact import const, derived, graph_order
+from .graph import GraphInputs, call, final_input
+from .probe import probe_energy
+from .sites import Site
+
+if TYPE_CHECKING:
+    from ..calibration import Calibration
+
+RealTensor = Callable[[fx.Node], "torch.Tensor | None"]  # a weight node -> its real tensor, if known
+
+
+@dataclass
+class Selection:
+    kept: fx.Node  # (k,) long: the kept heads (attention) or channels (MLP), a node of the graph
+    anchor: fx.Node  # the selection's nodes, and the compact weights, come before this node
+    kept_now: torch.Tensor | None = None  # the same indices known at compile time (weights sliced once)
+    share: fx.Node | None = None  # the probe's share of the fused energy (telemetry)
+    bias: torch.Tensor | None = None  # added to the final projection's output (FLAP's compensation)
+    runs_dense: bool = False  # the selecting call runs its block dense (selects for later calls)
+    outline: bool = False  # its nodes go in a subgraph every layer of the same shape shares
+
+
+@dataclass
+class SelectContext:
+    """What a selection builder may read and build with, for one graph."""
+    g: fx.Graph
+    config: PPConfig
+    gi: GraphInputs
+    n_layers: int
+    sites: list[Site]  # every site it selects for in this graph
+    labels: dict[str, tuple]  # site -> (its dim labels, whether its K/V stay whole)
+    real: RealTensor | None = None
+    calibration: "Calibration | None" = None
+    memo: dict = field(default_factory=dict)  # constants made from weights, kept across a model's graphs
+    _once: dict = field(default_factory=dict)
+
+    def real_of(self, node: fx.Node) -> torch.Tensor | None:
+        return self.real(node) if self.real is not None else None
+
+    def derived_of(self, weight: torch.Tensor, what: str, make) -> torch.Tensor:
+        return derived(self.memo, weight, what, make)
+
+    def size(self, fn, *args, name: str):
+        """fn(*args): an int in a static graph, a size node (of the batch and sequence) in a dynamic one."""
+        if isinstance(self.gi.batch_arg, int) and isinstance(self.gi.seq_arg, int):
+            return fn(*args)
+        return call(self.g, fn, *args, name=name)
+
+    def once(self, key: str, make: Callable[[], object]):
+        """make(), once per graph: a decision over all sites (FLAP's global threshold)."""
+        if key not in self._once:
+            self._once[key] = make()
+        return self._once[key]
+
+
+Builder = Callable[[SelectContext, Site, "fx.Node | None"], Selection]  # (ctx, site, its history) -> ...
+
+
+@dataclass(frozen=True)
+class Selector:
+    build: Builder
+    fixed: bool = False  # chosen at compile time: nothing to store for decode
+
+
+SELECTORS: dict[type, Selector] = {}
+
+
+def register_selector(*policies: type, fixed: bool = False):
+    """Register the selection builder of these policy classes (and their subclasses)."""
+    def register(fn: Builder) -> Builder:
+        for cls in policies:
+            SELECTORS[cls] = Selector(fn, fixed)
+        return fn
+    return register
+
+
+def selector_for(policy: Policy) -> Selector:
+    for cls in type(policy).__mro__:
+        if cls in SELECTORS:
+            return SELECTORS[cls]
+    raise ValueError(f"policy {policy!r} has no selection builder: register one with "
+                     "@ppcompile.passes.select.register_selector")
+
+
+def tag_of(site: Site) -> str:
+    """The prefix of the nodes the pass makes for a site."""
+    return site.name.replace(".", "_")
+
+
+def first_projection(site: Site) -> fx.Node:
+    return min(site.projections, key=graph_order(site.final.graph))
+
+
+# ---- the dynamic policies ----
+@register_selector(ProbePruning, FullBatch)
+def probed(ctx: SelectContext, site: Site, history: fx.Node | None) -> Selection:
+    """Probe -> (fuse with history) -> score -> top-k: the kept heads or channels of this batch.
+    The probe's tokens are the policy's design (pp: the configured one; full-batch: every token)."""
+    g, tag, lab = ctx.g, tag_of(site), ctx.labels[site.name][0]
+    anchor = first_projection(site)
+    with g.inserting_before(anchor):
+        energy, share = probe_energy(ctx, site, lab, ctx.config.policy.design(ctx.config.probe), history, tag)
+        w = site.final.args[1]
+        t = ctx.real_of(w)
+        terms = const(g, f"{tag}_weight_terms", ctx.derived_of(t, "terms", ops.column_terms)) if t is not None \
+            else call(g, ops.column_terms, w, name=f"{tag}_weight_terms")  # weights unknown here: every call
+        if site.kind == "attention":
+            scores = call(g, ops.head_scores, energy, terms, site.heads, name=f"{tag}_score")
+        else:
+            scores = call(g, ops.channel_scores, energy, terms, name=f"{tag}_score")
+        kept = call(g, ops.top_indices, scores, site.kept, ctx.config.shards, name=f"{tag}_select")
+    return Selection(kept, anchor, share=share, outline=True)
+
+
+@register_selector(Griffin)
+def prompt_activations(ctx: SelectContext, site: Site, history: fx.Node | None) -> Selection:
+    """GRIFFIN: the prompt runs dense; its final projection's input, normalized per token, picks
+    the channels every decode step then uses."""
+    g, tag = ctx.g, tag_of(site)
+    with g.inserting_before(site.final):
+        act = final_input(g, site, ctx.gi, tag)
+        scores = call(g, ops.activation_scores, act, ctx.gi.valid, name=f"{tag}_score")
+        kept = call(g, ops.top_indices, scores, site.kept, ctx.config.shards, name=f"{tag}_select")
+    return Selection(kept, site.final, runs_dense=True)
