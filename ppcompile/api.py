@@ -29,7 +29,8 @@ def calibrate(model: torch.nn.Module, batches, *, meta: dict | None = None,
 
 
 def compile(model: torch.nn.Module, ratio: float = 0.4, *, calibration=None, policy: str = "pp",
-            backend: str = "inductor", dump_dir: str | Path | None = None, **options) -> torch.nn.Module:
+            backend: str = "inductor", dump_dir: str | Path | None = None, quiet: bool = False,
+            **options) -> torch.nn.Module:
     """Compile `model` so that every call runs the Probe Pruning pass with the given policy.
 
     calibration: a Calibration (see pp.calibrate), the path of a saved one, or an iterable of
@@ -37,6 +38,7 @@ def compile(model: torch.nn.Module, ratio: float = 0.4, *, calibration=None, pol
     backend: "inductor" (C++ on CPU, Triton on GPU) or "eager" (the rewritten graph, run as is).
     dump_dir: write, per compiled graph, the captured and rewritten graphs, the site table, the
         Inductor code and a report.json there (also $PPCOMPILE_DUMP; see ppcompile.dump).
+    quiet: no line on stderr when an Inductor compile starts and ends (also PPCOMPILE_QUIET=1).
     options: any other PPConfig field (position_ratio, sample_ratio, skip_layers, blocks,
         dynamic, strict, telemetry, ...).
 
@@ -57,7 +59,7 @@ def compile(model: torch.nn.Module, ratio: float = 0.4, *, calibration=None, pol
     folder = dump.dump_dir(dump_dir)
     session = Session(config, runtime=Runtime(key=key, telemetry=config.telemetry),
                       inductor=backend == "inductor", dumper=dump.Dumper(folder) if folder else None,
-                      model_fingerprint=model_fp, skip_layers_named="skip_layers" in options)
+                      model_fingerprint=model_fp, skip_layers_named="skip_layers" in options, quiet=quiet)
     if calibration is not None:
         session.use_calibration(resolve(calibration, model))
     model.pp = session

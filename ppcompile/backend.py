@@ -15,6 +15,7 @@ from typing import Callable
 
 from torch import fx
 
+from . import cache, progress
 from .calibration import Calibration, resolve
 from .config import PPConfig
 from .dump import Dumper, dump_dir, inductor_code
@@ -29,8 +30,9 @@ class Session:
 
     def __init__(self, config: PPConfig, *, runtime: Runtime | None = None, inductor: bool = True,
                  dumper: Dumper | None = None, model_fingerprint: str | None = None,
-                 skip_layers_named: bool = True):
+                 skip_layers_named: bool = True, quiet: bool = False):
         self.config = config
+        self.quiet = quiet  # no progress lines on stderr (progress.py)
         self.skip_layers_named = skip_layers_named  # the user chose skip_layers: each must exist
         self.runtime = runtime or Runtime(telemetry=config.telemetry)
         self.runtime.telemetry = self.runtime.telemetry or config.telemetry
@@ -87,7 +89,8 @@ class Session:
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
             codes: list[str] = []
-            with inductor_code(codes) if folder else contextlib.nullcontext():
+            with inductor_code(codes) if folder else contextlib.nullcontext(), cache.cacheable(), \
+                    progress.compiling(self._describe(result), self.quiet):
                 compiled = compile_fx(result.gm, list(example_inputs) + seam.examples())
             if folder:
                 self.dumper.write_inductor(folder, codes)
@@ -102,6 +105,13 @@ class Session:
             return out
 
         return run
+
+    def _describe(self, result: PassResult) -> str:
+        """What a progress line says a compile is: "graph 2 (decode, batch 1 x any length, 54 of 60
+        blocks pruned) with Inductor"."""
+        size = [str(s) if isinstance(s, int) else "any" for s in (result.batch, result.seq_len)]
+        return (f"graph {len(self.passes)} ({result.phase}, batch {size[0]} x length {size[1]}, "
+                f"{len(result.active_sites)} of {len(result.sites)} blocks pruned) with Inductor")
 
     def _report(self, result: PassResult) -> None:
         """Strict: any block left dense that the config did not ask for is an error; else a warning."""
@@ -128,16 +138,17 @@ def session_from_options(options: dict | None) -> Session:
     field, plus `runtime` (a Runtime to keep the history in; by default a new one, see
     `last_runtime()`), `calibration` (a Calibration or the path of a saved one: seeds the history,
     and the static policies score with it), `inductor` (False: run the rewritten graph without
-    Inductor) and `dump_dir` (write what the pass did there; also $PPCOMPILE_DUMP)."""
+    Inductor), `dump_dir` (write what the pass did there; also $PPCOMPILE_DUMP) and `quiet` (no
+    progress lines on stderr)."""
     global _LAST_RUNTIME
     key = id(options)
     if options is not None and key in _SESSIONS and _SESSIONS[key][0] is options:
         return _SESSIONS[key][1]
     opts = dict(options or {})
-    runtime, inductor = opts.pop("runtime", None), opts.pop("inductor", True)
+    runtime, inductor, quiet = opts.pop("runtime", None), opts.pop("inductor", True), opts.pop("quiet", False)
     folder, cal = dump_dir(opts.pop("dump_dir", None)), opts.pop("calibration", None)
     session = Session(PPConfig.from_options(opts), runtime=runtime, inductor=inductor,
-                      dumper=Dumper(folder) if folder else None, skip_layers_named="skip_layers" in opts)
+                      dumper=Dumper(folder) if folder else None, skip_layers_named="skip_layers" in opts, quiet=quiet)
     if cal is not None:
         session.use_calibration(resolve(cal))
     if options is not None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -205,9 +206,9 @@ def _generate_and_print(model, tokenizer, ids: torch.Tensor, runs: list[tuple[st
         compiled = pp_compile(model, ratio, policy=policy, calibration=cal, backend=backend)
         with torch.no_grad():
             start = time.perf_counter()
-            timed_generate(compiled, ids, new=2, pad_token_id=tokenizer.pad_token_id)  # compiles both graphs
+            timed_generate(compiled, ids, new=new, pad_token_id=tokenizer.pad_token_id)  # compiles every graph
             first = time.perf_counter() - start
-            out, prefill, step = timed_generate(compiled, ids, new=new, pad_token_id=tokenizer.pad_token_id)
+            out, prefill, step = timed_generate(compiled, ids, new=new, warm=True, pad_token_id=tokenizer.pad_token_id)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         label = "dense" if policy == "dense" else f"{policy} at ratio {ratio}"
         dtype = models.dtype_name(next(model.parameters()).dtype)
@@ -238,6 +239,9 @@ def _print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # Inductor's caches beside the model's, so that a second run of a command loads what the first
+    # compiled (torch's default, /tmp/torchinductor_<user>, may not outlive a reboot)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(data.cache_dir() / "inductor"))
     try:
         if args.command == "fetch":
             print(data.fetch_brown())

@@ -245,9 +245,14 @@ def _fallback_cause(model: torch.nn.Module) -> str:
 
 
 def timed_generate(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, new: int,
-                   **kwargs) -> tuple[torch.Tensor, float, float]:
+                   warm: bool = False, **kwargs) -> tuple[torch.Tensor, float, float]:
     """(sequences, prefill seconds, decode seconds per step): greedy `generate` of exactly `new`
-    tokens, timed by a streamer that stamps each new token (the prefill ends at the first)."""
+    tokens, timed by a streamer that stamps each new token (the prefill ends at the first).
+    `warm`: the call is a measurement after a warm-up; a graph compiled inside it (its time would
+    be in the figures) is an error. Warm up with as many new tokens as are timed: the second
+    decode step recompiles the decode graph for a moving cache position (automatic dynamic)."""
+    session = getattr(model, "pp", None)
+    graphs = len(session.passes) if session is not None else 0
     from transformers.generation.streamers import BaseStreamer
 
     class Stamps(BaseStreamer):
@@ -270,4 +275,7 @@ def timed_generate(model, ids: torch.Tensor, attention_mask: torch.Tensor | None
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                          streamer=stamps, **kwargs)
     step = (stamps.times[-1] - stamps.times[0]) / (new - 1) if new > 1 else float("nan")
+    if warm and session is not None and len(session.passes) > graphs:
+        raise RuntimeError(f"{len(session.passes) - graphs} graph(s) compiled inside a timed generate() of {new} "
+                           "tokens: its timings would include the compile; warm up with as many new tokens first")
     return out, stamps.times[0] - start, step

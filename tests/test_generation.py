@@ -279,3 +279,19 @@ def test_a_mutated_selection_fails_the_griffin_by_hand_check(monkeypatch, mutant
     mutate(monkeypatch, mutant)
     with pytest.raises(AssertionError):
         test_griffin_keeps_what_its_statistic_gives_by_hand()
+
+
+def test_a_timed_generation_refuses_a_compile_inside_it_and_passes_after_a_warm_up_of_its_size():
+    from ppcompile.generation import timed_generate
+    model = random_model("llama-gqa")
+    c = pp.compile(model, 0.4, backend="eager", cache_bucket=16, **TINY)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        timed_generate(c, ids, new=2, pad_token_id=0)  # 12 tokens: a cache of 16
+        graphs = len(model.pp.passes)
+        with pytest.raises(RuntimeError, match=r"graph\(s\) compiled inside a timed generate\(\) of 10 tokens"):
+            timed_generate(c, ids, new=10, warm=True, pad_token_id=0)  # 20 tokens: a cache of 32, new graphs
+        assert len(model.pp.passes) > graphs
+        graphs = len(model.pp.passes)
+        out, prefill, step = timed_generate(c, ids, new=10, warm=True, pad_token_id=0)
+    assert len(model.pp.passes) == graphs and out.shape == (2, 20) and prefill > 0 and step > 0

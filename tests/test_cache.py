@@ -1,0 +1,66 @@
+"""A second process compiling the same model and config loads both of Inductor's caches (their
+counters say so); another ratio compiles again; other weights compute their own values (their
+kept units and weights are the graph's inputs: a hit is correct)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.inductor, pytest.mark.slow]  # each case compiles with Inductor in fresh processes
+
+CHILD = """
+import json, sys
+import torch
+import ppcompile as pp
+from torch._dynamo.utils import counters
+from ppcompile.models import random_model
+ratio, seed, policy = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+model = random_model("llama-gqa", seed=seed)
+ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+extra = dict(calibration=[ids, ids]) if policy == "flap" else {}
+compiled = pp.compile(model, ratio, policy=policy, skip_layers=(0,), mlp_multiple=16, **extra)
+with torch.no_grad():
+    logits = compiled(ids).logits
+print(json.dumps({**counters["aot_autograd"], **counters["inductor"], "logits": logits.double().sum().item()}))
+"""
+
+
+def _run(cache_dir, ratio=0.4, seed=0, policy="pp", quiet=True) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "PPCOMPILE_QUIET": "1" if quiet else "0"}
+    out = subprocess.run([sys.executable, "-c", CHILD, str(ratio), str(seed), policy], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "stderr": out.stderr}
+
+
+def test_a_second_process_loads_the_compiled_graph_from_both_caches(tmp_path):
+    first, second = _run(tmp_path, quiet=False), _run(tmp_path)
+    what = "graph 1 (forward, batch any x length any, 8 of 10 blocks pruned) with Inductor"  # layer 0 skipped
+    assert f"[ppcompile] compiling {what} ...\n" in first["stderr"]
+    assert re.search(rf"\[ppcompile\] compiled {re.escape(what)} in \d+\.\d s\n", first["stderr"])
+    assert "[ppcompile]" not in second["stderr"]  # PPCOMPILE_QUIET=1
+    assert first.get("autograd_cache_miss", 0) >= 1 and not first.get("autograd_cache_bypass")
+    assert second.get("autograd_cache_hit", 0) >= 1 and second.get("fxgraph_cache_hit", 0) >= 1
+    assert not second.get("autograd_cache_miss") and not second.get("autograd_cache_bypass")
+    assert second["logits"] == first["logits"]
+
+
+def test_another_ratio_compiles_again_and_other_weights_run_their_own_values(tmp_path):
+    _run(tmp_path)
+    assert _run(tmp_path, ratio=0.2).get("autograd_cache_miss", 0) >= 1  # other kept counts: other shapes
+    hit = _run(tmp_path, seed=1)  # pp's code does not depend on the weights (they are its inputs): a hit,
+    fresh = _run(tmp_path / "fresh", seed=1)  # computing with these weights, as a compile of its own does
+    assert hit.get("autograd_cache_hit", 0) >= 1 and fresh.get("autograd_cache_miss", 0) >= 1
+    assert hit["logits"] == fresh["logits"]
+
+
+def test_a_static_policy_hits_its_own_entry_and_other_weights_compute_their_own_values(tmp_path):
+    first, again = _run(tmp_path, policy="flap"), _run(tmp_path, policy="flap")
+    assert again.get("autograd_cache_hit", 0) >= 1 and again["logits"] == first["logits"]
+    other, fresh = _run(tmp_path, seed=1, policy="flap"), _run(tmp_path / "fresh", seed=1, policy="flap")
+    assert other["logits"] == fresh["logits"] != first["logits"]  # hit or miss, what a compile of its own gives
