@@ -77,11 +77,12 @@ def _size(size) -> int | str:
 @contextmanager
 def inductor_code(codes: list[str]):
     """Collect the code Inductor generates inside the block (its own hook, the one
-    `torch._inductor.utils.run_and_get_code` uses; the FX graph cache is off so that a cached
-    graph is generated again rather than loaded)."""
+    `torch._inductor.utils.run_and_get_code` uses; the FX graph and AOT autograd caches are off
+    so that a cached graph is generated again rather than loaded: see cache.py)."""
+    import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
     from torch._inductor.graph import GraphLowering
 
     with mock.patch.object(GraphLowering, "save_output_code", codes.append), \
-            inductor_config.patch(fx_graph_cache=False):
+            inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
         yield
