@@ -14,6 +14,7 @@ import warnings
 from typing import Callable
 
 from torch import fx
+from torch._dynamo.utils import dynamo_timed
 
 from . import cache, progress
 from .calibration import Calibration, resolve
@@ -70,8 +71,9 @@ class Session:
         if self.config.policy.needs_calibration and self.calibration is None:
             raise ValueError(f"policy '{self.config.policy}' is static: it needs calibration=<token batches, a "
                              "Calibration from pp.calibrate, or the path of a saved one>")
-        result = run_pass(gm, self.config, calibration=self.calibration, real=real, phase=phase,
-                          stored=self.runtime.stored_sites, derived=self.derived)
+        with dynamo_timed("ppcompile_pass"):  # a phase of Dynamo's compile metrics (compile_times())
+            result = run_pass(gm, self.config, calibration=self.calibration, real=real, phase=phase,
+                              stored=self.runtime.stored_sites, derived=self.derived)
         if result.whole_model:
             self.config.check_layers(result.n_layers, named=self.skip_layers_named)
         if self.calibration is not None:

@@ -262,3 +262,15 @@ def test_the_graphs_of_one_model_share_the_constants_made_from_its_weights():
     copy = next(n for n in made if "layers_1_mlp" in n and n.endswith("_transposed"))
     assert changed[copy] is not made[copy]
     assert torch.equal(changed[copy], model.model.layers[1].mlp.down_proj.weight.t())
+
+
+def test_the_pass_is_a_phase_of_dynamos_compile_metrics():
+    from torch._dynamo.utils import compilation_time_metrics, compile_times
+    compilation_time_metrics.pop("ppcompile_pass", None)
+    model = random_model("llama-gqa")
+    c = pp.compile(model, 0.4, backend="eager", skip_layers=(0,), mlp_multiple=16)
+    with torch.no_grad():
+        c(torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0)))
+    seconds = compilation_time_metrics["ppcompile_pass"]  # what compile_times() tabulates
+    assert len(seconds) == len(model.pp.passes) == 1 and seconds[0] > 0
+    assert "ppcompile_pass" in compile_times(repr="str", aggregate=True)
