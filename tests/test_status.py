@@ -4,15 +4,15 @@ import torch
 
 import ppcompile as pp
 from ppcompile.models import random_model
-from ppcompile.passes.status import PRUNED, Dense, Reason, chosen
+from ppcompile.passes.status import PRUNED, Dense, Reason
 from ppcompile.report import left_dense_unmatched
 
 
 def test_a_status_prints_its_line_and_says_whether_the_config_chose_it():
-    assert str(PRUNED) == "pruned" and chosen(PRUNED)
-    assert str(Dense(Reason.BLOCKS, "mlp")) == "dense: blocks=mlp" and chosen(Dense(Reason.BLOCKS, "mlp"))
+    assert str(PRUNED) == "pruned" and not isinstance(PRUNED, Dense)
+    assert str(Dense(Reason.BLOCKS, "mlp")) == "dense: blocks=mlp" and Dense(Reason.BLOCKS, "mlp").reason.chosen
     assert str(Dense(Reason.DOES_NOT_RUN, "RuntimeError: x")) == "dense: the rewritten block does not run (RuntimeError: x)"
-    assert not chosen(Dense(Reason.UNSUPPORTED, "a side input ..."))
+    assert not Dense(Reason.UNSUPPORTED, "a side input ...").reason.chosen
     assert {r for r in Reason if r.chosen} == {Reason.SKIPPED_LAYER, Reason.BLOCKS, Reason.POLICY}
 
 

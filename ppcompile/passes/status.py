@@ -52,10 +52,4 @@ class Dense:
         return "dense: " + self.reason.text.format(self.detail)
 
 
-Status = "Pruned | Dense"
 PRUNED = Pruned()
-
-
-def chosen(status: "Pruned | Dense") -> bool:
-    """Dense by the config's choice (or pruned): not a block the pass failed on."""
-    return not isinstance(status, Dense) or status.reason.chosen
