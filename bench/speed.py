@@ -15,8 +15,10 @@ fastest dense. --busy: time every method a second time while another CPU-bound p
 Per shape, every method at every ratio is timed against one dense baseline. Per configuration:
 median seconds per batch over --reps timed rounds (after a compile/warm-up call), tokens/s, time
 relative to dense, the FLOPs ratio (pruned/dense, torch's FlopCounterMode; the probe also apart),
-`dense time x FLOPs ratio` (the FLOPs limit), the compile time (Dynamo's own timer over the
-first call, Inductor included; its on-disk caches are off unless --caches) and the peak memory a
+`dense time x FLOPs ratio` (the FLOPs limit), the compile time of the first call, cold (in an empty
+Inductor cache folder of the method's own, unless --caches) and warm (built again once the process
+forgot it, from that folder), each by phase from Dynamo's and Inductor's own timers (compile_time.py;
+`dense dynamic=true` is dense compiled for any shape, as pp is, to compare like with like), and the peak memory a
 steady call adds (CUDA: max allocated; CPU: the process's peak RSS above its level before the
 call, Linux only); and the memory a method holds besides the model's weights (`added_mib`: the
 tensors its passes made, such as flap's sliced weights and pp's transposed copies, and its
@@ -57,11 +59,13 @@ from ppcompile.models import (KNOWN_MODELS, RANDOM_ARCHS, dtype_name, dtype_suff
                               random_model)
 from ppcompile.policies import get_policy
 from ppcompile.workloads import device_name
+import compile_time  # noqa: E402 (bench/ is on sys.path)
 from protocol import canonical, label, parse_label, provenance  # bench/ is the script's folder: on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 EAGER = label("pp", backend="eager")  # pp, the rewritten graph run eagerly (earlier runs' JSON: pp-eager)
-METHODS = [label("dense"), label("pp"), label("flap"), EAGER]  # also: label("pp", dynamic=False)
+DENSE_DYNAMIC = label("dense", dynamic=True)  # dense compiled for any shape, as pp is
+METHODS = [label("dense"), label("pp"), label("flap"), EAGER]  # also: label("pp", dynamic=False), DENSE_DYNAMIC
 # the methods matrix() gives a column, and the column's caption (as the published tables have it)
 MATRIX = {label("pp"): "pp", label("flap"): "flap", EAGER: "pp-eager"}
 
@@ -141,7 +145,7 @@ def _compile_seconds() -> float:
 
 def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], methods: list[str], reps: int,
               device: torch.device, profile: bool = False, busy: bool = False,
-              pp_options: dict | None = None) -> list[dict]:
+              pp_options: dict | None = None, caches: bool = False) -> list[dict]:
     """Every method (a label: protocol.label) at every ratio on one (batch, seq), against one dense
     baseline, interleaved; with `busy`, the rounds again beside another CPU-bound process.
     `pp_options`: PPConfig fields for the pp methods (pp, pp backend=eager, pp dynamic=false)."""
@@ -155,33 +159,41 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
     cal = collect(model, [torch.randint(0, vocab, (2, seq), generator=gen).to(device) for _ in range(2)]) \
         if any(get_policy(p).needs_calibration for p in policy_of.values()) else None
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    runs = [("dense", 0.0)] if "dense" in methods else []
-    runs += [(m, r) for r in ratios for m in methods if m != "dense"]
+    dense_methods = [m for m in methods if policy_of[m] == "dense"]  # "dense", "dense dynamic=true"
+    runs = [(m, 0.0) for m in dense_methods] + [(m, r) for r in ratios for m in methods if m not in dense_methods]
     flops = {}
     for m, r in runs:
         policy = policy_of[m]
-        if m != "dense" and (policy, r) not in flops:
+        if m not in dense_methods and (policy, r) not in flops:
             flops[policy, r] = pp.explain(model, ids, r, policy=policy,
                                           calibration=cal if get_policy(policy).needs_calibration else None,
                                           **(pp_options if policy == "pp" else {})).flops
     torch._dynamo.reset()  # the captures above are not among the measured models
-    fns = {}
-    for m, r in runs:
-        if m == "dense":
-            fns[m, r] = torch.compile(model, dynamic=False)
-        else:
-            policy, _, options = parse_label(m)
-            fns[m, r] = pp.compile(model, r, policy=policy,
-                                   calibration=cal if get_policy(policy).needs_calibration else None,
-                                   **{**(pp_options if policy == "pp" else {}), **options})
+
+    def build(m: str, r: float):
+        policy, _, options = parse_label(m)
+        if policy == "dense":
+            return torch.compile(model, dynamic=options.get("dynamic", False))
+        return pp.compile(model, r, policy=policy, calibration=cal if get_policy(policy).needs_calibration else None,
+                          quiet=True, **{**(pp_options if policy == "pp" else {}), **options})
+
     rows = {key: {"times": []} for key in runs}
-    with torch.no_grad():
-        for key, fn in fns.items():  # compile + the warm-up call
-            start, compiling = time.perf_counter(), _compile_seconds()
-            fn(input_ids=ids, use_cache=False)
-            _sync(device)
-            rows[key]["first_call_s"] = time.perf_counter() - start
-            rows[key]["compile_s"] = _compile_seconds() - compiling
+    with torch.no_grad(), compile_time.OwnCaches() as own:
+        # cold: every method compiles into an empty cache folder of its own; warm: the same models
+        # built again once this process forgot them, found in that folder (--caches: Inductor's
+        # usual folder for all, so that neither is a cold compile)
+        for phase, prefix in (("cold", ""), ("warm", "warm_")):
+            if phase == "warm":
+                compile_time.forget_in_memory()
+            fns = {key: build(*key) for key in runs}
+            for key, fn in fns.items():  # compile + the first call
+                start, before = time.perf_counter(), compile_time.snapshot()
+                with contextlib.nullcontext() if caches else own.use(key):
+                    fn(input_ids=ids, use_cache=False)
+                _sync(device)
+                rows[key][prefix + "first_call_s"] = time.perf_counter() - start
+                rows[key][prefix + "compile_phases"] = compile_time.phases_since(before)
+                rows[key][prefix + "compile_s"] = rows[key][prefix + "compile_phases"]["total"]
         if profile:  # where each method's time goes: torch's profiler, one steady call
             for (m, r), fn in fns.items():
                 with torch.profiler.profile() as prof:
@@ -202,7 +214,7 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
                     for key, fn in fns.items():
                         rows[key].setdefault("busy_times", []).append(_timed(fn, ids, device))
     for (m, r), fn in fns.items():  # every timed call of a pruned method ran pruned, or nothing is reported
-        if m != "dense":
+        if m not in dense_methods:
             policy, _, options = parse_label(m)
             assert_pruned(fn, method=f"{label(policy, r, **options)}, batch {batch} x {seq}")
     added = {key: _added_mib(fn) for key, fn in fns.items()}
@@ -223,12 +235,13 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
                     "flops_ratio": ratio_flops,
                     "probe_flops": f["probe"] / f["dense"] if f else 0.0,
                     "vs_flops_limit": median / (dense_s * ratio_flops) if dense_s else None,
-                    "first_call_s": row["first_call_s"], "compile_s": row["compile_s"],
+                    **{k: row[k] for k in ("first_call_s", "compile_s", "compile_phases", "warm_first_call_s",
+                                           "warm_compile_s", "warm_compile_phases")},
                     "peak_mib": row["peak_mib"],
                     "peak_vs_dense": row["peak_mib"] / dense["peak_mib"] if dense and dense["peak_mib"] else None,
                     "weights_mib": weights, "added_mib": added[m, r],
                     "busy_seconds": busy_s, "busy_vs_dense": busy_s / dense_busy if dense_busy else None,
-                    "provenance": provenance(None if m == "dense" else fns[m, r], dtype=model.dtype)})
+                    "provenance": provenance(None if m in dense_methods else fns[m, r], dtype=model.dtype)})
     return out
 
 
@@ -318,9 +331,24 @@ def _graphs() -> int:
 def table(rows: list[dict]) -> str:
     cols = ["model", "dtype", "batch", "seq_len", "ratio", "method", "seconds", "tokens_per_second", "vs_dense",
             "flops_ratio", "vs_flops_limit", "probe_flops", "compile_s", "peak_mib", "peak_vs_dense", "added_mib"]
+    if any("warm_compile_s" in r for r in rows):  # runs that measured a warm compile
+        cols.insert(cols.index("compile_s") + 1, "warm_compile_s")
     if any(r.get("busy_vs_dense") for r in rows):
         cols.append("busy_vs_dense")
     return tabulate([[r.get(c) for c in cols] for r in rows], headers=cols, floatfmt=".3g", tablefmt="github")
+
+
+def compile_table(rows: list[dict]) -> str:
+    """Each row's cold and warm compile by phase (bench/compile_time.py), seconds; rows of runs
+    that predate the breakdown are left out."""
+    names = [name for name, _, _ in compile_time.PHASES] + ["other", "total"]
+    body = [[r["model"], r["batch"], r["seq_len"], r["ratio"], r["method"], when,
+             *(r[key].get(n) for n in names)]
+            for r in rows for when, key in (("cold", "compile_phases"), ("warm", "warm_compile_phases")) if key in r]
+    if not body:
+        return ""
+    return tabulate(body, headers=["model", "batch", "seq_len", "ratio", "method", "compile", *names],
+                    floatfmt=".1f", tablefmt="github")
 
 
 def matrix(rows: list[dict]) -> str:
@@ -330,6 +358,7 @@ def matrix(rows: list[dict]) -> str:
         return r["model"], r.get("dtype", "float32"), r["batch"], r["seq_len"]
 
     dense_compile = {shape(r): r["compile_s"] for r in rows if r["method"] == "dense"}
+    dense_dynamic_compile = {shape(r): r["compile_s"] for r in rows if r["method"] == DENSE_DYNAMIC}
     cells: dict[tuple, dict] = {}
     for r in rows:
         method = canonical(r["method"])  # earlier runs' spellings too (pp-eager)
@@ -343,9 +372,14 @@ def matrix(rows: list[dict]) -> str:
             cell["pp FLOPs"], cell["probe FLOPs"] = r["flops_ratio"], r["probe_flops"]
             base = dense_compile.get(key[:4])
             cell["pp compile"] = r["compile_s"] / base if base else None
+            dynamic = dense_dynamic_compile.get(key[:4])
+            cell["pp compile vs dynamic"] = r["compile_s"] / dynamic if dynamic else None
             cell["pp busy"] = r.get("busy_vs_dense")
     cols = [*MATRIX.values(), "pp FLOPs", "probe FLOPs", "pp compile", "pp busy"]
-    headers = [c if "FLOPs" in c else f"{c} / dense" for c in cols]
+    if dense_dynamic_compile:  # runs that compiled dense for any shape too
+        cols.insert(cols.index("pp compile") + 1, "pp compile vs dynamic")
+    headers = [c if "FLOPs" in c else "pp compile / dense dynamic" if c == "pp compile vs dynamic" else f"{c} / dense"
+               for c in cols]
     body = [[*key, *(cell.get(c) for c in cols)] for key, cell in cells.items()]
     return tabulate(body, headers=["model", "dtype", "batch", "seq_len", "ratio", *headers], floatfmt=".3g",
                     tablefmt="github")
@@ -386,11 +420,9 @@ def main() -> None:
     args = p.parse_args()
     if args.from_json:
         rows = [r for f in args.from_json for r in json.loads(f.read_text())]
-        print(table(rows) + "\n\n" + matrix(rows))
+        print(table(rows) + "\n\n" + matrix(rows) + "\n\n" + compile_table(rows))
         return
     device = torch.device(args.device)
-    # by default every graph compiles from scratch, so that compile_s measures compiling
-    torch._inductor.config.force_disable_caches = not args.caches
     torch._inductor.config.cpp.enable_kernel_profile = args.profile  # C++ kernels by name in the profile
     _warm_inductor(device)
     dtype = parse_dtype(args.dtype, device)
@@ -410,15 +442,16 @@ def main() -> None:
         return
     rows = []
     for batch, seq in args.shapes:
-        for r in run_shape(model, vocab, batch, seq, args.ratio, args.methods.split(","), args.reps, device,
-                           args.profile, args.busy, dict(args.pp)):
+        measured = run_shape(model, vocab, batch, seq, args.ratio, args.methods.split(","), args.reps, device,
+                             args.profile, args.busy, dict(args.pp), args.caches)
+        for r in measured:
             rows.append({"model": args.model, "dtype": dtype_name(dtype), **r, "pp_options": dict(args.pp),
                          "machine": machine, "torch": torch.__version__})
             print(json.dumps(rows[-1]), flush=True)
     out = args.out or ROOT / f"bench/results/speed_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")
-    print(table(rows) + "\n\n" + matrix(rows))
+    print(table(rows) + "\n\n" + matrix(rows) + "\n\n" + compile_table(rows))
     print(f"\n{args.model} ({dtype_name(dtype)}), {machine}, torch {torch.__version__}, median of {args.reps} rounds"
           f"{'; busy: beside one CPU-bound process' if args.busy else ''}; JSON: {out}")
 

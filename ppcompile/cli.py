@@ -100,8 +100,9 @@ def _eval_args(sub) -> None:
 
 
 def _demo_args(sub) -> None:
-    demo = sub.add_parser("demo", help="dense vs Probe Pruning at 0.4 on the packaged model")
-    demo.add_argument("--batches", type=_count(1), default=2)
+    demo = sub.add_parser("demo", help="dense vs Probe Pruning (and flap) at 0.4 on the packaged model: quality, "
+                                       "and generation speed compiled with Inductor")
+    demo.add_argument("--batches", type=_count(1), default=2, help="batches of 8 x 256 tokens scored for quality")
     _add_dtype(demo, "auto")
 
 
@@ -217,14 +218,8 @@ def _generate_and_print(model, tokenizer, ids: torch.Tensor, runs: list[tuple[st
 
 
 def _run_demo(args) -> None:
-    rows = run_eval("smollm2-135m", "brown:a", 256, 4, args.batches, ["dense", "pp"], [0.4], True,
-                    dtype=args.dtype)
-    _print_table(rows)
-    model, tokenizer = load("smollm2-135m", 256, args.dtype)
-    windows = data.token_windows(data.load_documents("brown:a"), tokenizer, 48, n_windows=1)
-    print("\ngeneration: 32 greedy tokens after the first 48 tokens of brown:a, dense and pp both "
-          "compiled the same way (pp.compile, Inductor, static KV cache):\n")
-    _generate_and_print(model, tokenizer, windows[:1], [("dense", 0.0), ("pp", 0.4)], 32)
+    from .demo import run
+    run(args.dtype, batches=args.batches)
 
 
 def _print_table(rows: list[dict]) -> None:

@@ -249,10 +249,10 @@ def timed_generate(model, ids: torch.Tensor, attention_mask: torch.Tensor | None
     """(sequences, prefill seconds, decode seconds per step): greedy `generate` of exactly `new`
     tokens, timed by a streamer that stamps each new token (the prefill ends at the first).
     `warm`: the call is a measurement after a warm-up; a graph compiled inside it (its time would
-    be in the figures) is an error. Warm up with as many new tokens as are timed: the second
-    decode step recompiles the decode graph for a moving cache position (automatic dynamic)."""
-    session = getattr(model, "pp", None)
-    graphs = len(session.passes) if session is not None else 0
+    be in the figures) is an error, by Dynamo's own count of the graphs it compiled (any compiled
+    model, pp's or plain torch.compile's). Warm up with as many new tokens as are timed: a sliding
+    cache's decode recompiles on its second step (automatic dynamic)."""
+    graphs = _graphs_compiled()
     from transformers.generation.streamers import BaseStreamer
 
     class Stamps(BaseStreamer):
@@ -275,7 +275,12 @@ def timed_generate(model, ids: torch.Tensor, attention_mask: torch.Tensor | None
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                          streamer=stamps, **kwargs)
     step = (stamps.times[-1] - stamps.times[0]) / (new - 1) if new > 1 else float("nan")
-    if warm and session is not None and len(session.passes) > graphs:
-        raise RuntimeError(f"{len(session.passes) - graphs} graph(s) compiled inside a timed generate() of {new} "
+    if warm and _graphs_compiled() > graphs:
+        raise RuntimeError(f"{_graphs_compiled() - graphs} graph(s) compiled inside a timed generate() of {new} "
                            "tokens: its timings would include the compile; warm up with as many new tokens first")
     return out, stamps.times[0] - start, step
+
+
+def _graphs_compiled() -> int:
+    """Graphs Dynamo has compiled in this process (its own counter, as torch._dynamo.utils keeps it)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])

@@ -11,7 +11,12 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.inductor, pytest.mark.slow]  # each case compiles with Inductor in fresh processes
+import torch
+
+import ppcompile as pp
+from ppcompile import cache
+from ppcompile.models import random_model
+
 
 CHILD = """
 import json, sys
@@ -38,6 +43,8 @@ def _run(cache_dir, ratio=0.4, seed=0, policy="pp", quiet=True) -> dict:
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "stderr": out.stderr}
 
 
+@pytest.mark.inductor
+@pytest.mark.slow
 def test_a_second_process_loads_the_compiled_graph_from_both_caches(tmp_path):
     first, second = _run(tmp_path, quiet=False), _run(tmp_path)
     what = "graph 1 (forward, batch any x length any, 8 of 10 blocks pruned) with Inductor"  # layer 0 skipped
@@ -50,6 +57,8 @@ def test_a_second_process_loads_the_compiled_graph_from_both_caches(tmp_path):
     assert second["logits"] == first["logits"]
 
 
+@pytest.mark.inductor
+@pytest.mark.slow
 def test_another_ratio_compiles_again_and_other_weights_run_their_own_values(tmp_path):
     _run(tmp_path)
     assert _run(tmp_path, ratio=0.2).get("autograd_cache_miss", 0) >= 1  # other kept counts: other shapes
@@ -59,8 +68,31 @@ def test_another_ratio_compiles_again_and_other_weights_run_their_own_values(tmp
     assert hit["logits"] == fresh["logits"]
 
 
+@pytest.mark.inductor
+@pytest.mark.slow
 def test_a_static_policy_hits_its_own_entry_and_other_weights_compute_their_own_values(tmp_path):
     first, again = _run(tmp_path, policy="flap"), _run(tmp_path, policy="flap")
     assert again.get("autograd_cache_hit", 0) >= 1 and again["logits"] == first["logits"]
     other, fresh = _run(tmp_path, seed=1, policy="flap"), _run(tmp_path / "fresh", seed=1, policy="flap")
     assert other["logits"] == fresh["logits"] != first["logits"]  # hit or miss, what a compile of its own gives
+
+
+def test_every_graph_the_pass_writes_passes_the_aot_autograd_caches_own_check():
+    """torch's own test of what its AOT autograd cache may store (check_cacheable), on every graph
+    the pass wrote: a forward with a padding mask, a prefill and a decode. A node it refuses (a
+    Tensor method called as a function, say) makes every new process compile that graph again, as
+    generate()'s graphs once did."""
+    from torch._functorch._aot_autograd.autograd_cache import check_cacheable
+    model = random_model("llama-gqa")
+    compiled = pp.compile(model, 0.4, backend="eager", skip_layers=(0,), mlp_multiple=16, quiet=True)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    with torch.no_grad():
+        compiled(ids, attention_mask=mask)
+        compiled.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    phases = [r.phase for r in model.pp.passes]
+    assert {"forward", "prefill", "decode"} <= set(phases), phases
+    with cache.cacheable():
+        for result in model.pp.passes:
+            check_cacheable(result.gm)  # raises BypassAOTAutogradCache, naming the node's target

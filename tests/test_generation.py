@@ -295,3 +295,22 @@ def test_a_timed_generation_refuses_a_compile_inside_it_and_passes_after_a_warm_
         graphs = len(model.pp.passes)
         out, prefill, step = timed_generate(c, ids, new=10, warm=True, pad_token_id=0)
     assert len(model.pp.passes) == graphs and out.shape == (2, 20) and prefill > 0 and step > 0
+
+
+def test_a_timed_generation_counts_any_compile_not_only_the_pass():
+    """The guard reads Dynamo's own counter: a plain torch.compile'd function compiling inside
+    the timed call (no ppcompile session anywhere) is refused too."""
+    from ppcompile.generation import timed_generate
+    step = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+
+    class Stub:  # what timed_generate needs of a model: generate(ids, ..., streamer=...)
+        def generate(self, ids, *, max_new_tokens, streamer, **_):
+            streamer.put(ids)
+            for i in range(max_new_tokens):
+                streamer.put(step(torch.ones(i + 3)))  # a new shape each step: a new graph
+            return ids
+
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=r"graph\(s\) compiled inside a timed generate\(\) of 2 tokens"):
+        timed_generate(Stub(), torch.ones(1, 3, dtype=torch.long), new=2, warm=True)
+    timed_generate(Stub(), torch.ones(1, 3, dtype=torch.long), new=2, warm=True)  # the same shapes: nothing new

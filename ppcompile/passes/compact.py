@@ -56,7 +56,7 @@ def compact_weights(ctx: "SelectContext", site: Site, sel: "Selection", kv_whole
             # the kept columns as rows of a transposed copy made once: a contiguous gather
             w_t = const(g, f"{tag}_{name}_transposed", ctx.derived_of(t, "transposed", lambda w: w.t().contiguous()))
             rows = call(g, torch.index_select, w_t, 0, sel.kept, name=f"{tag}_gather_{name}_rows")  # (k, d_out)
-            return call(g, torch.Tensor.t, rows, name=f"{tag}_gather_{name}")
+            return call(g, torch.t, rows, name=f"{tag}_gather_{name}")
         return call(g, ops.gather_units, w, dim, sel.kept, unit, name=f"{tag}_gather_{name}")
 
     weights, named = {}, {}
@@ -92,7 +92,7 @@ def store(g: fx.Graph, seam: Seam, site: Site, kv_whole: bool, named: dict[str, 
     for name, slot in stored_slots(site, kv_whole).items():
         node, src = seam.input(g, slot), named[name]
         if len(slot.shape) == 2:  # Inductor writes the transpose as one tiled kernel
-            src = call(g, torch.Tensor.t, src, name=f"{node.name}_src")
+            src = call(g, torch.t, src, name=f"{node.name}_src")
         call(g, torch.ops.aten.copy_.default, node, src, name=f"{node.name}_store")
 
 
@@ -106,7 +106,7 @@ def reused(g: fx.Graph, seam: Seam, site: Site, kv_whole: bool) -> tuple[Weights
         if name is None:
             return None
         n = nodes[name]
-        return call(g, torch.Tensor.t, n, name=f"{n.name}_t") if len(slots[name].shape) == 2 else n
+        return call(g, torch.t, n, name=f"{n.name}_t") if len(slots[name].shape) == 2 else n
 
     weights = {p: (read(w), read(b)) for p, (w, b) in weight_names(site, kv_whole).items()}
     return weights, nodes["kept"]

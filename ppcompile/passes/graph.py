@@ -219,7 +219,7 @@ def graph_inputs(gm: fx.GraphModule, sites: list[Site]) -> GraphInputs:
     valid = None
     if mask is not None:
         with g.inserting_before(body_start(g)):
-            valid = call(g, torch.Tensor.bool, mask, name="pp_valid") if value(mask).dim() == 2 else \
+            valid = call(g, torch.ne, mask, 0, name="pp_valid") if value(mask).dim() == 2 else \
                 call(g, ops.mask_valid, mask, seq_arg, name="pp_valid")  # a 4-d mask made before the call
     return GraphInputs(valid, batch, seq_len, batch_arg, seq_arg, seq_source, examples[0][1])
 
@@ -247,5 +247,5 @@ def final_input(g: fx.Graph, site: Site, gi: GraphInputs, tag: str) -> fx.Node:
     x = site.final.args[0]
     if value(x).dim() == 2:
         with g.inserting_after(x):
-            x = call(g, torch.Tensor.view, x, gi.batch_arg, gi.seq_arg, -1, name=f"{tag}_final_in")
+            x = call(g, torch.reshape, x, (gi.batch_arg, gi.seq_arg, -1), name=f"{tag}_final_in")
     return x

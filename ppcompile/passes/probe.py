@@ -201,10 +201,10 @@ def probe_energy(ctx: "SelectContext", site: Site, lab, design: ProbeDesign, his
     t = build(ctx, site, design, x_res, tag)
     p = layout.gather(g, x, t, tag)
     if value(site.x).dim() == 2:
-        p = call(g, torch.Tensor.reshape, p, mul(g, t.k_b, t.k_t, f"{tag}_probe_rows"), -1, name=f"{tag}_probe_x2d")
+        p = call(g, torch.reshape, p, (mul(g, t.k_b, t.k_t, f"{tag}_probe_rows"), -1), name=f"{tag}_probe_x2d")
     act = probe_activation(g, site, lab, p, t.rows, t.positions, t.k_b, t.k_t, tag, layout.per_token,
                            packed=layout.packed)
-    act = call(g, torch.Tensor.reshape, act, t.k_b, t.k_t, -1, name=f"{tag}_probe_act")
+    act = call(g, torch.reshape, act, (t.k_b, t.k_t, -1), name=f"{tag}_probe_act")
     energy = layout.energy(g, act, t, gi.valid, tag)
     telemetry = ctx.config.telemetry
     if history is None:
@@ -217,7 +217,7 @@ def probe_energy(ctx: "SelectContext", site: Site, lab, design: ProbeDesign, his
 
 def _batch_by_sequence(g: fx.Graph, x: fx.Node, gi, name: str) -> fx.Node:
     """A (B*L, d) block input (OPT's MLP) viewed as (B, L, d); a (B, L, d) one as it is."""
-    return call(g, torch.Tensor.view, x, gi.batch_arg, gi.seq_arg, -1, name=name) if value(x).dim() == 2 else x
+    return call(g, torch.reshape, x, (gi.batch_arg, gi.seq_arg, -1), name=name) if value(x).dim() == 2 else x
 
 
 def _item(g: fx.Graph, t: fx.Node, i: int, name: str) -> fx.Node:

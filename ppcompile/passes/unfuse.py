@@ -206,9 +206,9 @@ def split_fused(gm: fx.GraphModule, linear: fx.Node) -> bool:
         for part, (_, col_shape, perm) in plans.items():
             out = call(g, F.linear, linear.args[0], *weights[part], name=f"{part.name}_proj")
             if len(col_shape) > 1:
-                out = call(g, torch.Tensor.unflatten, out, -1, col_shape, name=f"{part.name}_heads")
+                out = call(g, torch.unflatten, out, -1, col_shape, name=f"{part.name}_heads")
             if perm != tuple(range(len(perm))):
-                out = call(g, torch.Tensor.permute, out, perm, name=f"{part.name}_layout")
+                out = call(g, torch.permute, out, perm, name=f"{part.name}_layout")
             for n in _between(out):  # in the fused linear's module: its block's nodes
                 n.meta = {k: v for k, v in linear.meta.items() if k not in ("val", "example_value")}
             part.replace_all_uses_with(out)
