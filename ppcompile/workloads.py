@@ -3,6 +3,7 @@ length (`load`), evaluation windows with a disjoint calibration (`windows_and_ca
 methods evaluated on them as rows (`run_eval`), and the machine a row names (`device_name`)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from . import data, models
-from .calibration import Calibration, collect
+from . import cache, data, models
+from .calibration import Calibration, collect, fingerprint
 from .evaluate import MethodResult, evaluate
 from .methods import RATIO_FREE, build_method, label
 from .policies import POLICIES
@@ -46,23 +47,39 @@ def load(model_name: str, seq_len: int, dtype: torch.dtype = torch.float32):
 
 
 def windows_and_calibration(model, tokenizer, text: str, seq_len: int, n_windows: int, batch_size: int,
-                            calibration: str | None, calibration_windows: int, seed: int, progress: bool
-                            ) -> tuple[torch.Tensor, Calibration | None, float]:
+                            calibration: str | None, calibration_windows: int, seed: int, progress: bool,
+                            reuse: bool = False) -> tuple[torch.Tensor, Calibration | None, float]:
     """(windows, calibration, seconds): the first `n_windows` non-overlapping `seq_len`-token
     windows of data source `text` and, with a `calibration` source, a Calibration collected on
     `calibration_windows` seeded-random windows of it (documents shared with `text` are split
     between the two, never in both) in batches of `batch_size`, and the seconds that took
-    (None and 0.0 without one)."""
+    (None and 0.0 without one). `reuse`: keep the calibration in $PPCOMPILE_CACHE/calibration,
+    keyed by everything it depends on (weights, texts, windows, seed, ppcompile's source), and
+    load it from there the next time instead of collecting it again."""
     eval_docs, cal, seconds = data.load_documents(text), None, 0.0
     if calibration:
         eval_docs, cal_docs = data.split_disjoint(eval_docs, data.load_documents(calibration))
-        cal_windows = data.token_windows(cal_docs, tokenizer, seq_len, n_windows=calibration_windows,
-                                         mode="random", seed=seed)
+        meta = {"text": calibration, "windows": calibration_windows, "seq_len": seq_len, "seed": seed}
+        saved = _saved_calibration(model, text, meta) if reuse else None
         start = time.perf_counter()
-        cal = collect(model, data.iter_batches(cal_windows, batch_size), progress=progress,
-                      meta={"text": calibration, "windows": calibration_windows, "seq_len": seq_len, "seed": seed})
+        if saved is not None and saved.exists():
+            cal = Calibration.load(saved)
+        else:
+            cal_windows = data.token_windows(cal_docs, tokenizer, seq_len, n_windows=calibration_windows,
+                                             mode="random", seed=seed)
+            cal = collect(model, data.iter_batches(cal_windows, batch_size), progress=progress, meta=meta)
+            if saved is not None:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                cal.save(saved)
         seconds = time.perf_counter() - start
     return data.token_windows(eval_docs, tokenizer, seq_len, n_windows=n_windows), cal, seconds
+
+
+def _saved_calibration(model, text: str, meta: dict) -> Path:
+    """Where `windows_and_calibration(reuse=True)` keeps a calibration: named by a hash of what it
+    depends on (the evaluation text too: it decides which documents calibration may use)."""
+    key = json.dumps([fingerprint(model), cache.source_tag(), text, meta], sort_keys=True)
+    return data.cache_dir() / "calibration" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
 
 
 def device_name(device: str | torch.device = "cpu") -> str:
