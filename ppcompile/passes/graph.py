@@ -147,7 +147,10 @@ def refresh_values(gm: fx.GraphModule) -> None:
     class Prop(FakeTensorProp):
         def get_attr(self, target, args, kwargs):  # constants the pass made (static policies' slices)
             t = super().get_attr(target, args, kwargs)
-            return mode.from_tensor(t) if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor) else t
+            # static shapes: a constant's sizes are its own (symbols for them made every op after
+            # it reason symbolically: seconds per graph of sympy for nothing)
+            return mode.from_tensor(t, static_shapes=True) \
+                if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor) else t
 
         def run_node(self, n):
             try:
