@@ -1,5 +1,5 @@
 """Where a compile's time goes, from Dynamo's and Inductor's own timers
-(`torch._dynamo.utils.compilation_time_metrics`, what `compile_times()` prints), and a cold
+(`torch._dynamo.utils.calculate_time_spent`, the phases `compile_times()` reports), and a cold
 versus a warm compile: the first in an empty Inductor cache folder of its own, the second in the
 same folder once the process has forgotten the first (`forget_in_memory`), when Inductor's FX
 graph and AOT autograd caches hold its graphs, as a second process finds them on disk
@@ -13,36 +13,43 @@ import torch
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 from torch._inductor.utils import clear_caches
 
-# (phase, the timer it is read from, the timers inside it that belong to a later phase): each
-# phase's seconds are its timer's minus those, so the phases add up to the total. (Inductor's
-# compile_file timer is left out: its kernels compile on worker threads, beside other phases.)
+# Dynamo's compile phases (torch._dynamo.utils.calculate_time_spent: each counted once, where the
+# per-timer lists of compilation_time_metrics count a nested call again, as Inductor's codegen of
+# an outlined subgraph inside the graph's), and the pass's own timer (backend.Session).
+def _totals() -> dict[str, float]:
+    out = dict(torch._dynamo.utils.calculate_time_spent())
+    out["ppcompile_pass"] = sum(torch._dynamo.utils.compilation_time_metrics.get("ppcompile_pass", []))
+    return out
+
+
+# (phase, what it is read from, what inside that belongs to a later phase): the phases add up to
+# the total, Dynamo's whole compile of the frame
 PHASES = [
-    ("dynamo", "_compile.compile_inner", ["OutputGraph.call_user_compiler"]),  # tracing, guards
-    ("pass", "ppcompile_pass", []),  # the rewrite (backend.Session)
-    ("aot", "create_aot_dispatcher_function", ["compile_fx_inner"]),  # functionalize, joint-graph passes
-    ("lowering", "compile_fx_inner", ["Scheduler.codegen", "async_compile.wait"]),  # post-grad, lowering, scheduling
-    ("codegen", "Scheduler.codegen", []),  # the kernels' code, and the kernels compiled while it runs
-    ("kernel_wait", "async_compile.wait", []),  # waiting on the kernels still compiling
+    ("dynamo", "entire_frame_compile", ["backend_compile"]),  # tracing, guards
+    ("pass", "ppcompile_pass", []),  # the rewrite
+    ("aot", "backend_compile", ["ppcompile_pass", "inductor_compile"]),  # functionalize, partition, joint passes
+    ("lowering", "inductor_compile", ["code_gen"]),  # post-grad passes, lowering, scheduling
+    ("codegen", "code_gen", ["async_compile.wait"]),  # the kernels' and the wrapper's code
+    ("kernel_wait", "async_compile.wait", []),  # waiting on the kernels' C++ (or Triton) compile
 ]
-TOTAL = "_compile.compile_inner"
+TOTAL = "entire_frame_compile"
 
 
 def snapshot() -> dict[str, float]:
-    """Seconds per timer so far in this process."""
-    return {k: sum(v) for k, v in torch._dynamo.utils.compilation_time_metrics.items()}
+    """Seconds per phase so far in this process."""
+    return _totals()
 
 
 def phases_since(before: dict[str, float]) -> dict[str, float]:
     """Seconds per phase (PHASES) since `before`, with "total" (Dynamo's whole compile, backend
-    included) and "other" (what no phase's timer covers: the backend's own work around Inductor)."""
+    included)."""
     now = snapshot()
 
-    def spent(timer: str) -> float:
-        return now.get(timer, 0.0) - before.get(timer, 0.0)
+    def spent(key: str) -> float:
+        return now.get(key, 0.0) - before.get(key, 0.0)
 
-    out = {name: spent(timer) - sum(spent(t) for t in inner) for name, timer, inner in PHASES}
+    out = {name: spent(key) - sum(spent(k) for k in inner) for name, key, inner in PHASES}
     out["total"] = spent(TOTAL)
-    out["other"] = out["total"] - sum(out[name] for name, _, _ in PHASES)
     return out
 
 
