@@ -16,7 +16,8 @@ from torch._inductor.utils import clear_caches
 # Dynamo's compile phases (torch._dynamo.utils.calculate_time_spent: each counted once, where the
 # per-timer lists of compilation_time_metrics count a nested call again, as Inductor's codegen of
 # an outlined subgraph inside the graph's), and the pass's own timer (backend.Session).
-def _totals() -> dict[str, float]:
+def snapshot() -> dict[str, float]:
+    """Seconds per phase so far in this process."""
     out = dict(torch._dynamo.utils.calculate_time_spent())
     out["ppcompile_pass"] = sum(torch._dynamo.utils.compilation_time_metrics.get("ppcompile_pass", []))
     return out
@@ -33,11 +34,6 @@ PHASES = [
     ("kernel_wait", "async_compile.wait", []),  # waiting on the kernels' C++ (or Triton) compile
 ]
 TOTAL = "entire_frame_compile"
-
-
-def snapshot() -> dict[str, float]:
-    """Seconds per phase so far in this process."""
-    return _totals()
 
 
 def phases_since(before: dict[str, float]) -> dict[str, float]:
