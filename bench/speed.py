@@ -436,6 +436,8 @@ def main() -> None:
     tag = f"{args.model}_{device.type}{dtype_suffix(dtype)}"
     machine = device_name(device)
     if args.stream:
+        # every graph of the stream compiles from scratch, so that compile_s measures compiling
+        torch._inductor.config.force_disable_caches = not args.caches
         rows = [{"model": args.model, "dtype": dtype_name(dtype), **r, "machine": machine, "torch": torch.__version__}
                 for r in run_stream(model, vocab, args.stream, args.max_batch, args.max_len, args.ratio[0], device)]
         out = args.out or ROOT / f"bench/results/stream_{tag}.json"

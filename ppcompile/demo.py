@@ -22,6 +22,7 @@ from tabulate import tabulate
 from . import data, models
 from .evaluate import evaluate
 from .generation import timed_generate
+from .guard import assert_pruned
 from .methods import build_method
 from .workloads import device_name, load, windows_and_calibration
 
@@ -82,6 +83,7 @@ def _speed(model, tokenizer, cal, prompts: torch.Tensor, ratio: float, new: int,
                 _, prefill, step = timed_generate(fn, prompts, new=new, warm=True, **kwargs)
                 times[m]["prefill"].append(prefill)
                 times[m]["step"].append(step)
+    assert_pruned(compiled["pp"], method=f"pp at ratio {ratio} in the demo's generation")  # or nothing is shown
     batch = prompts.shape[0]
     rows = []
     for m, t in times.items():
