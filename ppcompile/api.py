@@ -14,6 +14,7 @@ from .calibration import Calibration, collect, fingerprint, resolve
 from .config import PPConfig
 from .generation import Router
 from .runtime import Runtime
+from .torch_compat import compile_isolated
 
 
 def calibrate(model: torch.nn.Module, batches, *, meta: dict | None = None,
@@ -65,8 +66,7 @@ def compile(model: torch.nn.Module, ratio: float = 0.4, *, calibration=None, pol
     model.pp = session
     # Own recompile region: other compiled copies of this class do not count against its limit.
     # strict: a graph break or the recompile limit raises inside Dynamo instead of running eager.
-    compiled = torch.compile(model, backend=session.backend, dynamic=False, fullgraph=config.strict,
-                             isolate_recompiles=True)
+    compiled = compile_isolated(model, backend=session.backend, dynamic=False, fullgraph=config.strict)
     compiled.__dict__["pp"] = session  # this compiled object's own (model.pp: the last compile's)
     router = Router(model, session, compiled.forward)
     compiled.forward = router.forward

@@ -23,6 +23,7 @@ from .inputs import check_batches
 from .passes.collect_stats import run_stats_pass
 from .passes.graph import real_tensors
 from .passes.seam import CALIBRATION_STATS, Slot, parse
+from .torch_compat import compile_isolated
 
 FORMAT = "ppcompile.calibration/1"
 NO_BATCHES = "calibration got no batches: pass a list of at least one token batch (B, L)"
@@ -204,7 +205,7 @@ def collect(model: torch.nn.Module, batches: Iterable, *, meta: dict | None = No
         return run
 
     # Batch and sequence dynamic, as in pp.compile: one graph for batches of any shape (batch >= 2).
-    compiled = torch.compile(base, backend=backend, dynamic=False, isolate_recompiles=True)
+    compiled = compile_isolated(base, backend=backend, dynamic=False)
     takes_cache = "use_cache" in inspect.signature(base.forward).parameters
     with torch.no_grad():
         for i, batch in enumerate(batches):

@@ -23,6 +23,7 @@ import torch
 
 from .inputs import check_call, check_training
 from .passes.select import selector_for
+from .torch_compat import compile_isolated
 
 if TYPE_CHECKING:
     from .backend import Session
@@ -46,10 +47,9 @@ class Router:
             session = self.session
             # decode: automatic dynamic, for what changes every step besides tensors (a sliding cache's
             # position counter is a Python int): it is made symbolic on its first change
-            self._entries[phase] = torch.compile(
+            self._entries[phase] = compile_isolated(
                 self._class_forward, backend=functools.partial(session.backend, phase=phase),
-                dynamic=None if phase == "decode" else False, fullgraph=session.config.strict,
-                isolate_recompiles=True)
+                dynamic=None if phase == "decode" else False, fullgraph=session.config.strict)
         return self._entries[phase]
 
     # ---- plain calls ----

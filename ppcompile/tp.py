@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from .torch_compat import compile_isolated
 
 
 @dataclass
@@ -120,7 +121,7 @@ def plan(model: nn.Module) -> list[Block]:
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.compile(model, backend=backend, dynamic=False, isolate_recompiles=True)(ids)
+        compile_isolated(model, backend=backend, dynamic=False)(ids)
     blocks = []
     for s in found:
         bad = [p for p in s.projections if p.args[1].meta.get(WEIGHT_VIEW) or p.args[1].op != "placeholder"]

@@ -48,7 +48,8 @@ def test_statistics_equal_a_direct_computation(arch, name, path):
     history = (x.pow(2) * w).sum(0) / w.sum(0)  # (L, C): mean over real tokens at each position
     tokens = x[valid]  # (N_real, C)
     torch.testing.assert_close(cal.history(name).double(), history, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(cal.mean(name), tokens.mean(0), rtol=1e-6, atol=1e-9)
+    # fp32 sums over the tokens (vs a double mean): measured 3e-9 apart on an AVX2 CPU
+    torch.testing.assert_close(cal.mean(name), tokens.mean(0), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(cal.variance(name), tokens.var(0, unbiased=False), rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(cal.energy(name), history.sum(0), rtol=1e-5, atol=1e-7)
 

@@ -192,3 +192,23 @@ def test_a_packed_rows_mask_keeps_each_sequence_apart_and_causal():
                             for i, row in enumerate(expect)]
     assert torch.equal(ops.packed_mask(additive == 0, rows, positions)[0, 0],
                        torch.tensor(expect).bool() & (additive == 0)[0, 0])
+
+
+def test_dynamic_probe_sizes_keep_their_values_without_the_bounds_that_cannot_bind():
+    # A dynamic size is >= 2 (Dynamo specializes 0 and 1): min(B, .), min(L, .) and max(., 1)
+    # cannot bind there and must not reach Inductor (each one multiplied its codegen time)
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+    env = ShapeEnv()
+    B, L = (env.create_symintnode(env.create_symbol(h, ConstantSource(n), dynamic_dim=DimDynamic.DYNAMIC), hint=h)
+            for n, h in (("B", 8), ("L", 512)))
+    k_b, k_t = ops.probe_count(B, 1, 20, 1), ops.probe_count(L, 1, 2, 2)
+    spread = ops.spread_count(B, L, k_b, k_t)
+    assert "Min" not in str(spread.node.expr) and "Max" not in str(k_b.node.expr)
+    symbols = {B.node.expr: None, L.node.expr: None}
+    for b in range(2, 45):
+        for l in range(2, 200, 3):
+            at = dict(zip(symbols, (b, l)))
+            want_b, want_t = min(b, max(-(-b // 20), 1)), min(l, max(-(-l // 2), 2))
+            assert (int(k_b.node.expr.xreplace(at)), int(k_t.node.expr.xreplace(at))) == (want_b, want_t)
+            assert int(spread.node.expr.xreplace(at)) == min(l, max(-(-want_b * want_t // b), 2))

@@ -10,6 +10,7 @@ import torch
 from torch import fx
 
 from .. import ops
+from ..torch_compat import FAKE_PROP_NEEDS_PYTHON_DISPATCHER, enable_python_dispatcher
 from .sites import Site, recorded, value
 
 Size = "int | sympy.Expr"  # a size the pass compares without guarding: an int or a symbol's expression
@@ -166,7 +167,8 @@ def refresh_values(gm: fx.GraphModule) -> None:
 
     # Recording values must not constrain the graph: guards it would add stay out of Dynamo's.
     shape_env = mode.shape_env
-    with shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext():
+    with shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext(), \
+            enable_python_dispatcher() if FAKE_PROP_NEEDS_PYTHON_DISPATCHER else contextlib.nullcontext():
         Prop(gm, mode).propagate_dont_convert_inputs(*map(in_mode, args))
     for n in gm.graph.nodes:
         if "val" in n.meta:
