@@ -10,7 +10,7 @@ import ppcompile
 
 ROOT = Path(ppcompile.__file__).parent
 LEAVES = {"ppcompile.ops", "ppcompile.config", "ppcompile.policies", "ppcompile.probes", "ppcompile.baselines",
-          "ppcompile.registry"}  # what the passes may import from outside ppcompile.passes
+          "ppcompile.registry", "ppcompile.torch_compat"}  # what the passes may import from outside ppcompile.passes
 
 
 def _module(path: Path) -> str:
