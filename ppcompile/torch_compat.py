@@ -3,7 +3,6 @@
 import inspect
 
 import torch
-from torch._dispatch.python import enable_python_dispatcher  # noqa: F401 (for the flag below)
 
 # torch >= 2.13: a compiled module's recompiles count against a limit of its own
 _ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters

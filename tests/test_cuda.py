@@ -1,6 +1,6 @@
 """The CUDA route: Inductor's Triton kernels for the rewritten graph, checked against the dense model
-with the pruned columns zeroed. Skipped without a GPU (CI and the CPU machines have none); run on
-a lent GPU machine (docs/results.md, the GPU section, says which card and when)."""
+with the pruned columns zeroed. Skipped without a GPU (CI and the CPU machines have none);
+bench/gpu.sh runs it on a GPU machine."""
 import pytest
 import torch
 

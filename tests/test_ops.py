@@ -205,10 +205,9 @@ def test_dynamic_probe_sizes_keep_their_values_without_the_bounds_that_cannot_bi
     k_b, k_t = ops.probe_count(B, 1, 20, 1), ops.probe_count(L, 1, 2, 2)
     spread = ops.spread_count(B, L, k_b, k_t)
     assert "Min" not in str(spread.node.expr) and "Max" not in str(k_b.node.expr)
-    symbols = {B.node.expr: None, L.node.expr: None}
     for b in range(2, 45):
         for l in range(2, 200, 3):
-            at = dict(zip(symbols, (b, l)))
+            at = {B.node.expr: b, L.node.expr: l}
             want_b, want_t = min(b, max(-(-b // 20), 1)), min(l, max(-(-l // 2), 2))
             assert (int(k_b.node.expr.xreplace(at)), int(k_t.node.expr.xreplace(at))) == (want_b, want_t)
             assert int(spread.node.expr.xreplace(at)) == min(l, max(-(-want_b * want_t // b), 2))

@@ -8,9 +8,10 @@ from typing import Callable
 
 import torch
 from torch import fx
+from torch._dispatch.python import enable_python_dispatcher
 
 from .. import ops
-from ..torch_compat import FAKE_PROP_NEEDS_PYTHON_DISPATCHER, enable_python_dispatcher
+from ..torch_compat import FAKE_PROP_NEEDS_PYTHON_DISPATCHER
 from .sites import Site, recorded, value
 
 Size = "int | sympy.Expr"  # a size the pass compares without guarding: an int or a symbol's expression
