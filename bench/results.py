@@ -111,6 +111,11 @@ def stream(block: str, *files: str) -> None:
                                 f"{_provenance(rows, ['bench/results/' + f for f in files], 'python bench/results.py')}.")
 
 
+def vllm(block: str, file: str, *flags: str, doc: Path | None = None) -> None:
+    """vllm_serve.py's table: dense vLLM vs pp inside vLLM, serving a stream of requests."""
+    readme.replace_block(block, _run("vllm_serve", "--from-json", RES / file, *flags), doc)
+
+
 # ---- the README's headline
 def headline() -> str:
     quality = importlib.import_module("quality")
@@ -173,11 +178,13 @@ def fill(tmp: Path) -> list[str]:
     generate("generate-llama-24l", "generate_llama-2b-shaped-24l_cpu.json")
     generate("generate-bfloat16", "generate_smollm2-135m_cpu_bfloat16.json")
     generate("continuation", "continuation_smollm2-135m.json")
+    vllm("vllm", "vllm_serve_smollm2-135m_cpu.json")
     _run("shards", "--from-json", RES / "shards_smollm2_brown-a.json")
     archs = importlib.import_module("archs")
     archs.DOC = tmp / "archs.md"  # docs/archs.md is archs.py's own (python bench/archs.py --from-json ... --readme)
     _run("archs", "--from-json", RES / "archs_tiny_configs.json", "--readme")
     readme.replace_block("headline", headline(), readme.README)
+    vllm("vllm", "vllm_serve_smollm2-135m_cpu.json", "--medians", doc=readme.README)
     return list(readme.WRITTEN)
 
 

@@ -65,15 +65,17 @@ class Session:
             self.runtime.seed(cal.histories())
 
     # ---- what torch.compile calls for every graph ----
-    def backend(self, gm: fx.GraphModule, example_inputs: list, phase: str = "forward") -> Callable:
-        """Rewrite and compile one graph for `phase` (forward, prefill or decode: see run_pass)."""
+    def backend(self, gm: fx.GraphModule, example_inputs: list, phase: str = "forward",
+                stored: frozenset[str] | None = None) -> Callable:
+        """Rewrite and compile one graph for `phase` (forward, prefill or decode: see run_pass);
+        a decode graph reuses the selections of `stored` sites (default: those a prefill stored)."""
         real = real_tensors(gm, example_inputs, self.derived)
         if self.config.policy.needs_calibration and self.calibration is None:
             raise ValueError(f"policy '{self.config.policy}' is static: it needs calibration=<token batches, a "
                              "Calibration from pp.calibrate, or the path of a saved one>")
         with dynamo_timed("ppcompile_pass"):  # a phase of Dynamo's compile metrics (compile_times())
             result = run_pass(gm, self.config, calibration=self.calibration, real=real, phase=phase,
-                              stored=self.runtime.stored_sites, derived=self.derived)
+                              stored=self.runtime.stored_sites if stored is None else stored, derived=self.derived)
         if result.whole_model:
             self.config.check_layers(result.n_layers, named=self.skip_layers_named)
         if self.calibration is not None:

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 # Inputs whose first two dims are (batch, sequence): made dynamic on every call.
 BATCH_BY_SEQUENCE = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "labels")
 CACHE_KWARGS = ("cache", "past_key_values")  # transformers 5 / 4
+# Hugging Face's static-cache generate as the routing is built and tested on; 5.19 (what vLLM's CPU
+# build pins) names the cache past_key_values and its decode steps differ (tests fail there)
+GENERATE_NEEDS = "5.24"
 
 
 class Router:
@@ -91,6 +94,7 @@ class Router:
         """Hugging Face's `generate`, every forward through the pass: the prefill selects, the
         decode steps reuse its selection. Takes what `model.generate` takes; the KV cache is a
         static one (made here unless a static, empty one is passed)."""
+        _check_transformers()
         model = self.model
         ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
@@ -144,6 +148,15 @@ class Router:
 
 def _cache_of(kwargs: dict):
     return next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+
+
+def _check_transformers() -> None:
+    import transformers
+    from packaging.version import Version
+    if Version(transformers.__version__) < Version(GENERATE_NEEDS):
+        raise RuntimeError(f"generate() through ppcompile needs transformers >= {GENERATE_NEEDS}, this is "
+                           f"{transformers.__version__} (vLLM's CPU build pins < 5.20: generate through vLLM there, "
+                           "or install ppcompile without the vllm extra)")
 
 
 def _given_cache(kwargs: dict):

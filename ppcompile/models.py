@@ -90,7 +90,7 @@ def load_model(
     checkpoint folder, or a hub id."""
     path = Path(name_or_path).expanduser()
     if name_or_path in KNOWN_MODELS:
-        source = str(_converted_checkpoint(name_or_path))
+        source = str(checkpoint_folder(name_or_path))
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is a folder but holds no config.json")
@@ -139,8 +139,9 @@ def _gguf_location(name: str) -> tuple[str, str]:
     return folder, entry.filename
 
 
-def _converted_checkpoint(name: str) -> Path:
-    """Path of the plain HF checkpoint for a known GGUF model, converting it on first use.
+def checkpoint_folder(name: str) -> Path:
+    """The folder of the plain HF checkpoint of a known GGUF model (what vLLM or from_pretrained
+    loads), converted on first use.
 
     Dequantizing the GGUF takes ~20 s; the plain checkpoint then loads in about a second."""
     target = cache_dir() / "models" / name

@@ -202,6 +202,15 @@ def test_cached_calls_route_by_the_cache():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_generate_refuses_a_transformers_older_than_its_routing_is_built_on(monkeypatch):
+    import transformers
+    ids, mask = _prompts()
+    c = pp.compile(random_model("llama-gqa"), 0.4, backend="eager", **TINY)
+    monkeypatch.setattr(transformers, "__version__", "5.19.0")  # what vLLM's CPU build pins
+    with pytest.raises(RuntimeError, match=r"needs transformers >= 5.24, this is 5.19.0"):
+        c.generate(ids, attention_mask=mask, max_new_tokens=2)
+
+
 def test_bad_generation_inputs_are_refused_with_the_fix():
     ids, mask = _prompts()
     model = random_model("llama-gqa")

@@ -1,11 +1,15 @@
-"""Finding blocks on models whose attention is written out (no sdpa): the attention is named and
-left dense with its reason, the MLP is pruned, and nothing crashes."""
+"""Finding blocks on models whose attention is written out (no sdpa) or one opaque op (a serving
+engine's): the attention is named and left dense with its reason, the MLP is pruned, and nothing
+crashes."""
+import warnings
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import ppcompile as pp
 from ppcompile.models import tiny_config
+from token_stream import TokenStream
 
 
 @pytest.mark.parametrize("model_type, mlp_final", [("bloom", "mlp.dense_4h_to_h"), ("mpt", "ffn.down_proj")])
@@ -33,3 +37,23 @@ def test_written_out_attention_stays_dense_by_name_and_the_mlp_prunes_exactly(mo
             final.weight[:, cols] = 0.0
         ref = model(ids).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_an_opaque_attention_op_is_named_and_a_config_pruning_mlps_alone_leaves_it_dense_by_choice():
+    model = TokenStream(attention=True).eval()
+    ids = torch.randint(0, 64, (6,))
+    for blocks, reason, text in (("both", "OPAQUE_ATTENTION", "its attention is one opaque op, pptest.unified_attention"),
+                                 ("mlp", "BLOCKS", "blocks=mlp")):
+        torch._dynamo.reset()
+        options = {"ratio": 0.4, "skip_layers": (), "mlp_multiple": 16, "blocks": blocks, "inductor": False}
+        c = torch.compile(model, backend="ppcompile", dynamic=True, options=options)  # a (T,) stream: not pp.compile's
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            c(ids)
+        rows = {r["site"]: r for r in pp.backend.session_from_options(options).summary()}
+        for i in range(3):
+            assert rows[f"layers.{i}.mlp"]["status"] == "pruned"
+            assert rows[f"layers.{i}.attention"]["reason"] == reason
+            assert text in rows[f"layers.{i}.attention"]["status"]
+        left_dense = [w for w in caught if "blocks left dense" in str(w.message)]
+        assert bool(left_dense) is (blocks == "both")  # a choice is no warning

@@ -341,7 +341,7 @@ def view_as_real(labeler: Labeler, n: fx.Node) -> Labels:
 
 @dim_rule(opsets.ELEMENTWISE, opsets.LAYER_NORM)
 def broadcast(labeler: Labeler, n: fx.Node) -> Labels:
-    """An elementwise op (and layer_norm, over anonymous channels): each output dim takes the label
+    """An elementwise op (and layer_norm or rms_norm, over anonymous channels): each output dim takes the label
     of the labelled operands' dim it lines up with (broadcasting from the right). An operand from
     outside the block is a side input: its dims that line up with named ones must be gathered."""
     shape = shape_of(n)

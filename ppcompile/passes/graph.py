@@ -213,10 +213,11 @@ def size_source(g: fx.Graph, size: Size) -> tuple[fx.Node | int, tuple[int, int 
 
 def graph_inputs(gm: fx.GraphModule, sites: list[Site]) -> GraphInputs:
     """Batch and sequence length from the blocks' inputs; the real tokens (B, L) from the attention
-    mask if there is one."""
+    mask if there is one. A graph whose blocks all read (T, hidden), a serving engine's step of
+    T tokens packed from many requests (vLLM), is one sequence of T tokens: batch 1, length T."""
     examples = [value(s.x_res).shape[:2] for s in sites if value(s.x_res).dim() == 3]
     if not examples:
-        raise Unsupported("no block input of shape (batch, sequence, hidden)")
+        return _token_stream(gm, sites)
     batch, seq_len = (static(s) for s in examples[0])
     g = gm.graph
     batch_arg, _ = size_source(g, batch)
@@ -228,6 +229,18 @@ def graph_inputs(gm: fx.GraphModule, sites: list[Site]) -> GraphInputs:
             valid = call(g, torch.ne, mask, 0, name="pp_valid") if value(mask).dim() == 2 else \
                 call(g, ops.mask_valid, mask, seq_arg, name="pp_valid")  # a 4-d mask made before the call
     return GraphInputs(valid, batch, seq_len, batch_arg, seq_arg, seq_source, examples[0][1])
+
+
+def _token_stream(gm: fx.GraphModule, sites: list[Site]) -> GraphInputs:
+    """The inputs of a graph of (T, hidden) blocks: one sequence of T tokens, all real."""
+    lengths = {static(value(s.x_res).shape[0]) for s in sites if value(s.x_res).dim() == 2}
+    if len(lengths) != 1:
+        raise Unsupported("no block input of shape (batch, sequence, hidden) or (tokens, hidden)" if not lengths
+                          else f"blocks read token streams of different lengths {sorted(map(str, lengths))}")
+    (tokens,) = lengths
+    seq_arg, seq_source = size_source(gm.graph, tokens)
+    example = next(value(s.x_res).shape[0] for s in sites if value(s.x_res).dim() == 2)
+    return GraphInputs(None, 1, tokens, 1, seq_arg, seq_source, example)
 
 
 def _attention_mask(g: fx.Graph, batch_seq) -> fx.Node | None:

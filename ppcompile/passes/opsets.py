@@ -58,6 +58,7 @@ SPELLINGS = _table(
     ("F method", "silu gelu"),
     ("F", "dropout softplus mish relu6 hardtanh leaky_relu elu selu celu hardswish hardsigmoid softsign "
           "logsigmoid layer_norm"),
+    ("torch F", "rms_norm"),
     ("method", "clamp_min clamp_max float to type_as contiguous clone half bfloat16"),
     # reductions
     ("torch method", "mean sum var"),
@@ -88,9 +89,9 @@ ELEMENTWISE = ops(
     "eq", "ne", "relu6", "hardtanh", "leaky_relu", "elu", "selu", "celu", "hardswish", "hardsigmoid",
     "softsign", "logsigmoid",
 )
-LAYER_NORM = ops("layer_norm")
+LAYER_NORM = ops("layer_norm", "rms_norm")  # over the trailing (anonymous) channels
 REDUCE = ops("mean", "sum")  # over the dims named by the call
-NORM_PARTS = REDUCE | ops("var", "rsqrt", "layer_norm")  # what a norm is made of
+NORM_PARTS = REDUCE | ops("var", "rsqrt") | LAYER_NORM  # what a norm is made of
 
 RESHAPE = ops("view", "reshape")
 UNFLATTEN = ops("unflatten")

@@ -121,6 +121,9 @@ class _Pass:
 
     def run(self) -> PassResult:
         sites, problems, n_layers = prepare(self.gm)
+        blocks = self.config.blocks  # a block the config does not prune is dense by choice, matched or not
+        problems = [p if blocks in ("both", p.kind) else Unmatched(p.name, p.layer, p.kind, Dense(Reason.BLOCKS, blocks))
+                    for p in problems]
         for s in sites:
             if s.name in self.failed:
                 s.status = self.failed[s.name]
@@ -234,12 +237,12 @@ def _plan(sites: list[Site], config: PPConfig, n_layers: int, gi: GraphInputs) -
         warnings.warn(f"ppcompile: {why}", stacklevel=2)
     for s in sites:
         s.batch, s.seq_len = gi.batch, gi.seq_len
-        if not s.pruned:
-            s.kept = s.units
-        elif s.layer in config.skip_layers:
+        if s.pruned and s.layer in config.skip_layers:
             s.leave_dense(Reason.SKIPPED_LAYER)
-        elif config.blocks not in ("both", s.kind):
+        elif config.blocks not in ("both", s.kind):  # by choice, whatever else would keep it dense
             s.leave_dense(Reason.BLOCKS, config.blocks)
+        elif not s.pruned:
+            s.kept = s.units
         elif not policy.prunes:
             s.leave_dense(Reason.POLICY, str(policy))
         elif s.kind not in policy.kinds:

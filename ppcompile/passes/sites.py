@@ -173,10 +173,13 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Unmatched], int]:
     sites: list[Site] = []
     problems: list[Unmatched] = []
     layers: dict[str, int] = {}
+    opaque: dict[int, str] = {}  # layer -> the opaque attention op it calls
     for node in gm.graph.nodes:
         info = layer_of(node)
         if info:
             layers.setdefault(*info)
+            if _opaque_attention(node):
+                opaque.setdefault(info[1], str(node.target))
         if not is_linear(node) or info is None or value(node.args[0]) is None:
             continue
         projections, region = _region(node, info[0])
@@ -184,7 +187,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Unmatched], int]:
             continue
         sdpas = [n for n in region if n.op == "call_function" and n.target in SDPA]
         eager_attention = not sdpas and any(n.target in SOFTMAX for n in region)
-        kind = "attention" if sdpas or eager_attention else "mlp"
+        opaque_op = next((n for n in region if _opaque_attention(n)), None)
+        kind = "attention" if sdpas or eager_attention or opaque_op is not None else "mlp"
         if kind == "mlp" and any(_is_reduction(n) for n in region):
             continue  # a norm between linears: not a block's final projection
         xs = {p.args[0] for p in projections}
@@ -194,7 +198,9 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Unmatched], int]:
                     sdpa=sdpas[0] if sdpas else None)
         # a tensor-parallel shard (tp.py): its partial output is summed over the ranks of this group
         site.all_reduce = next((u.args[2] for u in node.users if u.target in ALL_REDUCE), None)
-        if eager_attention:  # scores, softmax and matmuls written out: no rule reads heads off them
+        if opaque_op is not None:  # heads, scores and cache inside one op
+            site.leave_dense(Reason.OPAQUE_ATTENTION, str(opaque_op.target))
+        elif eager_attention:  # scores, softmax and matmuls written out: no rule reads heads off them
             site.leave_dense(Reason.NO_SDPA)
         elif len(xs) != 1:
             site.leave_dense(Reason.SPLIT_INPUT)
@@ -210,8 +216,19 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Unmatched], int]:
     for path, idx in layers.items():
         for kind in ("attention", "mlp"):
             if (idx, kind) not in found:
-                problems.append(Unmatched(f"{path}.{kind}", idx, kind, Dense(Reason.UNMATCHED, kind)))
+                status = Dense(Reason.OPAQUE_ATTENTION, opaque[idx]) if kind == "attention" and idx in opaque \
+                    else Dense(Reason.UNMATCHED, kind)
+                problems.append(Unmatched(f"{path}.{kind}", idx, kind, status))
     return sites, problems, len(layers)
+
+
+def _opaque_attention(node: fx.Node) -> bool:
+    """A custom op (not aten's) that computes attention inside it, e.g. vllm.unified_attention_with_output."""
+    t = node.target
+    if node.op != "call_function" or not isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return False
+    namespace, _, name = str(t).partition(".")  # "vllm.unified_attention_with_output(.default)"
+    return namespace not in ("aten", "prims") and "attention" in name
 
 
 def _separate(sites: list[Site]) -> None:

@@ -22,6 +22,7 @@ class Reason(Enum):
     POLICY = ("policy {}", True)  # the policy prunes nothing, or not this kind of block
     # the block finder (sites.py)
     UNMATCHED = ("no {} block matched in this layer", False)
+    OPAQUE_ATTENTION = ("its attention is one opaque op, {}: no head can be pruned inside it", False)
     NO_SDPA = ("attention without scaled_dot_product_attention (load the model with "
                "attn_implementation='sdpa' where it has one)", False)
     SPLIT_INPUT = ("its first projections read different inputs", False)
