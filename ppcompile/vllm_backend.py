@@ -35,6 +35,7 @@ from .report import site_rows
 # worker (no Dynamo registration to depend on)
 QUALNAME = "ppcompile.vllm_backend.compile_step"
 OPTIONS_ENV = "PPCOMPILE_VLLM"  # ppcompile's options as JSON: what every vLLM process reads
+PLAIN_MARK = "ppcompile_plain_linears"  # on vLLM's CPU linear dispatch once the plugin replaced it
 # vLLM's attention is one opaque op that owns its KV cache, laid out by K/V head: heads cannot be pruned
 DEFAULTS = {"blocks": "mlp"}
 
@@ -68,9 +69,15 @@ def backend() -> "StepBackend":
     return _BACKEND
 
 
+def plain_linears() -> bool:
+    """Whether this process runs the linears outside attention as F.linear: vLLM's CPU linear
+    dispatch carries the mark the plugin (vllm_plugin.py) sets on its replacement."""
+    from vllm.model_executor.layers import utils
+    return getattr(utils.dispatch_cpu_unquantized_gemm, PLAIN_MARK, False)
+
+
 def compile_step(gm: fx.GraphModule, example_inputs: list) -> Callable:
     """The backend vLLM calls (QUALNAME), in its worker."""
-    from .vllm_plugin import plain_linears
     if not plain_linears():
         raise RuntimeError("ppcompile's vLLM plugin did not run in this worker, so its linears are vLLM's opaque "
                            "CPU GEMMs and nothing could be pruned. The plugin loads through the entry point "

@@ -17,7 +17,7 @@ import os
 import warnings
 
 from .config import PPConfig
-from .vllm_backend import OPTIONS_ENV, QUALNAME, options_from_env
+from .vllm_backend import OPTIONS_ENV, PLAIN_MARK, QUALNAME, options_from_env, plain_linears
 
 # vLLM's DYNAMO_TRACE_ONCE (2): the backbone traced once, by the backend named (vllm_backend.py);
 # the CPU platform keeps a user's mode 2 and backend (it rewrites only its default mode, 3). Custom
@@ -52,12 +52,6 @@ def in_attention(prefix: str) -> bool:
     return any("attn" in part or "attention" in part for part in prefix.split("."))
 
 
-def plain_linears() -> bool:
-    """Whether this process runs the linears outside attention as F.linear (the plugin ran)."""
-    from vllm.model_executor.layers import utils
-    return getattr(utils.dispatch_cpu_unquantized_gemm, "ppcompile", False)
-
-
 def _keep_plain_linears() -> None:
     import torch.nn.functional as F
     from vllm.model_executor.layers import utils
@@ -70,7 +64,7 @@ def _keep_plain_linears() -> None:
             return original(layer, remove_weight)
         layer.cpu_linear = F.linear  # the weight stays a Parameter: the graph reads it
 
-    dispatch.ppcompile = True
+    setattr(dispatch, PLAIN_MARK, True)
     utils.dispatch_cpu_unquantized_gemm = dispatch  # linear.py imports it at call time
 
 

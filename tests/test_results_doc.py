@@ -1,4 +1,4 @@
-"""docs/results.md and the README's headline block are what `python bench/results.py` makes from
+"""docs/results.md and the README's two blocks (headline, vllm) are what `python bench/results.py` makes from
 bench/results/: regenerated into a temporary copy (the real files are not written), they equal the
 files in the checkout, so a second run changes nothing. No model runs: only the benches'
 --from-json / --report paths."""
@@ -27,6 +27,7 @@ def test_regeneration_reproduces_the_committed_files(tmp_path):
         committed, regenerated = (ROOT / name).read_text(), (tmp_path / name).read_text()
         assert _blocks(regenerated) == _blocks(committed), f"{name}: a block differs; run python bench/results.py"
         assert regenerated == committed, f"{name} differs from its regeneration; run python bench/results.py"
-    assert list(_blocks((ROOT / "README.md").read_text())) == ["headline"]  # the README's one results block
+    # the README's results blocks: the headline, and vLLM's serving figures beside their command
+    assert list(_blocks((ROOT / "README.md").read_text())) == ["vllm", "headline"]
     assert len(_blocks((ROOT / "docs/results.md").read_text())) > 1
 

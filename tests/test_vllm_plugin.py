@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ppcompile import vllm_plugin
-from ppcompile.vllm_backend import OPTIONS_ENV, QUALNAME
+from ppcompile.vllm_backend import OPTIONS_ENV, QUALNAME, plain_linears
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM's CPU build is not installed here: `make test-vllm` "
@@ -38,7 +38,7 @@ def test_the_plugin_does_nothing_without_its_options(monkeypatch):
     monkeypatch.delenv(OPTIONS_ENV, raising=False)
     vllm_plugin.register()
     if HAS_VLLM:
-        assert not vllm_plugin.plain_linears()  # vLLM's own GEMMs stay
+        assert not plain_linears()  # vLLM's own GEMMs stay
     else:
         assert "vllm" not in sys.modules  # it did not even look for vLLM
 
