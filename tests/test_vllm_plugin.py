@@ -34,6 +34,11 @@ def test_engine_args_check_the_options_and_hand_them_to_vllm_processes(monkeypat
         vllm_plugin.engine_args(ratio=1.5)
 
 
+def test_the_readme_serves_with_the_compilation_config_engine_args_gives():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"--compilation-config '{json.dumps(vllm_plugin.COMPILATION_CONFIG)}'" in readme
+
+
 def test_the_plugin_does_nothing_without_its_options(monkeypatch):
     monkeypatch.delenv(OPTIONS_ENV, raising=False)
     vllm_plugin.register()
