@@ -23,14 +23,14 @@ from .vllm_backend import OPTIONS_ENV, PLAIN_MARK, QUALNAME, options_from_env, p
 # the CPU platform keeps a user's mode 2 and backend (it rewrites only its default mode, 3). Custom
 # ops off, as the CPU platform sets them for its own compile: norms and activations as torch ops.
 COMPILATION_CONFIG = {"mode": 2, "backend": QUALNAME, "custom_ops": ["none"]}
-_SESSION_ONLY = ("quiet", "inductor", "dump_dir")  # backend options that are not PPConfig fields
+_SESSION_ONLY = ("quiet", "inductor", "dump_dir", "calibration")  # backend options beyond PPConfig (a calibration: its path)
 
 
 def engine_args(ratio: float = 0.4, **options) -> dict:
     """What vllm.LLM(...) needs to run pruned: `LLM(model, **engine_args(ratio=0.4), ...)`.
     Checks the options here (a typo fails in the caller, not in a worker), stores them in
     $PPCOMPILE_VLLM for vLLM's processes, and returns the compilation_config that names the
-    backend. For `vllm serve`: set PPCOMPILE_VLLM yourself and pass --compilation-config."""
+    backend. For a server: set $PPCOMPILE_VLLM yourself and pass --compilation-config (vllm_server.py)."""
     options = {"ratio": ratio, **options}
     PPConfig.from_options({k: v for k, v in options.items() if k not in _SESSION_ONLY})
     os.environ[OPTIONS_ENV] = json.dumps(options)
