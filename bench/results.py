@@ -166,6 +166,7 @@ def fill(tmp: Path) -> list[str]:
           "speed_llama-2b-shaped_cpu_shapes.json", "speed_smollm2-135m_cpu.json")
     speed("compile-fp32", "compile_llama-2b-shaped_cpu.json", "compile_smollm2-135m_cpu.json")
     speed("compile-bf16", "speed_smollm2-135m_cpu_bfloat16_compile.json")
+    speed("compile-after-probe-sizes", "speed_smollm2-135m_cpu_compile_after_probe_sizes.json")
     speed("speed-bfloat16", "speed_llama-2b-shaped_cpu_bfloat16.json", "speed_llama-2b-shaped_cpu_bfloat16_shapes.json",
           "speed_llama-2b-shaped-gqa_cpu_bfloat16.json", "speed_smollm2-135m_cpu_bfloat16.json")
     speed("speed-bfloat16-run1", "speed_llama-2b-shaped_cpu_bfloat16_run1.json")

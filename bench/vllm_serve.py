@@ -1,12 +1,14 @@
 """Serving throughput and latency: dense vLLM vs Probe Pruning inside vLLM, same machine, same run.
 
 For each method (in turn, rounds interleaved) it starts vLLM's OpenAI server on 127.0.0.1 (the
-command of examples/vllm_serve.py), sends one warm-up request, then a bounded stream of requests:
+command of ppcompile/vllm_server.py), sends one warm-up request, then a bounded stream of requests:
 prompts cut from the Brown Corpus at mixed lengths, a fixed number of output tokens each
 (ignore_eos), greedy, `--concurrency` in flight, streamed. Per request: time to first token
 (TTFT) and the mean gap between later tokens (ITL); per stream: output tokens per second.
-ppcompile's rows also hold what its steps ran: the server log's last "[ppcompile] vLLM steps" line
-(the plugin writes one at 1, 2, 4, ... steps) and any warning of a step run unpruned.
+Methods: dense (vLLM as it ships), dense F.linear (the same with the plugin's plain MLP linears:
+what they cost apart from pruning), pp (through ppcompile). pp's rows also hold what its steps ran:
+the server log's "[ppcompile] vLLM" lines (one at 1, 2, 4, ... steps); a step run unpruned fails
+the run.
 
     .venv-vllm/bin/python bench/vllm_serve.py [--requests 32 --concurrency 4 --max-tokens 64 --rounds 2]
 
@@ -32,9 +34,7 @@ from ppcompile.vllm_server import server_command, server_env, wait_ready
 
 OUT = Path(__file__).resolve().parent / "results" / "vllm_serve_smollm2-135m_cpu.json"
 PROMPT_WORDS = (24, 48, 96, 192)  # mixed prompt lengths, in words (about 1.3 tokens each)
-# dense: vLLM as it ships; dense F.linear: the same with the plugin's plain MLP linears (what they
-# cost apart from pruning); pp: through ppcompile
-PLAIN = ("dense", "dense F.linear")
+PLAIN = ("dense", "dense F.linear")  # vLLM's own compile (see the docstring)
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides a CPU's bf16 matmul kernels
 METHODS = (*PLAIN, "pp")
 
