@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 from typing import Callable
 
 import torch
