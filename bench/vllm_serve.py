@@ -31,6 +31,7 @@ from pathlib import Path
 from ppcompile import data
 from ppcompile.models import checkpoint_folder
 from ppcompile.vllm_server import server_command, server_env, wait_ready
+from protocol import cpu_model  # bench/ is the script's folder: on sys.path
 
 OUT = Path(__file__).resolve().parent / "results" / "vllm_serve_smollm2-135m_cpu.json"
 PROMPT_WORDS = (24, 48, 96, 192)  # mixed prompt lengths, in words (about 1.3 tokens each)
@@ -123,8 +124,8 @@ def run_server(method: str, ratio: float, args, batch: list[str]) -> dict:
     with open(log_path) as f:
         f.seek(offset)
         lines = f.read().splitlines()
-    steps = [x[x.index("[ppcompile] vLLM"):] for x in lines if "[ppcompile] vLLM" in x]
-    unpruned = [x for x in lines if "ran unpruned" in x]
+    steps = [x[x.index("[ppcompile] vLLM steps"):] for x in lines if "[ppcompile] vLLM steps" in x]
+    unpruned = [x for x in lines if "ran unpruned" in x or "without ppcompile's backend" in x]
     if method not in PLAIN and (not steps or unpruned):
         raise RuntimeError(f"{method}: steps ran unpruned or uncounted, see {log_path}")
     return {"method": method, "ratio": 0.0 if method in PLAIN else ratio, "startup_s": ready,
@@ -171,7 +172,7 @@ def main() -> None:
     import vllm
     flags = set(Path("/proc/cpuinfo").read_text().split())
     isa = ", ".join(f if f in flags else f"no {f}" for f in ISA_FLAGS)
-    meta = {"machine": _cpu(), "isa": isa, "cores": os.cpu_count(), "python": platform.python_version(),
+    meta = {"machine": cpu_model(), "isa": isa, "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "vllm": vllm.__version__, "model": "smollm2-135m", "dtype": "bfloat16",
             "text": "brown:a", "prompt_words": PROMPT_WORDS, "requests": args.requests,
             "concurrency": args.concurrency, "max_tokens": args.max_tokens, "options": json.loads(args.options)}
@@ -210,13 +211,6 @@ def report(result: dict, path: Path, medians: bool = False) -> str:
             f"({m.get('isa', 'ISA not recorded')}), "
             f"{m['cores']} cores, torch {m['torch']}; from {shown}. Printed by `python bench/vllm_serve.py "
             f"--from-json {shown}{' --medians' if medians else ''}`")
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -132,6 +132,8 @@ class Session:
         return site_rows(self.passes[-1]) if self.passes else []
 
 
+# The backend's options beyond PPConfig's fields (session_from_options says what each does).
+SESSION_OPTIONS = ("runtime", "inductor", "quiet", "dump_dir", "calibration")
 # torch.compile passes the same `options` dict for every graph of one compile: one session each.
 _SESSIONS: dict[int, tuple[dict, Session]] = {}
 _LAST_RUNTIME: Runtime | None = None

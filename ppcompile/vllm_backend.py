@@ -90,7 +90,6 @@ class StepBackend:
         self.session: Session = session_from_options(dict(options))
         # steps by what they ran: prefill / decode (pruned), warmup (vLLM's dummy runs), dense (unpruned)
         self.counts = {"prefill": 0, "decode": 0, "warmup": 0, "dense": 0}
-        self.compiled = 0  # graphs compiled
 
     @property
     def runtime(self):
@@ -104,7 +103,6 @@ class StepBackend:
         pruned = result.active_sites
         decode = self.session.backend(gm, example_inputs, phase="decode", stored=frozenset(pruned)) \
             if pruned else None
-        self.compiled += 1
 
         def step(*args):
             kind = step_kind()

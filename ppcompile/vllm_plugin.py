@@ -16,6 +16,7 @@ import json
 import os
 import warnings
 
+from .backend import SESSION_OPTIONS
 from .config import PPConfig
 from .vllm_backend import OPTIONS_ENV, PLAIN_MARK, QUALNAME, options_from_env, plain_linears
 
@@ -23,7 +24,6 @@ from .vllm_backend import OPTIONS_ENV, PLAIN_MARK, QUALNAME, options_from_env, p
 # the CPU platform keeps a user's mode 2 and backend (it rewrites only its default mode, 3). Custom
 # ops off, as the CPU platform sets them for its own compile: norms and activations as torch ops.
 COMPILATION_CONFIG = {"mode": 2, "backend": QUALNAME, "custom_ops": ["none"]}
-_SESSION_ONLY = ("quiet", "inductor", "dump_dir", "calibration")  # backend options beyond PPConfig (a calibration: its path)
 
 
 def engine_args(ratio: float = 0.4, **options) -> dict:
@@ -32,7 +32,7 @@ def engine_args(ratio: float = 0.4, **options) -> dict:
     $PPCOMPILE_VLLM for vLLM's processes, and returns the compilation_config that names the
     backend. For a server: set $PPCOMPILE_VLLM yourself and pass --compilation-config (vllm_server.py)."""
     options = {"ratio": ratio, **options}
-    PPConfig.from_options({k: v for k, v in options.items() if k not in _SESSION_ONLY})
+    PPConfig.from_options({k: v for k, v in options.items() if k not in SESSION_OPTIONS})
     os.environ[OPTIONS_ENV] = json.dumps(options)
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     return {"compilation_config": dict(COMPILATION_CONFIG)}

