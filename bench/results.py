@@ -172,6 +172,10 @@ def fill(tmp: Path) -> list[str]:
     speed("speed-bfloat16-run1", "speed_llama-2b-shaped_cpu_bfloat16_run1.json")
     speed("speed-bfloat16-budget", "speed_llama-2b-shaped_cpu_bfloat16_budget.json",
           "speed_smollm2-135m_cpu_bfloat16_budget.json")
+    speed("speed-bfloat16-avx512", "speed_smollm2-135m_cpu_bfloat16_avx512.json",
+          "speed_llama-2b-shaped_cpu_bfloat16_avx512.json")
+    speed("speed-bfloat16-avx512-batch1", "speed_smollm2-135m_cpu_bfloat16_avx512_small.json")
+    speed("compile-bfloat16-avx512", "speed_smollm2-135m_cpu_bfloat16_avx512_compile.json")
     speed("dynamic-static", "speed_smollm2-135m_dynamic_vs_static_cpu.json")
     stream("stream", "stream_smollm2-135m_b16_l1024_cpu.json", "stream_smollm2-135m_cpu.json")
     generate("generate-smollm2", "generate_smollm2-135m_cpu.json")

@@ -61,8 +61,8 @@ def _dtype(spec: str) -> torch.dtype:
 
 def _add_dtype(parser, default: str) -> None:
     parser.add_argument("--dtype", type=_dtype, default=default,
-                        help=f"the model's dtype: {', '.join(models.DTYPES)}, or auto (bfloat16 where the CPU has "
-                             f"a bf16 matrix unit or on CUDA, else float32); default {default}")
+                        help=f"the model's dtype: {', '.join(models.DTYPES)}, or auto (bfloat16 on CUDA and where the CPU has "
+                             f"bf16 dot products, AVX-512 BF16 or AMX, else float32); default {default}")
 
 
 def parse_option(s: str) -> tuple[str, object]:

@@ -71,16 +71,18 @@ def dtype_suffix(dtype: torch.dtype | str) -> str:
 
 
 def fast_dtype(device: str | torch.device = "cpu") -> torch.dtype:
-    """bfloat16 where its matmuls are fast (a CUDA card with bf16, a CPU with AMX-BF16 tiles), else
-    float32: what a user who wants speed runs, and so what speed is measured against."""
+    """bfloat16 where its matmuls are fast (a CUDA card with bf16; a CPU with AVX-512 BF16 dot
+    products, which AMX tiles extend), else float32: what a user who wants speed runs, and so what
+    speed is measured against. (On a 2-core EPYC with avx512_bf16 and no AMX, a 128 x 576 x 1536
+    bf16 matmul ran 4.3x faster than fp32.)"""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    try:  # private probes of the CPU's matrix unit; absent in another torch: assume none
-        amx = torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported()
+    try:  # a private probe of the CPU's ISA; absent in another torch: assume none
+        bf16_dot = torch.cpu._is_avx512_bf16_supported()
     except AttributeError:
-        amx = False
-    return torch.bfloat16 if amx else torch.float32
+        bf16_dot = False
+    return torch.bfloat16 if bf16_dot else torch.float32
 
 
 def load_model(

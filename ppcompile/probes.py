@@ -24,6 +24,10 @@ How many positions: with probe_budget, the most that keep the probe within it
 many tokens as `paper`'s probe would run (at least two per sequence where every sequence is
 probed). `flat` holds at most L tokens, so that its attention (every pair of its tokens is
 computed, then masked) stays within the budget's count of L keys per token.
+
+Where a design's tokens are so large a share of the batch (batch 1: half the sequence) that the
+probe and the compact first projections cost at least the dense ones, no probe runs: the block's
+own activations select (passes/select.py, own_activations).
 """
 from __future__ import annotations
 

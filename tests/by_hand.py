@@ -210,13 +210,16 @@ class ByHand:
     def _energy(self, site, block, x, norms, valid, act, cos, sin, position_ids):
         """c_j: the probe's energy per channel, fused with the history (pp) or the whole batch's
         (full-batch: the block's own output, mean over sequences, summed over positions)."""
+        sq = torch.where(valid.unsqueeze(-1), act.double().pow(2), 0.0)
+        batch_mean = sq.sum(0) / valid.sum(0).clamp(min=1).unsqueeze(-1)  # (L, C): the whole batch's
         if self.policy == "full-batch":
-            sq = torch.where(valid.unsqueeze(-1), act.double().pow(2), 0.0)
-            return (sq.sum(0) / valid.sum(0).clamp(min=1).unsqueeze(-1)).sum(0)
+            return batch_mean.sum(0)
         C = act.shape[-1]
         history = self.history.setdefault(site, torch.zeros(0, C, dtype=torch.float64))
         if len(history) < x.shape[1]:  # grown to the longest call, new rows zero
             history = self.history[site] = torch.cat([history, history.new_zeros(x.shape[1] - len(history), C)])
+        if self.whole_batch_probes(site.rsplit(".", 1)[-1], *x.shape[:2]):
+            return _fuse(batch_mean, history[:x.shape[1]])
         if self.design == "paper":
             rows, pos = paper_probe(norms, valid)
             xp = x[rows][:, pos]
@@ -230,6 +233,21 @@ class ByHand:
             P.append(torch.where(ok.unsqueeze(-1), a.double().pow(2), 0.0))
             Hs.append(torch.where(ok.unsqueeze(-1), history[pos], 0.0))
         return _fuse(torch.cat(P), torch.cat(Hs))
+
+    def whole_batch_probes(self, kind: str, B: int, L: int) -> bool:
+        """The probe's share of the B x L tokens is at least the share of the first projections'
+        multiply-adds the kept units save (then the block's own activations are the probe): an MLP
+        saves its pruned channels' rows of gate and up, a GQA attention (K/V kept whole) its pruned
+        heads' rows of q, of q, k and v."""
+        k_b, k_t = probe_sizes(self.design, B, L)
+        cfg = self.model.config
+        if kind == "mlp":
+            saved = 1 - self.kept["mlp"] / cfg.intermediate_size
+        else:
+            H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+            assert KV < H, "by hand: GQA attention only (its K/V stay whole)"
+            saved = (H - self.kept["attention"]) / (H + 2 * KV)
+        return k_b * k_t / (B * L) >= saved
 
     @staticmethod
     def _scores(kind, energy, weight, head_dim):

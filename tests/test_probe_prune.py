@@ -48,6 +48,17 @@ def test_pp_keeps_the_units_probe_pruning_gives_by_hand(smollm2, design):
     assert adopted <= 3, f"{adopted} of 162 sites differed at the cut"  # near-ties are rare
 
 
+def test_at_batch_1_the_whole_batch_is_the_probe_and_keeps_what_it_gives_by_hand(smollm2):
+    # batch 1: the probe would run half the sequence, more than the share of the first
+    # projections' multiply-adds that pruning saves (MLP 640/1536, attention 4 of 15 q/k/v heads'
+    # rows), so each block's own activations select; at batch 4 (an eighth) the probe does
+    model, batches = smollm2
+    kept_matches_by_hand(model, batches[:, :1])
+    assert {r["selects"] for r in model.pp.summary() if r["status"] == "pruned"} == {"whole batch"}
+    kept_matches_by_hand(model, batches[:1])
+    assert {r["selects"] for r in model.pp.summary() if r["status"] == "pruned"} == {"probe"}
+
+
 def test_full_batch_keeps_the_units_of_the_whole_batchs_energy_by_hand(smollm2):
     model, batches = smollm2
     kept_matches_by_hand(model, batches[:1], policy="full-batch")

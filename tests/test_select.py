@@ -45,9 +45,13 @@ class LastTwo(ProbeDesign):
     name = "last-two"
 
 
-@probe_tokens(LastTwo, layout=PER_SEQUENCE)
+def _every_row_two(ctx, site, tag):
+    return ctx.gi.batch_arg, 2
+
+
+@probe_tokens(LastTwo, layout=PER_SEQUENCE, counts=_every_row_two)
 def last_two(ctx, site, design, x_res, tag):
-    return selected_tokens(ctx, _last_two_positions, x_res, ctx.gi.batch_arg, 2, tag)
+    return selected_tokens(ctx, _last_two_positions, x_res, *_every_row_two(ctx, site, tag), tag)
 
 
 def _last_two_positions(x_res: torch.Tensor, valid, k_t):

@@ -34,9 +34,10 @@ class Compact:
     named: dict[str, fx.Node]  # the same by name ("q_w", "final_w", ...): what a prefill stores
 
 
-def compact_weights(ctx: "SelectContext", site: Site, sel: "Selection", kv_whole: bool, tag: str) -> Compact:
-    """The kept rows of the first projections and columns of the final one, for `sel`. Inserted
-    where the graph's insertion point is (the caller's)."""
+def compact_weights(ctx: "SelectContext", site: Site, sel: "Selection", kv_whole: bool, tag: str,
+                    final_only: bool = False) -> Compact:
+    """The kept rows of the first projections and columns of the final one, for `sel` (only the
+    final one's with `final_only`). Inserted where the graph's insertion point is (the caller's)."""
     g = ctx.g
     if site.kind == "attention":
         chan = call(g, ops.head_channels, sel.kept, site.head_dim, name=f"{tag}_channels")
@@ -61,6 +62,8 @@ def compact_weights(ctx: "SelectContext", site: Site, sel: "Selection", kv_whole
 
     weights, named = {}, {}
     for p, (wname, bname) in weight_names(site, kv_whole).items():
+        if final_only and p is not site.final:
+            continue
         w = named[wname] = gather(p.args[1], 1 if p is site.final else 0, wname)
         b = None
         if bname is not None:
@@ -137,10 +140,22 @@ def unit_cost(site: Site, kv_whole: bool) -> float:
     return float(per_unit * (rows + value(site.final.args[1]).shape[0]))
 
 
-def pruned_fraction(site: Site, kv_whole: bool) -> float:
-    """The fraction of the block's projection multiply-adds per token its pruned units cost."""
+def pruned_fraction(site: Site, kv_whole: bool, final_only: bool = False) -> float:
+    """The fraction of the block's projection multiply-adds per token its pruned units cost (with
+    `final_only`, their columns of the final projection alone)."""
     block = float(sum(value(p.args[1]).numel() for p in site.projections + [site.final]))
-    return (site.units - site.kept) * unit_cost(site, kv_whole) / block
+    per_unit = unit_cost(site, kv_whole) if not final_only else \
+        (site.head_dim if site.kind == "attention" else 1) * value(site.final.args[1]).shape[0]
+    return (site.units - site.kept) * per_unit / block
+
+
+def first_saving(site: Site, kv_whole: bool) -> float:
+    """The share of the first projections' multiply-adds per token that compact weights save: the
+    pruned units' rows of the projections that are pruned (not K/V kept whole)."""
+    per_unit = site.head_dim if site.kind == "attention" else 1
+    rows = sum(value(p.args[1]).shape[1] for p in pruned_projections(site, kv_whole))
+    first = sum(value(p.args[1]).numel() for p in site.projections)
+    return (site.units - site.kept) * per_unit * rows / first
 
 
 def bias_of(linear: fx.Node):

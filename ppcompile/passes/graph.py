@@ -55,6 +55,7 @@ class GraphInputs:
     seq_arg: SizeArg
     seq_source: tuple[int, int | None] | int  # where a call finds L: (input index, dim) or the int
     seq_example: "int | torch.SymInt"  # L as Dynamo recorded it (the rows of per-position slots)
+    example: tuple[int, int] = (0, 0)  # B and L of the example Dynamo traced with (a dynamic graph's hints)
 
 
 def call(g: fx.Graph, fn, *args, name: str, **kwargs) -> fx.Node:
@@ -228,7 +229,8 @@ def graph_inputs(gm: fx.GraphModule, sites: list[Site]) -> GraphInputs:
         with g.inserting_before(body_start(g)):
             valid = call(g, torch.ne, mask, 0, name="pp_valid") if value(mask).dim() == 2 else \
                 call(g, ops.mask_valid, mask, seq_arg, name="pp_valid")  # a 4-d mask made before the call
-    return GraphInputs(valid, batch, seq_len, batch_arg, seq_arg, seq_source, examples[0][1])
+    return GraphInputs(valid, batch, seq_len, batch_arg, seq_arg, seq_source, examples[0][1],
+                       tuple(hint(s) for s in examples[0]))
 
 
 def _token_stream(gm: fx.GraphModule, sites: list[Site]) -> GraphInputs:
@@ -240,7 +242,7 @@ def _token_stream(gm: fx.GraphModule, sites: list[Site]) -> GraphInputs:
                           else f"blocks read token streams of different lengths {sorted(map(str, lengths))}")
     (tokens,) = lengths
     seq_arg, seq_source = size_source(gm.graph, tokens)
-    return GraphInputs(None, 1, tokens, 1, seq_arg, seq_source, streams[0])
+    return GraphInputs(None, 1, tokens, 1, seq_arg, seq_source, streams[0], (1, hint(streams[0])))
 
 
 def _attention_mask(g: fx.Graph, batch_seq) -> fx.Node | None:
@@ -264,7 +266,13 @@ def _attention_mask(g: fx.Graph, batch_seq) -> fx.Node | None:
 def final_input(g: fx.Graph, site: Site, gi: GraphInputs, tag: str) -> fx.Node:
     """The final projection's input as (B, L, C) (OPT's MLP runs on (B*L, d))."""
     x = site.final.args[0]
-    if value(x).dim() == 2:
+    if _dims(x) == 2:
         with g.inserting_after(x):
             x = call(g, torch.reshape, x, (gi.batch_arg, gi.seq_arg, -1), name=f"{tag}_final_in")
     return x
+
+
+def _dims(x: fx.Node) -> int:
+    """A node's dims; one the pass made (no recorded value yet) has its first input's: the final
+    projection's kept input (rewrite.compact_final) selects along the last dim only."""
+    return value(x).dim() if value(x) is not None else _dims(x.args[0])

@@ -11,6 +11,7 @@ is reduced (batch mean per position, or per token) and where the history is read
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -24,6 +25,7 @@ from .rewrite import probe_activation
 from .sites import Site, value
 
 if TYPE_CHECKING:
+    from ..config import PPConfig
     from .select import SelectContext
 
 
@@ -87,24 +89,46 @@ class TokenLayout(Layout):
 SHARED, PER_SEQUENCE, PACKED = Layout(), TokenLayout(), TokenLayout(packed=True)
 
 TokenBuilder = Callable[["SelectContext", Site, ProbeDesign, fx.Node, str], ProbeTokens]
-TOKEN_BUILDERS: dict[type, tuple[TokenBuilder, Layout]] = {}
+Counts = Callable[["SelectContext", Site, str], tuple]  # (ctx, site, tag) -> (k_b rows, k_t positions per row)
+TOKEN_BUILDERS: dict[type, tuple[TokenBuilder, Layout, Counts]] = {}
 
 
-def probe_tokens(*designs: type, layout: Layout):
-    """Register a token builder for these probe design classes (and their subclasses)."""
+def probe_tokens(*designs: type, layout: Layout, counts: Counts):
+    """Register a token builder for these probe design classes (and their subclasses), with the
+    layout of its tokens and how many it takes (`counts`, which the builder itself uses)."""
     def register(fn: TokenBuilder) -> TokenBuilder:
         for d in designs:
-            TOKEN_BUILDERS[d] = (fn, layout)
+            TOKEN_BUILDERS[d] = (fn, layout, counts)
         return fn
     return register
 
 
-def token_builder(design: ProbeDesign) -> tuple[TokenBuilder, Layout]:
+def _registered(design: ProbeDesign) -> tuple[TokenBuilder, Layout, Counts]:
     for cls in type(design).__mro__:
         if cls in TOKEN_BUILDERS:
             return TOKEN_BUILDERS[cls]
     raise ValueError(f"probe design {design!r} has no token builder: register one with "
                      "@ppcompile.passes.probe.probe_tokens")
+
+
+def token_builder(design: ProbeDesign) -> tuple[TokenBuilder, Layout]:
+    return _registered(design)[:2]
+
+
+@dataclass
+class _AtSizes:
+    """What a design's counts read of a SelectContext, at int sizes: its sizes are plain ints."""
+    config: "PPConfig"
+    gi: SimpleNamespace
+
+    def size(self, fn, *args, name: str):
+        return fn(*args)
+
+
+def probe_token_share(config: "PPConfig", site: Site, design: ProbeDesign, batch: int, seq_len: int) -> float:
+    """The share of a batch x seq_len batch's tokens the design's probe runs (nominal: pads counted)."""
+    k_b, k_t = _registered(design)[2](_AtSizes(config, SimpleNamespace(batch_arg=batch, seq_arg=seq_len)), site, "")
+    return k_b * k_t / (batch * seq_len)
 
 
 def check_sides(lab, design: ProbeDesign | None) -> None:
@@ -113,46 +137,62 @@ def check_sides(lab, design: ProbeDesign | None) -> None:
         token_builder(design)[1].check(lab, design)
 
 
-# ---- the designs' token builders ----
-@probe_tokens(WholeBatch, layout=SHARED)
-def whole_batch(ctx: "SelectContext", site: Site, design, x_res: fx.Node, tag: str) -> ProbeTokens:
-    B, L = ctx.gi.batch_arg, ctx.gi.seq_arg
-    return ProbeTokens(call(ctx.g, torch.arange, B, name=f"{tag}_probe_b"),
-                       call(ctx.g, torch.arange, L, name=f"{tag}_probe_t"), B, L)
+# ---- the designs' counts and token builders ----
+def whole_counts(ctx: "SelectContext", site: Site, tag: str) -> tuple:
+    return ctx.gi.batch_arg, ctx.gi.seq_arg
 
 
-@probe_tokens(Paper, layout=SHARED)
-def top_rows_and_positions(ctx: "SelectContext", site: Site, design, x_res: fx.Node, tag: str) -> ProbeTokens:
-    """The top positions by the batch's residual norms, shared by the top sequences."""
+def paper_counts(ctx: "SelectContext", site: Site, tag: str) -> tuple:
+    """The top sequences (sample_ratio of them) at the budget's positions or position_ratio of them."""
     k_b = _sample_rows(ctx, tag)
     k_t = _positions(ctx, site, k_b, tag)
-    if k_t is None:
-        k_t = _paper_positions(ctx, tag)
-    sel = call(ctx.g, ops.select_probe, x_res, ctx.gi.valid, k_t, k_b, ctx.config.sequence_first,
-               name=f"{tag}_probe_select")
-    return ProbeTokens(_item(ctx.g, sel, 0, f"{tag}_probe_b"), _item(ctx.g, sel, 1, f"{tag}_probe_t"), k_b, k_t)
+    return k_b, _paper_positions(ctx, tag) if k_t is None else k_t
 
 
-@probe_tokens(PerSequence, layout=PER_SEQUENCE)
-def each_sequence(ctx: "SelectContext", site: Site, design, x_res: fx.Node, tag: str) -> ProbeTokens:
-    """As many tokens as the paper's probe, over every sequence (at least two each)."""
+def sequence_counts(ctx: "SelectContext", site: Site, tag: str) -> tuple:
+    """Every sequence, at as many tokens in all as the paper's probe (at least two each)."""
     B = ctx.gi.batch_arg
     k_t = _positions(ctx, site, B, tag)
     if k_t is None:
         k_t = ctx.size(ops.spread_count, B, ctx.gi.seq_arg, _sample_rows(ctx, tag), _paper_positions(ctx, tag),
                        name=f"{tag}_probe_positions_each")
-    return selected_tokens(ctx, design.select, x_res, B, k_t, tag)
+    return B, k_t
 
 
-@probe_tokens(Packed, layout=PACKED)
-def one_packed_row(ctx: "SelectContext", site: Site, design, x_res: fx.Node, tag: str) -> ProbeTokens:
-    """As many tokens as the paper's probe, in one row of at most L tokens: its attention, k x k
-    pairs, stays within the L keys per token that a budget counts."""
+def packed_counts(ctx: "SelectContext", site: Site, tag: str) -> tuple:
+    """One row of as many tokens as the paper's probe, at most L: its attention, k x k pairs,
+    stays within the L keys per token that a budget counts."""
     k_t = _positions(ctx, site, 1, tag)
     if k_t is None:
         k_t = ctx.size(ops.packed_count, ctx.gi.seq_arg, _sample_rows(ctx, tag), _paper_positions(ctx, tag),
                        name=f"{tag}_probe_tokens")
-    return selected_tokens(ctx, design.select, x_res, 1, k_t, tag)
+    return 1, k_t
+
+
+@probe_tokens(WholeBatch, layout=SHARED, counts=whole_counts)
+def whole_batch(ctx: "SelectContext", site: Site, design, x_res: fx.Node, tag: str) -> ProbeTokens:
+    B, L = whole_counts(ctx, site, tag)
+    return ProbeTokens(call(ctx.g, torch.arange, B, name=f"{tag}_probe_b"),
+                       call(ctx.g, torch.arange, L, name=f"{tag}_probe_t"), B, L)
+
+
+@probe_tokens(Paper, layout=SHARED, counts=paper_counts)
+def top_rows_and_positions(ctx: "SelectContext", site: Site, design, x_res: fx.Node, tag: str) -> ProbeTokens:
+    """The top positions by the batch's residual norms, shared by the top sequences."""
+    k_b, k_t = paper_counts(ctx, site, tag)
+    sel = call(ctx.g, ops.select_probe, x_res, ctx.gi.valid, k_t, k_b, ctx.config.sequence_first,
+               name=f"{tag}_probe_select")
+    return ProbeTokens(_item(ctx.g, sel, 0, f"{tag}_probe_b"), _item(ctx.g, sel, 1, f"{tag}_probe_t"), k_b, k_t)
+
+
+@probe_tokens(PerSequence, layout=PER_SEQUENCE, counts=sequence_counts)
+def each_sequence(ctx: "SelectContext", site: Site, design, x_res: fx.Node, tag: str) -> ProbeTokens:
+    return selected_tokens(ctx, design.select, x_res, *sequence_counts(ctx, site, tag), tag)
+
+
+@probe_tokens(Packed, layout=PACKED, counts=packed_counts)
+def one_packed_row(ctx: "SelectContext", site: Site, design, x_res: fx.Node, tag: str) -> ProbeTokens:
+    return selected_tokens(ctx, design.select, x_res, *packed_counts(ctx, site, tag), tag)
 
 
 def selected_tokens(ctx: "SelectContext", select, x_res: fx.Node, k_b, k_t, tag: str) -> ProbeTokens:

@@ -34,7 +34,7 @@ from .graph import GraphInputs, NodeFailed, call, copy_graph, graph_inputs, refr
 from .history import History
 from .outline import Outliner
 from .probe import check_sides
-from .rewrite import compact, site_labels
+from .rewrite import compact, compact_final, site_labels
 from .seam import KEPT, SHARE, Seam, parse, slot_name
 from .select import RealTensor, SelectContext, first_projection, selector_for, tag_of
 from .sites import Site, Unmatched
@@ -182,12 +182,13 @@ class _Pass:
         history = self.history.input(site, ctx.gi) if self.history is not None else None
         before = set(g.nodes)
         sel = self.selector.build(ctx, site, history)  # a static policy's first build sets every kept count
-        site.pruned_flops = 0.0 if sel.runs_dense else compacting.pruned_fraction(site, kv_whole)
+        site.pruned_flops = 0.0 if sel.runs_dense else compacting.pruned_fraction(site, kv_whole, sel.final_only)
+        site.whole_batch_probe = sel.final_only
         stores = self.phase == "prefill" and not self.selector.fixed
         compacted = None
         if stores or not sel.runs_dense:
-            with g.inserting_before(sel.anchor):
-                compacted = compacting.compact_weights(ctx, site, sel, kv_whole, tag)
+            with g.inserting_before(sel.anchor):  # a prefill stores every compact weight, for its decode steps
+                compacted = compacting.compact_weights(ctx, site, sel, kv_whole, tag, sel.final_only and not stores)
         if sel.outline:  # constants (get_attr, at the graph's start) enter the subgraph as inputs
             self.groups.append(([n for n in g.nodes if n not in before and n.op != "get_attr"], tag, site.kind))
         seam.output(slot_name(KEPT, site.name), sel.kept)
@@ -196,7 +197,9 @@ class _Pass:
                 compacting.store(g, seam, site, kv_whole, {"kept": sel.kept, **compacted.named})
         if sel.share is not None and self.config.telemetry:
             seam.output(slot_name(SHARE, site.name), sel.share)
-        if not sel.runs_dense:
+        if sel.final_only:
+            compact_final(g, site, compacted.weights[site.final][0], compacted.channels, tag)
+        elif not sel.runs_dense:
             compact(g, site, lab, compacted.weights, sel.kept, kv_whole, tag)
         if sel.bias is not None:
             _add_bias(g, site.final, sel.bias, tag)

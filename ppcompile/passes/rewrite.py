@@ -156,6 +156,15 @@ def compact(g: fx.Graph, site: Site, lab: Labeler, weights: dict[fx.Node, tuple]
         attend_kept(g, site, kept, tag)
 
 
+def compact_final(g: fx.Graph, site: Site, weight: fx.Node, channels: fx.Node, tag: str) -> None:
+    """Only the final projection compact: it reads the kept `channels` of its input, which the
+    block computed whole, through its kept columns `weight`."""
+    x = site.final.args[0]
+    with g.inserting_before(site.final):
+        kept_x = call(g, torch.index_select, x, -1, channels, name=f"{tag}_final_kept")  # (..., k)
+    site.final.args = (kept_x, weight, *site.final.args[2:])
+
+
 def attend_kept(g: fx.Graph, site: Site, kept: fx.Node, tag: str) -> None:
     """The kept query heads attend on whole K/V. One query token (a decode step), no dropout, no
     causal flag: ops.attend_one_query, which reads the kept heads' K/V in place. Otherwise the K/V

@@ -22,9 +22,9 @@ from torch import fx
 from .. import ops
 from ..config import PPConfig
 from ..policies import FullBatch, Griffin, Policy, ProbePruning
-from .compact import const, derived, graph_order
+from .compact import const, derived, first_saving, graph_order
 from .graph import GraphInputs, call, final_input
-from .probe import probe_energy
+from .probe import probe_energy, probe_token_share
 from .sites import Site
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ class Selection:
     share: fx.Node | None = None  # the probe's share of the fused energy (telemetry)
     bias: torch.Tensor | None = None  # added to the final projection's output (FLAP's compensation)
     runs_dense: bool = False  # the selecting call runs its block dense (selects for later calls)
+    final_only: bool = False  # the call runs its first projections dense; only the final one is compact
     outline: bool = False  # its nodes go in a subgraph every layer of the same shape shares
 
 
@@ -119,21 +120,59 @@ def first_projection(site: Site) -> fx.Node:
 @register_selector(ProbePruning, FullBatch)
 def probed(ctx: SelectContext, site: Site, history: fx.Node | None) -> Selection:
     """Probe -> (fuse with history) -> score -> top-k: the kept heads or channels of this batch.
-    The probe's tokens are the policy's design (pp: the configured one; full-batch: every token)."""
+    The probe's tokens are the policy's design (pp: the configured one; full-batch: every token).
+    Where the probe would run so much of the batch that it and the compact first projections cost
+    at least the dense first projections (batch 1: half the sequence), the block's own activations
+    are the probe instead (own_activations)."""
+    design = ctx.config.policy.design(ctx.config.probe)
+    if whole_batch_pays(ctx, site, design):
+        return own_activations(ctx, site, history)
     g, tag, lab = ctx.g, tag_of(site), ctx.labels[site.name][0]
     anchor = first_projection(site)
     with g.inserting_before(anchor):
-        energy, share = probe_energy(ctx, site, lab, ctx.config.policy.design(ctx.config.probe), history, tag)
-        w = site.final.args[1]
-        t = ctx.real_of(w)
-        terms = const(g, f"{tag}_weight_terms", ctx.derived_of(t, "terms", ops.column_terms)) if t is not None \
-            else call(g, ops.column_terms, w, name=f"{tag}_weight_terms")  # weights unknown here: every call
-        if site.kind == "attention":
-            scores = call(g, ops.head_scores, energy, terms, site.heads, name=f"{tag}_score")
-        else:
-            scores = call(g, ops.channel_scores, energy, terms, name=f"{tag}_score")
-        kept = call(g, ops.top_indices, scores, site.kept, ctx.config.shards, name=f"{tag}_select")
+        energy, share = probe_energy(ctx, site, lab, design, history, tag)
+        kept = _top_units(ctx, site, energy, tag)
     return Selection(kept, anchor, share=share, outline=True)
+
+
+def whole_batch_pays(ctx: SelectContext, site: Site, design) -> bool:
+    """Whether the probe's share of the batch's tokens, at the graph's sizes (a dynamic graph's
+    example), is at least the share of the first projections' multiply-adds that compact weights
+    save: then probing and compacting them costs no less than running them dense for every token."""
+    share = probe_token_share(ctx.config, site, design, *ctx.gi.example)
+    return share >= first_saving(site, ctx.labels[site.name][1])
+
+
+def own_activations(ctx: SelectContext, site: Site, history: fx.Node | None) -> Selection:
+    """The whole batch as the probe: the block runs dense up to its final projection, whose input
+    (B, L, C) gives the energy (mean over sequences per position, fused with the history); only the
+    final projection reads the kept units (Selection.final_only). The same selection as a probe
+    of every token, without running the block twice."""
+    g, tag, gi = ctx.g, tag_of(site), ctx.gi
+    act = final_input(g, site, gi, tag)  # (B, L, C)
+    with g.inserting_before(site.final):
+        energy = call(g, ops.probe_energy, act, gi.valid, name=f"{tag}_own_energy")  # (L, C)
+        if history is None:
+            share = call(g, torch.ones, (), name=f"{tag}_share") if ctx.config.telemetry else None
+            energy = call(g, torch.sum, energy, 0, name=f"{tag}_energy")
+        else:
+            share = call(g, ops.probe_share, energy, history, name=f"{tag}_share") if ctx.config.telemetry else None
+            energy = call(g, ops.fuse_history, energy, history, name=f"{tag}_fuse")
+        kept = _top_units(ctx, site, energy, tag)
+    return Selection(kept, site.final, share=share, outline=True, final_only=True)
+
+
+def _top_units(ctx: SelectContext, site: Site, energy: fx.Node, tag: str) -> fx.Node:
+    """PPsp scores of the energy (C,) with the final projection's weight terms, and the top kept."""
+    g, w = ctx.g, site.final.args[1]
+    t = ctx.real_of(w)
+    terms = const(g, f"{tag}_weight_terms", ctx.derived_of(t, "terms", ops.column_terms)) if t is not None \
+        else call(g, ops.column_terms, w, name=f"{tag}_weight_terms")  # weights unknown here: every call
+    if site.kind == "attention":
+        scores = call(g, ops.head_scores, energy, terms, site.heads, name=f"{tag}_score")
+    else:
+        scores = call(g, ops.channel_scores, energy, terms, name=f"{tag}_score")
+    return call(g, ops.top_indices, scores, site.kept, ctx.config.shards, name=f"{tag}_select")
 
 
 @register_selector(Griffin)
