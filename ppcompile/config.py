@@ -34,6 +34,10 @@ class PPConfig:
     # The probe's multiply-adds as a fraction of each pruned block's dense ones: the positions
     # per probed sample follow from B and L (at least two). None: position_ratio, the paper's rule.
     probe_budget: float | None = None
+    # Where the probe would run so much of the batch (batch 1: half the sequence) that it and the
+    # compact first projections cost more than the dense ones, the block's own activations select
+    # and only its final projection is compact (passes/select.py). False: always the probe, as the paper.
+    whole_batch_when_cheaper: bool = True
     skip_layers: tuple[int, ...] = (0, 1, 2)  # decoder layers left dense
     blocks: str = "both"  # which blocks are pruned: both | attention | mlp
     mlp_multiple: int = 64  # kept MLP channels rounded up to a multiple of this
@@ -72,7 +76,7 @@ class PPConfig:
             if v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v}")
             object.__setattr__(self, name, int(v))
-        for name in ("sequence_first", "history", "strict", "telemetry", "dynamic"):  # "False" as a string would read as True
+        for name in ("sequence_first", "history", "whole_batch_when_cheaper", "strict", "telemetry", "dynamic"):  # "False" as a string would read as True
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {_shown(getattr(self, name))}: pass a bool")
         if not 0.0 <= self.ratio < 1.0:

@@ -57,6 +57,10 @@ def test_at_batch_1_the_whole_batch_is_the_probe_and_keeps_what_it_gives_by_hand
     assert {r["selects"] for r in model.pp.summary() if r["status"] == "pruned"} == {"whole batch"}
     kept_matches_by_hand(model, batches[:1])
     assert {r["selects"] for r in model.pp.summary() if r["status"] == "pruned"} == {"probe"}
+    c = pp.compile(model, 0.4, backend="eager", whole_batch_when_cheaper=False)  # the paper's probe, always
+    with torch.no_grad():
+        c(batches[0, :1])
+    assert {r["selects"] for r in model.pp.summary() if r["status"] == "pruned"} == {"probe"}
 
 
 def test_full_batch_keeps_the_units_of_the_whole_batchs_energy_by_hand(smollm2):

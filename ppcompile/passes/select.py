@@ -138,7 +138,10 @@ def probed(ctx: SelectContext, site: Site, history: fx.Node | None) -> Selection
 def whole_batch_pays(ctx: SelectContext, site: Site, design) -> bool:
     """Whether the probe's share of the batch's tokens, at the graph's sizes (a dynamic graph's
     example), is at least the share of the first projections' multiply-adds that compact weights
-    save: then probing and compacting them costs no less than running them dense for every token."""
+    save: then probing and compacting them costs no less than running them dense for every token.
+    Never with whole_batch_when_cheaper=False."""
+    if not ctx.config.whole_batch_when_cheaper:
+        return False
     share = probe_token_share(ctx.config, site, design, *ctx.gi.example)
     return share >= first_saving(site, ctx.labels[site.name][1])
 
