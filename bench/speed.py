@@ -53,6 +53,7 @@ from tabulate import tabulate
 
 import ppcompile as pp
 from ppcompile.calibration import collect
+from ppcompile.config import PPConfig
 from ppcompile.cli import parse_option
 from ppcompile.guard import assert_pruned
 from ppcompile.models import (KNOWN_MODELS, RANDOM_ARCHS, dtype_name, dtype_suffix, load_model, parse_dtype,
@@ -161,13 +162,14 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     dense_methods = [m for m in methods if policy_of[m] == "dense"]  # "dense", "dense dynamic=true"
     runs = [(m, 0.0) for m in dense_methods] + [(m, r) for r in ratios for m in methods if m not in dense_methods]
-    flops = {}
+    flops = {}  # per method and ratio: a label's own options (probe_budget=, blocks=) change them
     for m, r in runs:
         policy = policy_of[m]
-        if m not in dense_methods and (policy, r) not in flops:
-            flops[policy, r] = pp.explain(model, ids, r, policy=policy,
-                                          calibration=cal if get_policy(policy).needs_calibration else None,
-                                          **(pp_options if policy == "pp" else {})).flops
+        if m not in dense_methods and (m, r) not in flops:
+            own = {k: v for k, v in parse_label(m)[2].items() if k in PPConfig.__dataclass_fields__}
+            flops[m, r] = pp.explain(model, ids, r, policy=policy,
+                                     calibration=cal if get_policy(policy).needs_calibration else None,
+                                     **{**(pp_options if policy == "pp" else {}), **own}).flops
     torch._dynamo.reset()  # the captures above are not among the measured models
 
     def build(m: str, r: float):
@@ -226,7 +228,7 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
     for (m, r), row in rows.items():
         median = statistics.median(row["times"])
         busy_s = statistics.median(row["busy_times"]) if busy else None
-        f = flops.get((policy_of[m], r))
+        f = flops.get((m, r))
         ratio_flops = f["pruned"] / f["dense"] if f else 1.0
         out.append({"method": m, "batch": batch, "seq_len": seq, "ratio": r,
                     "seconds": median, "spread": [min(row["times"]), max(row["times"])],
