@@ -44,7 +44,7 @@ def compact_weights(ctx: "SelectContext", site: Site, sel: "Selection", kv_whole
         chan_now = None if sel.kept_now is None else ops.head_channels(sel.kept_now, site.head_dim)
     else:
         chan, chan_now = sel.kept, sel.kept_now
-    unit = site.head_dim if site.kind == "attention" else 1
+    unit = unit_width(site)
 
     def gather(w: fx.Node, dim: int, name: str) -> fx.Node:
         t = ctx.real_of(w)
@@ -78,7 +78,7 @@ def stored_slots(site: Site, kv_whole: bool) -> dict[str, Slot]:
     the kept units, and each compact weight transposed, (in, out) contiguous: the layout a matmul
     of a few tokens reads fastest (bench/layout.py: about 2x nn.Linear's (out, in) at 8 tokens on
     the development CPU)."""
-    width = site.kept * (site.head_dim if site.kind == "attention" else 1)
+    width = site.kept * unit_width(site)
     slots = {"kept": stored_slot(site.name, "kept", (site.kept,), torch.long)}
     for p, (wname, bname) in weight_names(site, kv_whole).items():
         w = value(p.args[1])
@@ -135,27 +135,29 @@ def pruned_projections(site: Site, kv_whole: bool) -> list[fx.Node]:
 def unit_cost(site: Site, kv_whole: bool) -> float:
     """Multiply-adds per token of one unit (head or channel): its rows of the pruned first
     projections and its columns of the final projection."""
-    per_unit = site.head_dim if site.kind == "attention" else 1
     rows = sum(value(p.args[1]).shape[1] for p in pruned_projections(site, kv_whole))
-    return float(per_unit * (rows + value(site.final.args[1]).shape[0]))
+    return float(unit_width(site) * (rows + value(site.final.args[1]).shape[0]))
 
 
 def pruned_fraction(site: Site, kv_whole: bool, final_only: bool = False) -> float:
     """The fraction of the block's projection multiply-adds per token its pruned units cost (with
     `final_only`, their columns of the final projection alone)."""
     block = float(sum(value(p.args[1]).numel() for p in site.projections + [site.final]))
-    per_unit = unit_cost(site, kv_whole) if not final_only else \
-        (site.head_dim if site.kind == "attention" else 1) * value(site.final.args[1]).shape[0]
+    per_unit = unit_cost(site, kv_whole) if not final_only else unit_width(site) * value(site.final.args[1]).shape[0]
     return (site.units - site.kept) * per_unit / block
 
 
 def first_saving(site: Site, kv_whole: bool) -> float:
     """The share of the first projections' multiply-adds per token that compact weights save: the
     pruned units' rows of the projections that are pruned (not K/V kept whole)."""
-    per_unit = site.head_dim if site.kind == "attention" else 1
     rows = sum(value(p.args[1]).shape[1] for p in pruned_projections(site, kv_whole))
     first = sum(value(p.args[1]).numel() for p in site.projections)
-    return (site.units - site.kept) * per_unit * rows / first
+    return (site.units - site.kept) * unit_width(site) * rows / first
+
+
+def unit_width(site: Site) -> int:
+    """Channels of the final projection's input per unit: a head's head_dim, an MLP channel's 1."""
+    return site.head_dim if site.kind == "attention" else 1
 
 
 def bias_of(linear: fx.Node):

@@ -246,11 +246,18 @@ def probe_energy(ctx: "SelectContext", site: Site, lab, design: ProbeDesign, his
                            packed=layout.packed)
     act = call(g, torch.reshape, act, (t.k_b, t.k_t, -1), name=f"{tag}_probe_act")
     energy = layout.energy(g, act, t, gi.valid, tag)
-    telemetry = ctx.config.telemetry
-    if history is None:
+    hist = layout.history_at(g, history, t, tag) if history is not None else None
+    return fused_energy(g, energy, hist, ctx.config.telemetry, tag)
+
+
+def fused_energy(g: fx.Graph, energy: fx.Node, hist: fx.Node | None, telemetry: bool,
+                 tag: str) -> tuple[fx.Node, fx.Node | None]:
+    """The energy per channel (C,) from a probe's energy per position or token (T, C): fused with
+    the history at the same rows (T, C), or summed without one; and the probe's share of it
+    (telemetry; None without)."""
+    if hist is None:
         share = call(g, torch.ones, (), name=f"{tag}_share") if telemetry else None
         return call(g, torch.sum, energy, 0, name=f"{tag}_energy"), share
-    hist = layout.history_at(g, history, t, tag)
     share = call(g, ops.probe_share, energy, hist, name=f"{tag}_share") if telemetry else None
     return call(g, ops.fuse_history, energy, hist, name=f"{tag}_fuse"), share
 

@@ -24,7 +24,7 @@ from ..config import PPConfig
 from ..policies import FullBatch, Griffin, Policy, ProbePruning
 from .compact import const, derived, first_saving, graph_order
 from .graph import GraphInputs, call, final_input
-from .probe import probe_energy, probe_token_share
+from .probe import fused_energy, probe_energy, probe_token_share
 from .sites import Site
 
 if TYPE_CHECKING:
@@ -154,13 +154,8 @@ def own_activations(ctx: SelectContext, site: Site, history: fx.Node | None) -> 
     g, tag, gi = ctx.g, tag_of(site), ctx.gi
     act = final_input(g, site, gi, tag)  # (B, L, C)
     with g.inserting_before(site.final):
-        energy = call(g, ops.probe_energy, act, gi.valid, name=f"{tag}_own_energy")  # (L, C)
-        if history is None:
-            share = call(g, torch.ones, (), name=f"{tag}_share") if ctx.config.telemetry else None
-            energy = call(g, torch.sum, energy, 0, name=f"{tag}_energy")
-        else:
-            share = call(g, ops.probe_share, energy, history, name=f"{tag}_share") if ctx.config.telemetry else None
-            energy = call(g, ops.fuse_history, energy, history, name=f"{tag}_fuse")
+        per_position = call(g, ops.probe_energy, act, gi.valid, name=f"{tag}_own_energy")  # (L, C)
+        energy, share = fused_energy(g, per_position, history, ctx.config.telemetry, tag)  # history: (L, C)
         kept = _top_units(ctx, site, energy, tag)
     return Selection(kept, site.final, share=share, outline=True, final_only=True)
 
