@@ -220,6 +220,7 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
             policy, _, options = parse_label(m)
             assert_pruned(fn, method=f"{label(policy, r, **options)}, batch {batch} x {seq}")
     added = {key: _added_mib(fn) for key, fn in fns.items()}
+    blocks = {key: _pruned_blocks(fn) for key, fn in fns.items() if key[0] not in dense_methods}
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     dense = rows.get(("dense", 0.0))
     dense_s = statistics.median(dense["times"]) if dense else None
@@ -242,9 +243,18 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
                     "peak_mib": row["peak_mib"],
                     "peak_vs_dense": row["peak_mib"] / dense["peak_mib"] if dense and dense["peak_mib"] else None,
                     "weights_mib": weights, "added_mib": added[m, r],
+                    **({"pruned_blocks": blocks[m, r]} if (m, r) in blocks else {}),
                     "busy_seconds": busy_s, "busy_vs_dense": busy_s / dense_busy if dense_busy else None,
                     "provenance": provenance(None if m in dense_methods else fns[m, r], dtype=model.dtype)})
     return out
+
+
+def _pruned_blocks(fn) -> str:
+    """"pruned/blocks" of the graph the timed calls ran (the last compiled), and how many of the
+    rest the cost rule left dense (passes/cost.py): "0/60 (54 cannot pay)"."""
+    result = fn.pp.passes[-1]
+    by_cost = len(result.dense_by_cost)
+    return f"{len(result.active_sites)}/{len(result.sites)}" + (f" ({by_cost} cannot pay)" if by_cost else "")
 
 
 def _profile_totals(prof) -> str:
@@ -337,6 +347,8 @@ def table(rows: list[dict]) -> str:
         cols.insert(cols.index("compile_s") + 1, "warm_compile_s")
     if any(r.get("busy_vs_dense") for r in rows):
         cols.append("busy_vs_dense")
+    if any("pruned_blocks" in r for r in rows):  # runs since the cost rule: what the timed graph pruned
+        cols.insert(cols.index("method") + 1, "pruned_blocks")
     return tabulate([[r.get(c) for c in cols] for r in rows], headers=cols, floatfmt=".3g", tablefmt="github")
 
 

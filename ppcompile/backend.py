@@ -90,6 +90,7 @@ class Session:
                 self.runtime.sites[s.name] = {"layer": s.layer, "kind": s.kind, "total": s.units,
                                               "pruned_flops": s.pruned_flops}
         seam, runtime = result.seam, self.runtime
+        n_cost_dense = len(result.dense_by_cost)
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
             codes: list[str] = []
@@ -106,6 +107,7 @@ class Session:
             runtime.record(named)
             runtime.counts["graph_runs"] += 1
             runtime.counts["site_runs"] += len(result.active_sites)
+            runtime.cost_dense_site_runs += n_cost_dense
             return out
 
         return run
@@ -118,7 +120,13 @@ class Session:
                 f"{len(result.active_sites)} of {len(result.sites)} blocks pruned) with Inductor")
 
     def _report(self, result: PassResult) -> None:
-        """Strict: any block left dense that the config did not ask for is an error; else a warning."""
+        """Strict: any block left dense that the config did not ask for is an error; else a warning.
+        Blocks the cost rule leaves dense are a choice, told once per size."""
+        if result.dense_by_cost:
+            first = result.dense_by_cost[0]
+            self.warn_once(f"ppcompile: {len(result.dense_by_cost)} of {len(result.sites)} blocks run dense in this "
+                           f"graph: pruning cannot pay at {first.status.detail}; a larger call compiles a pruned "
+                           "graph, and gather_cost=0 prunes at every size")
         unmatched = [f"{r['site']}: {r['status']}" for r in site_rows(result) if left_dense_unmatched(r)]
         if not result.sites and self.config.strict:
             raise ValueError("ppcompile (strict): no attention or MLP block of this model could be matched")

@@ -38,6 +38,11 @@ class PPConfig:
     # compact first projections cost more than the dense ones, the block's own activations select
     # and only its final projection is compact (passes/select.py). False: always the probe, as the paper.
     whole_batch_when_cheaper: bool = True
+    # A forward graph leaves a site dense where its compact weights cannot pay at the call's size:
+    # the multiply-adds they save against what selecting and gathering them costs, one gathered
+    # weight element counted as this many multiply-adds (passes/cost.py). "auto": the device's and
+    # dtype's default (CPU: 64 in float32, 256 in bf16/fp16); 0: prune at every size.
+    gather_cost: int | str = "auto"
     skip_layers: tuple[int, ...] = (0, 1, 2)  # decoder layers left dense
     blocks: str = "both"  # which blocks are pruned: both | attention | mlp
     mlp_multiple: int = 64  # kept MLP channels rounded up to a multiple of this
@@ -84,6 +89,12 @@ class PPConfig:
                              "pruned (0.4 prunes 40%, 0 nothing)")
         object.__setattr__(self, "policy", get_policy(self.policy))
         object.__setattr__(self, "probe", get_probe(self.probe))
+        if self.gather_cost != "auto":
+            if isinstance(self.gather_cost, bool) or not isinstance(self.gather_cost, numbers.Integral) \
+                    or self.gather_cost < 0:
+                raise ValueError(f"gather_cost must be 'auto' or an int >= 0, got {_shown(self.gather_cost)}: "
+                                 "the multiply-adds one gathered weight element costs (0: prune at every size)")
+            object.__setattr__(self, "gather_cost", int(self.gather_cost))
         if self.blocks not in BLOCKS:
             raise ValueError(f"blocks must be one of {', '.join(BLOCKS)}, got {self.blocks!r}")
         if self.final_layout not in FINAL_LAYOUTS:

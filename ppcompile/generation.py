@@ -73,11 +73,14 @@ class Router:
                              "prefill's selection; run the prompt first into an empty cache (generate() does)")
         if config.dynamic:
             args, kwargs = _mark_dynamic(args, kwargs)
-        graphs, sites = runtime.counts["graph_runs"], runtime.counts["site_runs"]
+        graphs, sites, by_cost = runtime.counts["graph_runs"], runtime.counts["site_runs"], runtime.cost_dense_site_runs
         out = self.entry(phase)(*args, **kwargs)
         ran_graph = runtime.counts["graph_runs"] > graphs
         if ran_graph and (runtime.counts["site_runs"] > sites or not config.policy.prunes):
             runtime.counts["pruned_calls"] += 1
+            return out
+        if ran_graph and runtime.cost_dense_site_runs > by_cost:  # too small to pay: the choice was warned of
+            runtime.counts["dense_by_cost_calls"] += 1
             return out
         runtime.counts["unpruned_calls"] += 1
         cause = _fallback_cause(self.model) if not ran_graph else (

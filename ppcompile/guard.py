@@ -62,7 +62,7 @@ def _call_problems(session: Session) -> list[str]:
                 f"unpruned_calls={unpruned}): their figures are the dense model's. ppcompile warned with the "
                 "cause (Dynamo's recompile limit, a graph break, a torch.compiler stance); fix it, e.g. "
                 "torch._dynamo.reset() between models or a higher torch._dynamo.config.recompile_limit, and rerun"]
-    if not pruned:
+    if not pruned and not counts["dense_by_cost_calls"]:  # dense by the cost rule: a choice, in the counts
         return ["no call ran through the pass (pruned_calls=0): call the compiled model before checking"]
     return []
 

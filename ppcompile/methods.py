@@ -43,6 +43,7 @@ def _policy(policy: str) -> MethodBuilder:
             calibration = None  # e.g. the oracle: no history and no use for one
         elif rule.needs_calibration and calibration is None:
             raise ValueError(f"method {policy!r} needs calibration text: add --calibration SOURCE")
+        options.setdefault("gather_cost", 0)  # quality measures the method at every size: no cost rule
         return model_logits_fn(pp_compile(model, ratio, policy=policy, calibration=calibration, backend=backend,
                                           **options))
 

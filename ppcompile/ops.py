@@ -285,6 +285,18 @@ def ema_update_(history: torch.Tensor, kept: torch.Tensor, x: torch.Tensor,
     return history.index_copy_(1, kept, old + step)
 
 
+def ema_update_every_(history: torch.Tensor, energy: torch.Tensor, valid: torch.Tensor | None,
+                      weight: torch.Tensor) -> torch.Tensor:
+    """In place, every channel: H[t, j] += weight * (E[t, j] - H[t, j]), where E (L, C) is the
+    per-position energy of the block's own activations (probe_energy over the whole batch): where
+    every channel ran, every channel's history learns from it (no gather, no scatter). Positions
+    with no real token are left alone; `weight` as in ema_update_."""
+    step = weight * (energy - history)  # (L, C)
+    if valid is not None:
+        step = torch.where(valid.any(0).unsqueeze(-1), step, 0.0)
+    return history.add_(step)
+
+
 def ema_weight(step: torch.Tensor, seeded: torch.Tensor, momentum: float) -> torch.Tensor:
     """The EMA step size of this call: 0 on the warm-up call, 1 into an unseeded history."""
     return torch.where(step == 0, 0.0, torch.where(seeded, 1.0 - momentum, 1.0))

@@ -25,8 +25,12 @@ class Runtime:
         self.telemetry = telemetry  # aggregate every call's selections for stats()
         self.sites: dict[str, dict] = {}  # site -> layer, kind, total units, pruned FLOPs fraction
         self.slots: dict[str, torch.Tensor] = {s.name: s.new(0, "cpu") for s in (STEP, SEEDED)}
-        # calls of the compiled model that ran pruned / unpruned, compiled graphs run, pruned sites run
-        self.counts = {"pruned_calls": 0, "unpruned_calls": 0, "graph_runs": 0, "site_runs": 0}
+        # calls of the compiled model that ran pruned / unpruned / dense by the cost rule (every block
+        # of their graphs too small to pay, passes/cost.py: a choice, warned once), compiled graphs
+        # run, pruned sites run
+        self.counts = {"pruned_calls": 0, "unpruned_calls": 0, "dense_by_cost_calls": 0, "graph_runs": 0,
+                       "site_runs": 0}
+        self.cost_dense_site_runs = 0  # sites run dense by the cost rule (what tells such a call apart)
         self._last: dict[str, torch.Tensor] = {}
         self._agg: dict[str, dict[str, torch.Tensor | int]] = {}  # site -> running telemetry sums
 

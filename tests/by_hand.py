@@ -198,8 +198,10 @@ class ByHand:
                     channels = self._channels(kind, kept[site], layer.self_attn.head_dim)
                     zero = torch.ones(act.shape[-1], dtype=torch.bool)
                     zero[channels] = False
+                    if self.policy == "pp" and self.whole_batch_probes(kind, *x.shape[:2]):
+                        self._update(site, torch.arange(act.shape[-1]), act, valid)  # every channel ran
                     act = act.masked_fill(zero, 0.0)
-                    if self.policy == "pp":
+                    if self.policy == "pp" and not self.whole_batch_probes(kind, *x.shape[:2]):
                         self._update(site, channels, act, valid)
                 h = x_res + final(act)
         if self.policy == "pp":
@@ -262,7 +264,8 @@ class ByHand:
         return kept if kind == "mlp" else (kept[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
     def _update(self, site, channels, act, valid):
-        """H[t, j] <- H + w * (mean_b x^2 - H) for kept channels at positions with a real token;
+        """H[t, j] <- H + w * (mean_b x^2 - H) for `channels` (the kept ones; every one where the
+        block's own activations selected) at positions with a real token;
         w = 0 on the warm-up call, 1 into an unseeded history, else 1 - momentum."""
         w = 0.0 if self.calls == 0 else (1 - self.momentum) if self.seeded else 1.0
         sq = torch.where(valid.unsqueeze(-1), act.double().pow(2), 0.0)  # (B, L, C)

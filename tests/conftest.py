@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+# The tiny models of the tests would pay for pruning at no size: the cost rule (passes/cost.py)
+# would leave every block dense. The tests of the pass prune at every size (spawned processes
+# inherit it); tests/test_cost.py sets gather_cost itself.
+os.environ["PPCOMPILE_GATHER_COST"] = "0"
+
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: a second torch thread would share it
     torch.set_num_threads(1)
 

@@ -106,7 +106,7 @@ def test_a_call_dynamo_runs_eagerly_warns_once_counts_and_raises_under_strict():
                 warnings.simplefilter("error")  # once: the second such call is counted, not warned
                 c(ids)
         torch.testing.assert_close(out, model(ids).logits)  # it really ran the original model
-    assert model.pp.runtime.counts == {"pruned_calls": 1, "unpruned_calls": 2, "graph_runs": 1, "site_runs": 8}
+    assert model.pp.runtime.counts == {"pruned_calls": 1, "unpruned_calls": 2, "dense_by_cost_calls": 0, "graph_runs": 1, "site_runs": 8}
 
     strict = pp.compile(random_model("llama-gqa"), 0.4, backend="eager", strict=True, **TINY)
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):

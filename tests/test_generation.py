@@ -45,7 +45,7 @@ def test_ratio_zero_generates_the_dense_tokens(policy):
     cal = _calibration() if policy in ("wanda-sp", "flap") else None
     c = pp.compile(model, 0.0, policy=policy, backend="eager", strict=True, calibration=cal, **TINY)
     assert torch.equal(_generate(c, ids, mask), dense)
-    assert model.pp.runtime.counts == {"pruned_calls": NEW, "unpruned_calls": 0, "graph_runs": NEW,
+    assert model.pp.runtime.counts == {"pruned_calls": NEW, "unpruned_calls": 0, "dense_by_cost_calls": 0, "graph_runs": NEW,
                                        "site_runs": NEW * len(model.pp.passes[-1].active_sites)}
 
 

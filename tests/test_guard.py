@@ -22,7 +22,8 @@ def test_a_pruned_model_passes_and_its_counts_come_back():
         c(_batch(2, 12))
         c(_batch(3, 9, 1))
     pruned_layers = model.config.num_hidden_layers - 1  # layer 0 skipped; an attention and an MLP each
-    assert assert_pruned(c, method="pp") == {"pruned_calls": 2, "unpruned_calls": 0, "graph_runs": 2,
+    assert assert_pruned(c, method="pp") == {"pruned_calls": 2, "unpruned_calls": 0, "dense_by_cost_calls": 0,
+                                             "graph_runs": 2,
                                              "site_runs": 2 * 2 * pruned_layers}
     assert problems(model) == []  # the model itself: its last compile's session
 

@@ -98,6 +98,16 @@ def test_ema_touches_kept_channels_only():
     assert H.tolist() == [[1.0, 2.5, 1.0, 8.5], [1.0, 0.5, 1.0, 2.5]]
 
 
+def test_ema_of_every_channel_from_the_energy_leaves_pad_positions_alone():
+    H = torch.ones(3, 2)
+    E = torch.tensor([[3.0, 5.0], [9.0, 1.0], [7.0, 7.0]])  # (L=3, C=2): the per-position energy
+    valid = torch.tensor([[True, True, False], [True, False, False]])  # position 2: pads only
+    ops.ema_update_every_(H, E, valid, torch.tensor(0.5))
+    assert H.tolist() == [[2.0, 3.0], [5.0, 1.0], [1.0, 1.0]]  # 1 + 0.5 * (E - 1); the pad row untouched
+    ops.ema_update_every_(H, E, None, torch.tensor(0.0))  # the warm-up call: nothing moves
+    assert H.tolist() == [[2.0, 3.0], [5.0, 1.0], [1.0, 1.0]]
+
+
 def test_ema_warmup_weight_is_zero_and_pads_do_not_count():
     step, seeded = torch.tensor(0), torch.tensor(False)
     assert ops.ema_weight(step, seeded, 0.99).item() == 0.0

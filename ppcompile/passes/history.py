@@ -3,7 +3,8 @@
 Graph-wide: the `step` and `seeded` slots, the EMA weight of this call (0 on the warm-up call, 1
 into an unseeded history) and, at the end, the node that advances both. Per site: its
 `history/<site>` slot, (L, C) mean of the final projection's input squared per position, and the
-in-place EMA update of its kept channels after the final projection.
+in-place EMA update after the final projection: of its kept channels from the compact input, or,
+where the block ran every channel to select (its own activations), of every channel.
 """
 from __future__ import annotations
 
@@ -34,6 +35,14 @@ class History:
         x_final = final_input(self.g, site, gi, tag)
         with self.g.inserting_after(site.final):
             upd = call(self.g, ops.ema_update_, history, channels, x_final, gi.valid, self.weight,
+                       name=f"{tag}_history_update")
+        return slot_name(UPDATE, site.name), upd
+
+    def update_every(self, site: Site, gi: GraphInputs, history: fx.Node, energy: fx.Node, tag: str) -> tuple[str, fx.Node]:
+        """The in-place EMA update of every channel from the per-position `energy` (L, C) of the
+        block's own activations, where the selection computed it (select.own_activations)."""
+        with self.g.inserting_after(site.final):
+            upd = call(self.g, ops.ema_update_every_, history, energy, gi.valid, self.weight,
                        name=f"{tag}_history_update")
         return slot_name(UPDATE, site.name), upd
 

@@ -29,6 +29,7 @@ from torch import fx
 from ..config import PPConfig
 from . import compact as compacting
 from . import static as _static  # noqa: F401  registers the static policies' selection
+from .cost import cannot_pay
 from .dims import Unsupported, check_resizable
 from .graph import GraphInputs, NodeFailed, call, copy_graph, graph_inputs, refresh_values
 from .history import History
@@ -62,6 +63,11 @@ class PassResult:
     def selected_sites(self) -> list[str]:
         """Sites whose kept indices the graph returns (every rewritten site), in order."""
         return [site for fam, site, _ in map(parse, self.seam.outputs) if fam == KEPT]
+
+    @property
+    def dense_by_cost(self) -> list[Site]:
+        """Sites the cost rule left dense (cost.py)."""
+        return [s for s in self.sites if isinstance(s.status, Dense) and s.status.reason is Reason.CANNOT_PAY]
 
     @property
     def active_sites(self) -> list[str]:
@@ -135,6 +141,7 @@ class _Pass:
             result.batch, result.seq_len, result.seam.seq_source = gi.batch, gi.seq_len, gi.seq_source
             _plan(sites, self.config, n_layers, gi)
             labels = self._label(sites)
+            self._weigh_cost(sites, labels, gi)
             ctx = SelectContext(self.g, self.config, gi, n_layers, [s for s in sites if s.name in labels], labels,
                                 self.real, self.calibration, self.derived)
             for site in ctx.sites:
@@ -170,6 +177,17 @@ class _Pass:
                 site.leave_dense(Reason.UNSUPPORTED, str(e))
         return labels
 
+    def _weigh_cost(self, sites: list[Site], labels: dict, gi: GraphInputs) -> None:
+        """The cost rule (cost.py), in forward graphs of a policy that gathers per call: a site whose
+        compact weights cannot pay at the graph's sizes stays dense (a dynamic graph: guarded)."""
+        if self.phase != "forward" or self.selector is None or not self.selector.weighs_cost:
+            return
+        for site in sites:
+            if site.name in labels and (why := cannot_pay(site, self.config.gather_cost, gi.batch, gi.seq_len,
+                                                          gi.example)):
+                site.leave_dense(Reason.CANNOT_PAY, why)
+                del labels[site.name]
+
     def _rewrite(self, ctx: SelectContext, site: Site) -> None:
         g, seam, tag = self.g, self.result.seam, tag_of(site)
         lab, kv_whole = ctx.labels[site.name]
@@ -203,7 +221,9 @@ class _Pass:
             compact(g, site, lab, compacted.weights, sel.kept, kv_whole, tag)
         if sel.bias is not None:
             _add_bias(g, site.final, sel.bias, tag)
-        if history is not None:
+        if history is not None and sel.energy is not None:  # every channel ran: every channel learns
+            self.updates.append(self.history.update_every(site, ctx.gi, history, sel.energy, tag))
+        elif history is not None:
             channels = compacted.channels if compacted is not None else sel.kept
             self.updates.append(self.history.update(site, ctx.gi, history, channels, tag))
 

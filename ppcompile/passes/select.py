@@ -43,6 +43,7 @@ class Selection:
     runs_dense: bool = False  # the selecting call runs its block dense (selects for later calls)
     final_only: bool = False  # the call runs its first projections dense; only the final one is compact
     outline: bool = False  # its nodes go in a subgraph every layer of the same shape shares
+    energy: fx.Node | None = None  # (L, C) per position, every channel: the history learns from it (own activations)
 
 
 @dataclass
@@ -85,16 +86,19 @@ Builder = Callable[[SelectContext, Site, "fx.Node | None"], Selection]  # (ctx, 
 class Selector:
     build: Builder
     fixed: bool = False  # chosen at compile time: nothing to store for decode
+    weighs_cost: bool = False  # gathers per call: a forward graph applies the cost rule (cost.py)
 
 
 SELECTORS: dict[type, Selector] = {}
 
 
-def register_selector(*policies: type, fixed: bool = False):
-    """Register the selection builder of these policy classes (and their subclasses)."""
+def register_selector(*policies: type, fixed: bool = False, weighs_cost: bool = False):
+    """Register the selection builder of these policy classes (and their subclasses). `weighs_cost`:
+    its compact weights are gathered on every call, so a forward graph leaves a site dense where
+    they cannot pay at the graph's size (cost.py)."""
     def register(fn: Builder) -> Builder:
         for cls in policies:
-            SELECTORS[cls] = Selector(fn, fixed)
+            SELECTORS[cls] = Selector(fn, fixed, weighs_cost)
         return fn
     return register
 
@@ -117,7 +121,7 @@ def first_projection(site: Site) -> fx.Node:
 
 
 # ---- the dynamic policies ----
-@register_selector(ProbePruning, FullBatch)
+@register_selector(ProbePruning, FullBatch, weighs_cost=True)
 def probed(ctx: SelectContext, site: Site, history: fx.Node | None) -> Selection:
     """Probe -> (fuse with history) -> score -> top-k: the kept heads or channels of this batch.
     The probe's tokens are the policy's design (pp: the configured one; full-batch: every token).
@@ -157,7 +161,7 @@ def own_activations(ctx: SelectContext, site: Site, history: fx.Node | None) -> 
         per_position = call(g, ops.probe_energy, act, gi.valid, name=f"{tag}_own_energy")  # (L, C)
         energy, share = fused_energy(g, per_position, history, ctx.config.telemetry, tag)  # history: (L, C)
         kept = _top_units(ctx, site, energy, tag)
-    return Selection(kept, site.final, share=share, outline=True, final_only=True)
+    return Selection(kept, site.final, share=share, outline=True, final_only=True, energy=per_position)
 
 
 def _top_units(ctx: SelectContext, site: Site, energy: fx.Node, tag: str) -> fx.Node:

@@ -20,6 +20,7 @@ class Reason(Enum):
     SKIPPED_LAYER = ("skipped layer", True)
     BLOCKS = ("blocks={}", True)
     POLICY = ("policy {}", True)  # the policy prunes nothing, or not this kind of block
+    CANNOT_PAY = ("pruning cannot pay at {}", True)  # the cost rule (passes/cost.py; gather_cost=0: off)
     # the block finder (sites.py)
     UNMATCHED = ("no {} block matched in this layer", False)
     OPAQUE_ATTENTION = ("its attention is one opaque op, {}: no head can be pruned inside it", False)
