@@ -50,7 +50,7 @@ from ppcompile.models import tiny_config
 from protocol import provenance
 from readme import replace_block
 
-OPTIONS = {"ratio": 0.4, "skip_layers": (0,)}  # what every model type is compiled with (backend eager)
+OPTIONS = {"ratio": 0.4, "skip_layers": (0,), "gather_cost": 0}  # every model type (backend eager); tiny: pruned at every size
 STAGE = "# stage "  # the child's line before each stage: build, run, compile
 DOING = {"build": "building the model", "run": "running the model dense", "compile": "compiling and running the pass",
          None: "starting"}
@@ -321,7 +321,7 @@ def report(rows: list[dict]) -> str:
                      headers=["block left dense: reason", "model types", ""], tablefmt="github")
     return (f"{len(rows)} causal-LM model types of transformers {transformers.__version__}, each built from a tiny "
             f"random config (3 layers, hidden 64, 4 heads), through `pp.compile(ratio=0.4, backend='eager', "
-            f"skip_layers=(0,))` on a (2, 16) batch: {counts}.\n\n{outcomes}\n\n{dense}\n\n"
+            f"skip_layers=(0,), gather_cost=0)` on a (2, 16) batch: {counts}.\n\n{outcomes}\n\n{dense}\n\n"
             f"`pruned`: every block past layer 0 pruned; `partly`: some; `dense`: none (each with its reason); "
             f"`not built` / `does not run`: transformers cannot build or run the tiny config here; `does not "
             f"compile`: torch.compile with the eager backend fails on the model alone (neither is the pass); "

@@ -176,6 +176,7 @@ def fill(tmp: Path) -> list[str]:
           "speed_llama-2b-shaped_cpu_bfloat16_avx512.json")
     speed("speed-bfloat16-avx512-batch1", "speed_smollm2-135m_cpu_bfloat16_avx512_small.json")
     speed("compile-bfloat16-avx512", "speed_smollm2-135m_cpu_bfloat16_avx512_compile.json")
+    speed("speed-fp32-avx2", "speed_smollm2-135m_cpu_avx2_batch1.json", "speed_smollm2-135m_cpu_avx2.json")
     speed("dynamic-static", "speed_smollm2-135m_dynamic_vs_static_cpu.json")
     stream("stream", "stream_smollm2-135m_b16_l1024_cpu.json", "stream_smollm2-135m_cpu.json")
     generate("generate-smollm2", "generate_smollm2-135m_cpu.json")
