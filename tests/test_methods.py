@@ -88,3 +88,16 @@ def test_every_method_label_in_the_results_reads_and_earlier_spellings_read_as_l
     assert protocol.canonical("pp-static") == "pp dynamic=false"
     assert protocol.canonical("0.2/3") == "pp@0.2 shards=3"
     assert protocol.canonical("pp probe=paper") == "pp probe=paper"
+
+
+def test_a_quality_method_prunes_at_every_size_unless_told_otherwise(monkeypatch):
+    """Quality measures the method, not the serving decision: no cost rule (a tiny model would pay
+    at no size, so under the rule its perplexity would be the dense model's)."""
+    monkeypatch.delenv("PPCOMPILE_GATHER_COST", raising=False)  # the devices' default, as a user has it
+    ids = torch.randint(0, 128, (1, 8))
+    for options, pruned in (({}, True), ({"gather_cost": 64}, False)):
+        torch._dynamo.reset()
+        model = random_model("llama-gqa")
+        logits = methods.build_method("pp", model, 0.4, backend="eager", skip_layers=(0,), mlp_multiple=16, **options)
+        logits(ids)
+        assert bool(model.pp.passes[-1].active_sites) == pruned, options
