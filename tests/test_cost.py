@@ -116,3 +116,17 @@ def test_break_even_is_the_fewest_tokens_that_pay():
     assert tokens % 8 == 0
     assert _by_hand_pays("mlp", site.kept, 2, tokens // 8, 8)
     assert not _by_hand_pays("mlp", site.kept, 2, tokens // 8 - 1, 8)
+
+
+@pytest.mark.inductor
+def test_with_inductor_the_guard_holds_beside_inductors_own():
+    model = random_model("llama-gqa")
+    compiled = pp.compile(model, 0.4, gather_cost=1, skip_layers=(0,), mlp_multiple=16, quiet=True)
+    small, large = _ids(1, 8), _ids(8, 64, 1)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="pruning cannot pay"):
+            torch.testing.assert_close(compiled(small).logits, model(small).logits, rtol=1e-4, atol=1e-4)
+        compiled(large)
+        compiled(_ids(1, 8, 2))
+    assert len(model.pp.passes) == 2 and model.pp.passes[-1].active_sites
+    assert model.pp.runtime.counts["dense_by_cost_calls"] == 2 and model.pp.runtime.counts["pruned_calls"] == 1
