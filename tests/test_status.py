@@ -13,7 +13,7 @@ def test_a_status_prints_its_line_and_says_whether_the_config_chose_it():
     assert str(Dense(Reason.BLOCKS, "mlp")) == "dense: blocks=mlp" and Dense(Reason.BLOCKS, "mlp").reason.chosen
     assert str(Dense(Reason.DOES_NOT_RUN, "RuntimeError: x")) == "dense: the rewritten block does not run (RuntimeError: x)"
     assert not Dense(Reason.UNSUPPORTED, "a side input ...").reason.chosen
-    assert {r for r in Reason if r.chosen} == {Reason.SKIPPED_LAYER, Reason.BLOCKS, Reason.POLICY}
+    assert {r for r in Reason if r.chosen} == {Reason.SKIPPED_LAYER, Reason.BLOCKS, Reason.POLICY, Reason.CANNOT_PAY}
 
 
 @pytest.mark.parametrize("options, reason", [(dict(blocks="mlp"), "BLOCKS"), (dict(policy="griffin"), "POLICY")])
