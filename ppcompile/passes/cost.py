@@ -30,10 +30,11 @@ from .compact import unit_width
 from .sites import Site, value
 
 FIXED = 1 << 16  # a site's dozen small kernels (scores, top-k, index arithmetic), as gathered elements
-# c by device and element size where gather_cost is "auto": one gathered element in multiply-adds,
-# from the CPUs measured here (float32 on AVX2: a gathered element about 55 multiply-adds; bf16
-# matmuls on AVX-512 BF16 run about 4x faster, a bf16 element moves half the bytes). CUDA: not
-# measured (no GPU run yet); its matmuls are faster still against memory.
+# c by device and element size where gather_cost is "auto", one gathered element in multiply-adds.
+# float32, 64: where the rule's break-even for SmolLM2's MLPs at 1 x 128 lies where it measured
+# on an AVX2 CPU (docs/results.md, "The cost rule"; the gather alone is about 30 there, the rest is
+# the other per-site kernels). 2-byte dtypes, 256: bf16 matmuls on AVX-512 BF16 run about 4x an fp32
+# one there; an estimate, not yet measured against the rule. Elsewhere (CUDA), 512: not measured.
 AUTO_COST = {("cpu", 4): 64, ("cpu", 2): 256}
 AUTO_COST_ELSEWHERE = 512
 
