@@ -87,6 +87,17 @@ def test_gather_cost_zero_prunes_at_every_size_and_prefill_ignores_the_rule():
     with torch.no_grad():
         compiled(_ids(1, 4))
     assert all(s.pruned for s in model.pp.passes[-1].sites if s.layer > 0)
+    # a prompt far too small to pay in a forward graph: generation's prefill and decode prune anyway
+    torch._dynamo.reset()
+    model = random_model("llama-gqa")
+    compiled = pp.compile(model, 0.4, gather_cost=1, **TINY)
+    with torch.no_grad():
+        compiled.generate(_ids(1, 4), attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=2,
+                          do_sample=False, pad_token_id=0)
+    phases = {r.phase: r for r in model.pp.passes}
+    assert set(phases) == {"prefill", "decode"}
+    for r in phases.values():
+        assert not r.dense_by_cost and all(s.pruned for s in r.sites if s.layer > 0), r.phase
 
 
 def test_auto_is_the_devices_default_unless_the_environment_sets_it(monkeypatch):
