@@ -18,14 +18,15 @@ relative to dense, the FLOPs ratio (pruned/dense, torch's FlopCounterMode; the p
 `dense time x FLOPs ratio` (the FLOPs limit), the compile time of the first call, cold (in an empty
 Inductor cache folder of the method's own, unless --caches) and warm (built again once the process
 forgot it, from that folder), each by phase from Dynamo's and Inductor's own timers (compile_time.py;
-`dense dynamic=true` is dense compiled for any shape, as pp is, to compare like with like), and the peak memory a
+`dense dynamic=true` and `pp dynamic=true` are compiled for any shape from the first call), and the peak memory a
 steady call adds (CUDA: max allocated; CPU: the process's peak RSS above its level before the
 call, Linux only); and the memory a method holds besides the model's weights (`added_mib`: the
 tensors its passes made, such as flap's sliced weights and pp's transposed copies, and its
 runtime's history tables), next to the weights' own (`weights_mib`).
 Token ids are random: speed does not depend on them, and flap is calibrated on two random
-batches for the same reason. `pp` serves any shape (batch and sequence dynamic); `pp dynamic=false`
-is the same pass compiled for the one shape, to measure what dynamic costs.
+batches for the same reason. Every method runs one shape: `pp` and `dense` compile it static, as
+torch.compile and pp.compile do by default for a first shape; `pp dynamic=true` is the graph that
+serves every shape (what pp.compile compiles on a second shape, or at once with dynamic=True).
 
 --methods: method labels (protocol.label), POLICY[ FIELD=VALUE ...] with pp.compile options:
 `pp backend=eager` runs the rewritten graph eagerly. Earlier runs' spellings `pp-eager` and
@@ -65,8 +66,9 @@ from protocol import canonical, label, parse_label, provenance  # bench/ is the 
 
 ROOT = Path(__file__).resolve().parent.parent
 EAGER = label("pp", backend="eager")  # pp, the rewritten graph run eagerly (earlier runs' JSON: pp-eager)
-DENSE_DYNAMIC = label("dense", dynamic=True)  # dense compiled for any shape, as pp is
-METHODS = [label("dense"), label("pp"), label("flap"), EAGER]  # also: label("pp", dynamic=False), DENSE_DYNAMIC
+DENSE_DYNAMIC = label("dense", dynamic=True)  # dense compiled for any shape, as `pp dynamic=true` is
+PP_DYNAMIC = label("pp", dynamic=True)
+METHODS = [label("dense"), label("pp"), label("flap"), EAGER]  # also: label("pp", dynamic=True), DENSE_DYNAMIC
 # the methods matrix() gives a column, and the column's caption (as the published tables have it)
 MATRIX = {label("pp"): "pp", label("flap"): "flap", EAGER: "pp-eager"}
 
@@ -149,7 +151,7 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
               pp_options: dict | None = None, caches: bool = False) -> list[dict]:
     """Every method (a label: protocol.label) at every ratio on one (batch, seq), against one dense
     baseline, interleaved; with `busy`, the rounds again beside another CPU-bound process.
-    `pp_options`: PPConfig fields for the pp methods (pp, pp backend=eager, pp dynamic=false)."""
+    `pp_options`: PPConfig fields for the pp methods (pp, pp backend=eager, pp dynamic=true)."""
     pp_options = pp_options or {}
     methods = [canonical(m) for m in methods]
     policy_of = {m: parse_label(m)[0] for m in methods}
@@ -305,7 +307,7 @@ def run_stream(model, vocab: int, n: int, max_batch: int, max_len: int, ratio: f
         torch._dynamo.maybe_mark_dynamic(ids, 1)
         return dense_compiled(input_ids=ids, use_cache=False)
 
-    pruned = pp.compile(model, ratio)
+    pruned = pp.compile(model, ratio, dynamic=True)  # a server of mixed shapes: dynamic from the first batch
     fns = {"dense": dense, "pp": lambda ids: pruned(input_ids=ids, use_cache=False)}
     stats = {m: {"seconds": 0.0, "compile_s": 0.0, "graphs": 0} for m in fns}
     tokens = 0
@@ -392,13 +394,14 @@ def matrix(rows: list[dict]) -> str:
             cell["pp FLOPs"], cell["probe FLOPs"] = r["flops_ratio"], r["probe_flops"]
             base = dense_compile.get(key[:4])
             cell["pp compile"] = r["compile_s"] / base if base else None
+            cell["pp busy"] = r.get("busy_vs_dense")
+        if method == PP_DYNAMIC:  # the graph for every shape, against dense's
             dynamic = dense_dynamic_compile.get(key[:4])
             cell["pp compile vs dynamic"] = r["compile_s"] / dynamic if dynamic else None
-            cell["pp busy"] = r.get("busy_vs_dense")
     cols = [*MATRIX.values(), "pp FLOPs", "probe FLOPs", "pp compile", "pp busy"]
     if dense_dynamic_compile:  # runs that compiled dense for any shape too
         cols.insert(cols.index("pp compile") + 1, "pp compile vs dynamic")
-    headers = [c if "FLOPs" in c else "pp compile / dense dynamic" if c == "pp compile vs dynamic" else f"{c} / dense"
+    headers = [c if "FLOPs" in c else "pp dynamic compile / dense dynamic" if c == "pp compile vs dynamic" else f"{c} / dense"
                for c in cols]
     body = [[*key, *(cell.get(c) for c in cols)] for key, cell in cells.items()]
     return tabulate(body, headers=["model", "dtype", "batch", "seq_len", "ratio", *headers], floatfmt=".3g",

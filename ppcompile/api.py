@@ -43,8 +43,11 @@ def compile(model: torch.nn.Module, ratio: float = 0.4, *, calibration=None, pol
     options: any other PPConfig field (position_ratio, sample_ratio, skip_layers, blocks,
         dynamic, strict, telemetry, ...).
 
-    Batch and sequence length are dynamic (config.dynamic): one graph serves every shape with
-    batch >= 2, one more every shape with batch 1 (Dynamo specializes sizes 0 and 1).
+    Shapes (config.dynamic, as torch.compile's `dynamic`): by default (None) the first call's batch
+    and sequence length compile a static graph that keeps serving them; the first call of another
+    shape compiles one graph that serves every other shape with batch >= 2 (one more for batch 1:
+    Dynamo specializes sizes 0 and 1). dynamic=True compiles that graph at once (a server of mixed
+    shapes); False, one static graph per shape.
     """
     if backend not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")

@@ -49,7 +49,11 @@ class PPConfig:
     momentum: float = 0.99  # EMA momentum of the history
     strict: bool = False  # an unmatched block is an error instead of a warning
     telemetry: bool = False  # record per call and site what was kept (runtime.stats())
-    dynamic: bool = True  # batch and sequence dims dynamic: one graph for every shape (pp.compile)
+    # Batch and sequence dims, as torch.compile's `dynamic`: None (automatic) compiles a phase's first
+    # shape static (it keeps serving it) and one graph for every other shape; True:
+    # one graph for every shape from the first call (a server's mixed shapes pay one compile);
+    # False: one static graph per shape. Static graphs compile 2-4x faster (docs/results.md).
+    dynamic: bool | None = None
     cache_bucket: int = 128  # generate(): the static KV cache's length, rounded up to a multiple of this
     # How a dynamic policy reads the kept columns of an MLP's final projection on every call:
     # "gather" them from the model's weight (no memory added), or gather rows of a transposed
@@ -81,9 +85,12 @@ class PPConfig:
             if v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v}")
             object.__setattr__(self, name, int(v))
-        for name in ("sequence_first", "history", "whole_batch_when_cheaper", "strict", "telemetry", "dynamic"):  # "False" as a string would read as True
+        for name in ("sequence_first", "history", "whole_batch_when_cheaper", "strict", "telemetry"):  # "False" as a string would read as True
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {_shown(getattr(self, name))}: pass a bool")
+        if self.dynamic is not None and not isinstance(self.dynamic, bool):
+            raise TypeError(f"dynamic must be None, True or False, got {_shown(self.dynamic)}: None compiles the "
+                            "first shape static and goes dynamic on another; True: dynamic from the first call")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio must be a number in [0, 1), got {self.ratio}: it is the fraction "
                              "pruned (0.4 prunes 40%, 0 nothing)")

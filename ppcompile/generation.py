@@ -28,7 +28,7 @@ from .torch_compat import compile_isolated
 if TYPE_CHECKING:
     from .backend import Session
 
-# Inputs whose first two dims are (batch, sequence): made dynamic on every call.
+# Inputs whose first two dims are (batch, sequence): marked dynamic on a dynamic call (Router._dynamic_now).
 BATCH_BY_SEQUENCE = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "labels")
 CACHE_KWARGS = ("cache", "past_key_values")  # transformers 5 / 4
 # Hugging Face's static-cache generate as the routing is built and tested on; 5.19 (what vLLM's CPU
@@ -44,6 +44,7 @@ class Router:
         self._entries = {"forward": forward} if forward else {}  # the compiled module's own forward
         self._class_forward = type(model).forward.__get__(model)
         self._max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self._first_shape: dict[str, tuple] = {}  # phase -> its first call's (batch, sequence) (dynamic=None)
 
     def entry(self, phase: str):
         if phase not in self._entries:
@@ -71,7 +72,7 @@ class Router:
                 not runtime.stored_sites:
             raise ValueError("a decode call (its static cache holds tokens) before any prefill: the decode reuses a "
                              "prefill's selection; run the prompt first into an empty cache (generate() does)")
-        if config.dynamic:
+        if self._dynamic_now(phase, args, kwargs):
             args, kwargs = _mark_dynamic(args, kwargs)
         graphs, sites, by_cost = runtime.counts["graph_runs"], runtime.counts["site_runs"], runtime.cost_dense_site_runs
         out = self.entry(phase)(*args, **kwargs)
@@ -91,6 +92,17 @@ class Router:
             raise RuntimeError(message + " (strict=True)")
         session.warn_once(message)
         return out
+
+    def _dynamic_now(self, phase: str, args: tuple, kwargs: dict) -> bool:
+        """Whether this call's batch and sequence are marked dynamic. config.dynamic None (automatic,
+        as torch.compile's default): a phase's first shape compiles a static graph, which keeps
+        serving that shape (2-4x faster to compile, and all a fixed-shape job needs); every other
+        shape is marked, so that one dynamic graph serves all of them."""
+        dynamic = self.session.config.dynamic
+        if dynamic is not None:
+            return dynamic
+        shape = _batch_shape(args, kwargs)
+        return self._first_shape.setdefault(phase, shape) != shape
 
     # ---- generation ----
     def generate(self, *args, **kwargs):
@@ -214,6 +226,13 @@ def _new_tokens(model, prompt: int, kwargs: dict) -> int:
         raise ValueError(f"nothing to generate: max_new_tokens={new} for a prompt of {prompt} tokens; pass "
                          "max_new_tokens=N")
     return new
+
+
+def _batch_shape(args, kwargs) -> tuple:
+    """The call's (batch, sequence): the first two dims of its first (batch, sequence) input."""
+    first = args[0] if args and isinstance(args[0], torch.Tensor) else next(
+        (kwargs[k] for k in BATCH_BY_SEQUENCE if isinstance(kwargs.get(k), torch.Tensor)), None)
+    return tuple(first.shape[:2]) if first is not None else ()
 
 
 def _mark_dynamic(args, kwargs):

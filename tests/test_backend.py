@@ -29,7 +29,7 @@ def _shapes(n, seed=0):
 def test_a_stream_of_shapes_runs_pruned_through_at_most_two_graphs(policy):
     counters.clear()
     model = random_model("llama-gqa")
-    c = pp.compile(model, 0.4, policy=policy, backend="eager", **TINY)
+    c = pp.compile(model, 0.4, policy=policy, backend="eager", dynamic=True, **TINY)
     shapes = _shapes(12) + [(1, 8), (3, 8)]  # batch 1 and batch >= 2 both occur
     kept = []
     with torch.no_grad():
@@ -200,8 +200,8 @@ def test_telemetry_memory_does_not_grow_with_calls():
 @pytest.mark.inductor
 def test_inductor_serves_a_stream_of_shapes_with_two_graphs():
     model = random_model("llama-gqa")
-    c = pp.compile(model, 0.4, **TINY)
-    ref = pp.compile(random_model("llama-gqa"), 0.4, backend="eager", **TINY)
+    c = pp.compile(model, 0.4, dynamic=True, **TINY)
+    ref = pp.compile(random_model("llama-gqa"), 0.4, backend="eager", dynamic=True, **TINY)
     with torch.no_grad():
         for i, (b, L) in enumerate(_shapes(5, seed=3) + [(1, 9)]):
             ids = _batch(b, L, i)

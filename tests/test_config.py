@@ -91,6 +91,8 @@ def test_options_accept_every_field_and_reject_unknown_keys():
     ({"cache_bucket": 12.5}, TypeError, r"cache_bucket must be an int >= 1, got 12.5 \(float\): e.g. cache_bucket=128"),
     ({"strict": "False"}, TypeError, r"strict must be True or False, got 'False' \(str\): pass a bool"),
     ({"history": "off"}, TypeError, r"history must be True or False, got 'off' \(str\): pass a bool"),
+    ({"dynamic": "auto"}, TypeError, r"dynamic must be None, True or False, got 'auto' \(str\): None compiles"),
+    ({"dynamic": 1}, TypeError, r"dynamic must be None, True or False, got 1 \(int\)"),
 ])
 def test_wrong_types_and_values_name_the_field_and_what_it_got(kw, error, match):
     with pytest.raises(error, match=match):

@@ -71,7 +71,7 @@ def test_a_dynamic_graph_guards_the_decision_both_ways():
     """Compiled first at a size that pays, a dynamic graph must not serve a smaller call with
     pruned blocks that cannot pay there: Dynamo recompiles it at the guard."""
     model = random_model("llama-gqa")
-    compiled = pp.compile(model, 0.4, gather_cost=1, **TINY)
+    compiled = pp.compile(model, 0.4, gather_cost=1, dynamic=True, **TINY)
     with torch.no_grad():
         compiled(_ids(8, 64))
         compiled(_ids(9, 60, 1))  # the same side of every guard: the same dynamic graph

@@ -24,7 +24,7 @@ def _ids(b, L, seed=0):
 def test_triton_kernels_compute_the_dense_model_with_the_unselected_columns_zeroed(arch, dtype):
     torch._dynamo.reset()
     model = random_model(arch, dtype=dtype).cuda()
-    c = pp.compile(model, 0.4, strict=True, **TINY)
+    c = pp.compile(model, 0.4, strict=True, dynamic=True, **TINY)
     with torch.no_grad():
         for b, L in ((3, 21), (5, 40)):  # two shapes through the one dynamic graph
             ids = _ids(b, L, seed=L)

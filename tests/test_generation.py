@@ -174,13 +174,15 @@ def test_griffin_keeps_what_its_statistic_gives_by_hand():
     assert rows["model.layers.1.attention"] == "dense: policy griffin prunes mlp only"
 
 
-def test_prompts_of_one_bucket_share_two_graphs():
+@pytest.mark.parametrize("dynamic, graphs", [(True, [("prefill", True), ("decode", False)]),
+                                             (None, [("prefill", False), ("decode", False), ("prefill", True)])])
+def test_prompts_of_one_bucket_share_two_graphs_or_three_when_the_first_compiles_static(dynamic, graphs):
     model = random_model("llama-gqa")
-    c = pp.compile(model, 0.4, backend="eager", strict=True, **TINY)
+    c = pp.compile(model, 0.4, backend="eager", strict=True, dynamic=dynamic, **TINY)
     for i in range(20):
         ids, mask = _prompts(b=2, L=6 + i, seed=i)
         _generate(c, ids, mask)
-    assert [r.phase for r in model.pp.passes] == ["prefill", "decode"]  # compiled once each
+    assert [(r.phase, r.dynamic) for r in model.pp.passes] == graphs  # decode: batch 2, one token, static
     assert model.pp.runtime.counts["unpruned_calls"] == 0
 
 
@@ -323,3 +325,18 @@ def test_a_timed_generation_counts_any_compile_not_only_the_pass():
     with pytest.raises(RuntimeError, match=r"graph\(s\) compiled inside a timed generate\(\) of 2 tokens"):
         timed_generate(Stub(), torch.ones(1, 3, dtype=torch.long), new=2, warm=True)
     timed_generate(Stub(), torch.ones(1, 3, dtype=torch.long), new=2, warm=True)  # the same shapes: nothing new
+
+
+def test_automatic_shapes_compile_the_first_shape_static_and_every_other_through_one_dynamic_graph():
+    """dynamic=None (the default, as torch.compile's): the first shape compiles a static graph that
+    keeps serving it; the first call of another shape compiles one dynamic graph that serves every
+    other shape. Each call computes what a model compiled dynamic from the start computes."""
+    model = random_model("llama-gqa")
+    auto = pp.compile(model, 0.4, backend="eager", **TINY)
+    dynamic = pp.compile(random_model("llama-gqa"), 0.4, backend="eager", dynamic=True, **TINY)
+    with torch.no_grad():
+        for i, (b, L) in enumerate([(3, 21), (3, 21), (4, 30), (5, 17), (3, 21)]):
+            ids = torch.randint(1, 128, (b, L), generator=torch.Generator().manual_seed(i))
+            torch.testing.assert_close(auto(ids).logits, dynamic(ids).logits, rtol=1e-5, atol=1e-5)
+            assert [r.dynamic for r in model.pp.passes] == ([False] if i < 2 else [False, True])
+    assert model.pp.runtime.counts["pruned_calls"] == 5 and model.pp.runtime.counts["unpruned_calls"] == 0
