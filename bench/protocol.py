@@ -80,7 +80,8 @@ def provenance(compiled=None, *, dtype, config: PPConfig | None = None) -> dict:
     `config`; neither: the model unpruned (dense, plain or through torch.compile). `options` are
     the PPConfig fields besides policy and probe that differ from the defaults (`backend`: how
     the rewritten graph ran, where a session is known); `probe` is the design the policy's probe
-    ran ("all": the whole batch; None: no probe)."""
+    ran ("all": the whole batch; None: no probe); `graph`, static or dynamic, the graph it compiled
+    last (pp.compile's default compiles the first shape static since dynamic=None)."""
     session = session_of(compiled) if compiled is not None else None
     config = session.config if session is not None else config
     out = {"policy": "dense", "probe": None, "options": {}} if config is None else {
@@ -89,6 +90,8 @@ def provenance(compiled=None, *, dtype, config: PPConfig | None = None) -> dict:
         "options": _changed(config)}
     if session is not None:
         out["backend"] = "inductor" if session.inductor else "eager"
+        if session.passes:  # the last graph compiled: the one the row's calls ran
+            out["graph"] = "dynamic" if session.passes[-1].dynamic else "static"
     out.update(dtype=dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."),
                torch=torch.__version__, transformers=transformers.__version__, cpu=cpu_model(),
                threads=torch.get_num_threads())

@@ -177,6 +177,10 @@ def fill(tmp: Path) -> list[str]:
     speed("speed-bfloat16-avx512-batch1", "speed_smollm2-135m_cpu_bfloat16_avx512_small.json")
     speed("compile-bfloat16-avx512", "speed_smollm2-135m_cpu_bfloat16_avx512_compile.json")
     speed("speed-fp32-avx2", "speed_smollm2-135m_cpu_avx2_batch1.json", "speed_smollm2-135m_cpu_avx2.json")
+    speed("cost-breakeven-avx2", "speed_smollm2-135m_cpu_avx2_breakeven.json", "speed_smollm2-135m_cpu_avx2_batch1_c96.json")
+    speed("compile-fp32-avx2", "speed_smollm2-135m_cpu_avx2_compile_1x128.json",
+          "speed_smollm2-135m_cpu_avx2_compile_8x512_run1.json", "speed_smollm2-135m_cpu_avx2_compile_8x512_run2.json",
+          "speed_smollm2-135m_cpu_avx2_compile_8x512_run3.json")
     speed("dynamic-static", "speed_smollm2-135m_dynamic_vs_static_cpu.json")
     stream("stream", "stream_smollm2-135m_b16_l1024_cpu.json", "stream_smollm2-135m_cpu.json")
     generate("generate-smollm2", "generate_smollm2-135m_cpu.json")

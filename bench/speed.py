@@ -351,6 +351,8 @@ def table(rows: list[dict]) -> str:
         cols.append("busy_vs_dense")
     if any("pruned_blocks" in r for r in rows):  # runs since the cost rule: what the timed graph pruned
         cols.insert(cols.index("method") + 1, "pruned_blocks")
+    if any("run" in r for r in rows):  # a shape run more than once (_numbered_runs)
+        cols.insert(cols.index("ratio"), "run")
     return tabulate([[r.get(c) for c in cols] for r in rows], headers=cols, floatfmt=".3g", tablefmt="github")
 
 
@@ -358,13 +360,14 @@ def compile_table(rows: list[dict]) -> str:
     """Each row's cold and warm compile by phase (bench/compile_time.py), seconds; rows of runs
     that predate the breakdown are left out."""
     names = [name for name, _, _ in compile_time.PHASES] + ["total"]
-    body = [[r["model"], r["batch"], r["seq_len"], r["ratio"], r["method"], when,
+    runs = any("run" in r for r in rows)
+    body = [[r["model"], r["batch"], r["seq_len"], *([r.get("run")] if runs else []), r["ratio"], r["method"], when,
              *(_seconds(r[key].get(n)) for n in names)]
             for r in rows for when, key in (("cold", "compile_phases"), ("warm", "warm_compile_phases")) if key in r]
     if not body:
         return ""
-    return tabulate(body, headers=["model", "batch", "seq_len", "ratio", "method", "compile", *names],
-                    floatfmt=".1f", tablefmt="github")
+    return tabulate(body, headers=["model", "batch", "seq_len", *(["run"] if runs else []), "ratio", "method", "compile",
+                                   *names], floatfmt=".1f", tablefmt="github")
 
 
 def _seconds(x):
@@ -374,13 +377,16 @@ def _seconds(x):
 
 
 def matrix(rows: list[dict]) -> str:
-    """One line per (model, dtype, shape, ratio): each method's time relative to that shape's
-    dense, the FLOPs ratios, and pp's compile time relative to dense's."""
+    """One line per (model, dtype, shape, run, ratio): each method's time relative to that shape's
+    dense of the same run, the FLOPs ratios, and pp's compile time relative to dense's."""
+    runs = any("run" in r for r in rows)
+
     def shape(r):
-        return r["model"], r.get("dtype", "float32"), r["batch"], r["seq_len"]
+        return (r["model"], r.get("dtype", "float32"), r["batch"], r["seq_len"], *((r.get("run"),) if runs else ()))
 
     dense_compile = {shape(r): r["compile_s"] for r in rows if r["method"] == "dense"}
     dense_dynamic_compile = {shape(r): r["compile_s"] for r in rows if r["method"] == DENSE_DYNAMIC}
+    pp_dynamic = {shape(r) for r in rows if r["method"] == PP_DYNAMIC}
     cells: dict[tuple, dict] = {}
     for r in rows:
         method = canonical(r["method"])  # earlier runs' spellings too (pp-eager)
@@ -392,20 +398,36 @@ def matrix(rows: list[dict]) -> str:
             cell[MATRIX[method]] = r["vs_dense"]
         if method == "pp":
             cell["pp FLOPs"], cell["probe FLOPs"] = r["flops_ratio"], r["probe_flops"]
-            base = dense_compile.get(key[:4])
+            base = dense_compile.get(key[:-1])
             cell["pp compile"] = r["compile_s"] / base if base else None
             cell["pp busy"] = r.get("busy_vs_dense")
-        if method == PP_DYNAMIC:  # the graph for every shape, against dense's
-            dynamic = dense_dynamic_compile.get(key[:4])
+        # the graph for every shape, against dense's; a row that does not say its graph ran before
+        # dynamic=None, when `pp` compiled dynamic
+        if method == PP_DYNAMIC or (method == "pp" and "graph" not in r.get("provenance", {}) and
+                                    key[:-1] not in pp_dynamic):
+            dynamic = dense_dynamic_compile.get(key[:-1])
             cell["pp compile vs dynamic"] = r["compile_s"] / dynamic if dynamic else None
     cols = [*MATRIX.values(), "pp FLOPs", "probe FLOPs", "pp compile", "pp busy"]
     if dense_dynamic_compile:  # runs that compiled dense for any shape too
         cols.insert(cols.index("pp compile") + 1, "pp compile vs dynamic")
     headers = [c if "FLOPs" in c else "pp dynamic compile / dense dynamic" if c == "pp compile vs dynamic" else f"{c} / dense"
                for c in cols]
-    body = [[*key, *(cell.get(c) for c in cols)] for key, cell in cells.items()]
-    return tabulate(body, headers=["model", "dtype", "batch", "seq_len", "ratio", *headers], floatfmt=".3g",
-                    tablefmt="github")
+    body = [[*key, *(cell.get(c) for c in cols)] for key, cell in cells.items() if cell]  # a shape of no matrix method: none
+    if not body:
+        return ""
+    return tabulate(body, headers=["model", "dtype", "batch", "seq_len", *(["run"] if runs else []), "ratio", *headers],
+                    floatfmt=".3g", tablefmt="github")
+
+
+def _numbered_runs(files: list[list[dict]]) -> list[dict]:
+    """The rows of several runs' files; where a shape was run in more than one, each row gets its
+    file's number (`run`), so that its ratios are to the dense of its own run."""
+    seen: dict[tuple, set[int]] = {}
+    for i, rows in enumerate(files):
+        for r in rows:
+            seen.setdefault((r["model"], r.get("dtype"), r["batch"], r["seq_len"]), set()).add(i)
+    return [{**r, "run": i + 1} if len(seen[(r["model"], r.get("dtype"), r["batch"], r["seq_len"])]) > 1 else r
+            for i, rows in enumerate(files) for r in rows]
 
 
 def _shapes(s: str) -> list[tuple[int, int]]:
@@ -442,8 +464,8 @@ def main() -> None:
                    help="let Inductor reuse compiled graphs from its on-disk caches (then compile_s is not a compile time)")
     args = p.parse_args()
     if args.from_json:
-        rows = [r for f in args.from_json for r in json.loads(f.read_text())]
-        print(table(rows) + "\n\n" + matrix(rows) + "\n\n" + compile_table(rows))
+        rows = _numbered_runs([json.loads(f.read_text()) for f in args.from_json])
+        print("\n\n".join(t for t in (table(rows), matrix(rows), compile_table(rows)) if t))
         return
     device = torch.device(args.device)
     torch._inductor.config.cpp.enable_kernel_profile = args.profile  # C++ kernels by name in the profile
@@ -476,7 +498,7 @@ def main() -> None:
     out = args.out or ROOT / f"bench/results/speed_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")
-    print(table(rows) + "\n\n" + matrix(rows) + "\n\n" + compile_table(rows))
+    print("\n\n".join(t for t in (table(rows), matrix(rows), compile_table(rows)) if t))
     print(f"\n{args.model} ({dtype_name(dtype)}), {machine}, torch {torch.__version__}, median of {args.reps} rounds"
           f"{'; busy: beside one CPU-bound process' if args.busy else ''}; JSON: {out}")
 

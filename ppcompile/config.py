@@ -41,7 +41,7 @@ class PPConfig:
     # A forward graph leaves a site dense where its compact weights cannot pay at the call's size:
     # the multiply-adds they save against what selecting and gathering them costs, one gathered
     # weight element counted as this many multiply-adds (passes/cost.py). "auto": the device's and
-    # dtype's default (CPU: 64 in float32, 256 in bf16/fp16); 0: prune at every size.
+    # dtype's default (CPU: 96 in float32, 256 in bf16/fp16); 0: prune at every size.
     gather_cost: int | str = "auto"
     skip_layers: tuple[int, ...] = (0, 1, 2)  # decoder layers left dense
     blocks: str = "both"  # which blocks are pruned: both | attention | mlp

@@ -31,11 +31,12 @@ from .sites import Site, value
 
 FIXED = 1 << 16  # a site's dozen small kernels (scores, top-k, index arithmetic), as gathered elements
 # c by device and element size where gather_cost is "auto", one gathered element in multiply-adds.
-# float32, 64: where the rule's break-even for SmolLM2's MLPs at 1 x 128 lies where it measured
-# on an AVX2 CPU (docs/results.md, "The cost rule"; the gather alone is about 30 there, the rest is
-# the other per-site kernels). 2-byte dtypes, 256: bf16 matmuls on AVX-512 BF16 run about 4x an fp32
-# one there; an estimate, not yet measured against the rule. Elsewhere (CUDA), 512: not measured.
-AUTO_COST = {("cpu", 4): 64, ("cpu", 2): 256}
+# float32, 96: on an AVX2 CPU SmolLM2's MLPs pruned at batch 1 did not pay at 128 tokens (1.01-1.07x
+# dense over three runs) and did at 256 (0.95x) (docs/results.md, "The cost rule"): c between 69 and
+# 121 puts the rule's break-even between the two; 96 puts it at about 190 tokens. 2-byte dtypes, 256:
+# bf16 matmuls on AVX-512 BF16 run about 4x an fp32 one there; an estimate, not yet measured against
+# the rule. Elsewhere (CUDA), 512: not measured.
+AUTO_COST = {("cpu", 4): 96, ("cpu", 2): 256}
 AUTO_COST_ELSEWHERE = 512
 
 
