@@ -52,7 +52,7 @@ class PPConfig:
     # Batch and sequence dims, as torch.compile's `dynamic`: None (automatic) compiles a phase's first
     # shape static (it keeps serving it) and one graph for every other shape; True:
     # one graph for every shape from the first call (a server's mixed shapes pay one compile);
-    # False: one static graph per shape. Static graphs compile 2-4x faster (docs/results.md).
+    # False: one static graph per shape. Static graphs compile 2-3x faster (docs/results.md).
     dynamic: bool | None = None
     cache_bucket: int = 128  # generate(): the static KV cache's length, rounded up to a multiple of this
     # How a dynamic policy reads the kept columns of an MLP's final projection on every call:

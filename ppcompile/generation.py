@@ -96,7 +96,7 @@ class Router:
     def _dynamic_now(self, phase: str, args: tuple, kwargs: dict) -> bool:
         """Whether this call's batch and sequence are marked dynamic. config.dynamic None (automatic,
         as torch.compile's default): a phase's first shape compiles a static graph, which keeps
-        serving that shape (2-4x faster to compile, and all a fixed-shape job needs); every other
+        serving that shape (2-3x faster to compile, and all a fixed-shape job needs); every other
         shape is marked, so that one dynamic graph serves all of them."""
         dynamic = self.session.config.dynamic
         if dynamic is not None:
