@@ -24,30 +24,32 @@ import torch
 import ppcompile as pp
 from torch._dynamo.utils import counters
 from ppcompile.models import random_model
-ratio, seed, policy = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+ratio, seed, policy, dynamic = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 model = random_model("llama-gqa", seed=seed)
 ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 extra = dict(calibration=[ids, ids]) if policy == "flap" else {}
-compiled = pp.compile(model, ratio, policy=policy, skip_layers=(0,), mlp_multiple=16, **extra)
+compiled = pp.compile(model, ratio, policy=policy, skip_layers=(0,), mlp_multiple=16, dynamic=dynamic, **extra)
 with torch.no_grad():
     logits = compiled(ids).logits
 print(json.dumps({**counters["aot_autograd"], **counters["inductor"], "logits": logits.double().sum().item()}))
 """
 
 
-def _run(cache_dir, ratio=0.4, seed=0, policy="pp", quiet=True) -> dict:
+def _run(cache_dir, ratio=0.4, seed=0, policy="pp", quiet=True, dynamic=None) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "PPCOMPILE_QUIET": "1" if quiet else "0"}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(ratio), str(seed), policy], env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(ratio), str(seed), policy, json.dumps(dynamic)], env=env,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "stderr": out.stderr}
 
 
 @pytest.mark.inductor
 @pytest.mark.slow
-def test_a_second_process_loads_the_compiled_graph_from_both_caches(tmp_path):
-    first, second = _run(tmp_path, quiet=False), _run(tmp_path)
-    what = "graph 1 (forward, batch any x length any, 8 of 10 blocks pruned) with Inductor"  # layer 0 skipped
+@pytest.mark.parametrize("dynamic, shape", [(None, "batch 2 x length 16"), (True, "batch any x length any")],
+                         ids=["first shape static", "dynamic"])
+def test_a_second_process_loads_the_compiled_graph_from_both_caches(tmp_path, dynamic, shape):
+    first, second = _run(tmp_path, quiet=False, dynamic=dynamic), _run(tmp_path, dynamic=dynamic)
+    what = f"graph 1 (forward, {shape}, 8 of 10 blocks pruned) with Inductor"  # layer 0 skipped
     assert f"[ppcompile] compiling {what} ...\n" in first["stderr"]
     assert re.search(rf"\[ppcompile\] compiled {re.escape(what)} in \d+\.\d s\n", first["stderr"])
     assert "[ppcompile]" not in second["stderr"]  # PPCOMPILE_QUIET=1
