@@ -422,12 +422,14 @@ def matrix(rows: list[dict]) -> str:
 def _numbered_runs(files: list[list[dict]]) -> list[dict]:
     """The rows of several runs' files; where a shape was run in more than one, each row gets its
     file's number (`run`), so that its ratios are to the dense of its own run."""
-    seen: dict[tuple, set[int]] = {}
+    def shape(r):
+        return r["model"], r.get("dtype"), r["batch"], r["seq_len"]
+
+    files_of: dict[tuple, set[int]] = {}
     for i, rows in enumerate(files):
         for r in rows:
-            seen.setdefault((r["model"], r.get("dtype"), r["batch"], r["seq_len"]), set()).add(i)
-    return [{**r, "run": i + 1} if len(seen[(r["model"], r.get("dtype"), r["batch"], r["seq_len"])]) > 1 else r
-            for i, rows in enumerate(files) for r in rows]
+            files_of.setdefault(shape(r), set()).add(i)
+    return [{**r, "run": i + 1} if len(files_of[shape(r)]) > 1 else r for i, rows in enumerate(files) for r in rows]
 
 
 def _shapes(s: str) -> list[tuple[int, int]]:
