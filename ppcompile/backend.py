@@ -75,7 +75,8 @@ class Session:
                              "Calibration from pp.calibrate, or the path of a saved one>")
         with dynamo_timed("ppcompile_pass"):  # a phase of Dynamo's compile metrics (compile_times())
             result = run_pass(gm, self.config, calibration=self.calibration, real=real, phase=phase,
-                              stored=self.runtime.stored_sites if stored is None else stored, derived=self.derived)
+                              stored=self.runtime.stored_sites if stored is None else stored, derived=self.derived,
+                              for_inductor=self.inductor)
         if result.whole_model:
             self.config.check_layers(result.n_layers, named=self.skip_layers_named)
         if self.calibration is not None:
@@ -96,11 +97,11 @@ class Session:
             codes: list[str] = []
             with inductor_code(codes) if folder else contextlib.nullcontext(), cache.cacheable(), \
                     progress.compiling(self._describe(result), self.quiet):
-                compiled = compile_fx(result.gm, list(example_inputs) + seam.examples())
+                compiled = compile_fx(result.compiled, list(example_inputs) + seam.examples())
             if folder:
                 self.dumper.write_inductor(folder, codes)
         else:
-            compiled = result.gm.forward
+            compiled = result.compiled.forward
 
         def run(*args):
             out, named = seam.call(compiled, args, runtime.provide)

@@ -79,14 +79,17 @@ def test_a_static_policy_hits_its_own_entry_and_other_weights_compute_their_own_
     assert other["logits"] == fresh["logits"] != first["logits"]  # hit or miss, what a compile of its own gives
 
 
-def test_every_graph_the_pass_writes_passes_the_aot_autograd_caches_own_check():
+def test_every_graph_the_pass_writes_passes_the_aot_autograd_caches_own_check(monkeypatch):
     """torch's own test of what its AOT autograd cache may store (check_cacheable), on every graph
-    the pass wrote: a forward with a padding mask, a prefill and a decode. A node it refuses (a
-    Tensor method called as a function, say) makes every new process compile that graph again, as
-    generate()'s graphs once did."""
+    the pass gives Inductor (layers outlined; Inductor itself replaced by the graph's forward): a
+    forward with a padding mask, a prefill and a decode. A node it refuses (a Tensor method called
+    as a function, say) makes every new process compile that graph again, as generate()'s graphs
+    once did."""
+    import torch._inductor.compile_fx as compile_fx_module
     from torch._functorch._aot_autograd.autograd_cache import check_cacheable
+    monkeypatch.setattr(compile_fx_module, "compile_fx", lambda gm, example: gm.forward)
     model = random_model("llama-gqa")
-    compiled = pp.compile(model, 0.4, backend="eager", skip_layers=(0,), mlp_multiple=16, quiet=True)
+    compiled = pp.compile(model, 0.4, skip_layers=(0,), mlp_multiple=16, quiet=True)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding
@@ -97,4 +100,5 @@ def test_every_graph_the_pass_writes_passes_the_aot_autograd_caches_own_check():
     assert {"forward", "prefill", "decode"} <= set(phases), phases
     with cache.cacheable():
         for result in model.pp.passes:
-            check_cacheable(result.gm)  # raises BypassAOTAutogradCache, naming the node's target
+            assert result.compiled is not result.gm
+            check_cacheable(result.compiled)  # raises BypassAOTAutogradCache, naming the node's target

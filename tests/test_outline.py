@@ -55,23 +55,78 @@ def test_a_group_that_reads_a_non_tensor_value_stays_inline():
     assert [n.name for n in gm.graph.nodes] == before
 
 
-def test_every_pruned_layer_calls_one_subgraph_per_block_kind_and_results_match_inline(monkeypatch):
+def test_a_group_whose_input_is_made_after_its_first_node_stays_inline():
+    gm, first, second = _traced(torch.randn(5, 4), torch.randn(4, 3), torch.randn(4, 3))
+    before = [n.name for n in gm.graph.nodes]
+    # first[0] and second's sum: the call would stand before the relu of `second` that feeds it
+    assert not Outliner(gm).outline([first[0], second[2]], "a", "block")
+    assert [n.name for n in gm.graph.nodes] == before
+
+
+def _named_graph(*steps):
+    """A graph of `steps` ((name, op) in order, each op reading the previous node): the names say
+    the layer (through the site tag `layer_N_mlp`), as they do for the nodes the pass makes."""
+    g = fx.Graph()
+    node = g.placeholder("x")
+    for name, op in steps:
+        node = g.call_function(op, (node,))
+        node.name = name
+    g.output(node)
+    return g
+
+
+def test_layer_segments_group_a_layers_nodes_and_cut_at_every_write_in_place():
+    layer_of_site = {"layer_0_mlp": "layer_0", "layer_1_mlp": "layer_1"}
+    relu, write = torch.relu, torch.ops.aten.relu_.default  # relu_ writes its input (its schema says so)
+    g = _named_graph(*[(f"layer_0_mlp_{i}", relu) for i in range(5)], ("layer_0_mlp_update", write),
+                     *[(f"layer_0_mlp_after_{i}", relu) for i in range(2)],  # too few to share
+                     *[(f"layer_1_mlp_{i}", relu) for i in range(4)], ("other", relu))
+    segments = outline_module.layer_segments(g, layer_of_site)
+    assert [([n.name for n in nodes], tag) for nodes, tag in segments] == [
+        ([f"layer_0_mlp_{i}" for i in range(5)], "layer_0"), ([f"layer_1_mlp_{i}" for i in range(4)], "layer_1")]
+
+
+def _run(model, ids, backend):
+    c = pp.compile(model, 0.4, backend=backend, **TINY)
+    with torch.no_grad():
+        c(ids)  # the second call prunes with a history
+        return c(ids).logits
+
+
+def test_inductor_gets_each_pruned_layer_as_shared_segments_and_results_match_the_eager_route(monkeypatch):
+    """Inductor's graph: every pruned layer after the first calls the same segments (cut at its history writes);
+    run as is (Inductor replaced by the graph's own forward), it gives the eager route's values."""
+    import torch._inductor.compile_fx as compile_fx_module
+    given = []
+    monkeypatch.setattr(compile_fx_module, "compile_fx", lambda gm, example: given.append(gm) or gm.forward)
     ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
     runs = []
-    for outline in (True, False):
+    for backend in ("inductor", "eager"):
         torch._dynamo.reset()
-        if not outline:
-            monkeypatch.setattr(outline_module.Outliner, "outline", lambda *a: False)
         model = random_model("llama-gqa")
-        c = pp.compile(model, 0.4, backend="eager", **TINY)
-        with torch.no_grad():
-            c(ids)
-            logits = c(ids).logits
-        runs.append((logits, model.pp.runtime.last_selection(), model.pp.passes[-1]))
-    (outlined, kept_o, result), (inline, kept_i, _) = runs
-    subgraphs = sorted(name for name, _ in result.gm.named_children())
-    assert subgraphs == ["pp_attention_select_0", "pp_mlp_select_1"]
+        runs.append((_run(model, ids, backend), model.pp.runtime.last_selection(), model.pp.passes[-1]))
+    (layered, kept_l, result), (inline, kept_i, _) = runs
+    assert {k: v.tolist() for k, v in kept_l.items()} == {k: v.tolist() for k, v in kept_i.items()}
+    torch.testing.assert_close(layered, inline, rtol=0, atol=0)
+    gm = given[-1]
+    assert gm is result.compiled and gm is not result.gm
+    assert all(name.startswith("pp_layer_segment_") for name, _ in gm.named_children())
+    called = {}  # layer -> the subgraphs its calls run, in order
+    for n in gm.graph.nodes:
+        if n.target is torch.ops.higher_order.invoke_subgraph:
+            called.setdefault(int(n.name.split("_")[2]), []).append(n.args[1])
+    pruned = range(1, result.n_layers)
+    assert set(called) == set(range(result.n_layers)) and all(len(called[i]) >= 2 for i in pruned)
+    # one copy of a pruned layer's code (the first one's reads what a dense layer left: its own)
+    assert all(called[i] == called[2] for i in pruned[1:]) and len(dict(gm.named_children())) <= 5
+    assert not any(s.final._erased for s in result.sites)  # the result's graph is whole: explain reads it
+
+
+def test_the_eager_route_outlines_each_selection_once_per_block_kind():
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    model = random_model("llama-gqa")
+    _run(model, ids, "eager")
+    result = model.pp.passes[-1]
+    assert sorted(name for name, _ in result.gm.named_children()) == ["pp_attention_select_0", "pp_mlp_select_1"]
     calls = [n for n in result.gm.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
     assert len(calls) == len(result.selected_sites) == 2 * (result.n_layers - 1)
-    assert {k: v.tolist() for k, v in kept_o.items()} == {k: v.tolist() for k, v in kept_i.items()}
-    torch.testing.assert_close(outlined, inline, rtol=0, atol=0)

@@ -1,12 +1,18 @@
 """Outline: move a group of nodes into a subgraph called through `invoke_subgraph`.
 
-Every pruned site adds the same selection computation (probe -> score -> top-k -> weight gathers);
-only its inputs differ from layer to layer. Inlined, Inductor lowers, schedules and compiles it
-once per site, so compile time grows with depth. Outlined, the groups with the same code and the
-same input shapes share one identifier, and Inductor compiles that subgraph once per graph.
+Decoder layers repeat: inlined, Inductor lowers, fuses, generates and compiles the same code once
+per layer, so compile time grows with depth, and a pruned layer (probe, selection, compact
+matmuls, history) has more of it than a dense one. Outlined, the groups with the same code and
+the same input shapes share one identifier, and Inductor compiles that subgraph once per graph.
+Two granularities, the coarser first: each decoder layer, in segments cut at every node that
+writes a tensor in place (`layer_segments`); then, where a layer could not be outlined, each
+site's selection (probe -> score -> top-k -> weight gathers).
 
 Invariants: the group's values and their order are unchanged (the subgraph is a copy of the
-nodes); a group that reads a value other than a tensor or a dynamic size is left inline.
+nodes); no group holds a node that writes in place, and no node that writes in place falls
+between a group's nodes (so every read and write keeps its order); a group that reads a value
+other than a tensor or a dynamic size, or a value made after its first node by a node outside
+it, is left inline.
 """
 from __future__ import annotations
 
@@ -17,8 +23,8 @@ import re
 import torch
 from torch import fx
 
-from .graph import call
-from .sites import recorded, value
+from .graph import call, copy_graph
+from .sites import layer_of, recorded, value
 
 
 class Outliner:
@@ -28,31 +34,33 @@ class Outliner:
         self.gm = gm
         self.subgraphs: dict[str, str] = {}  # key -> attribute name of the shared subgraph
 
-    def outline(self, nodes: list[fx.Node], tag: str, kind: str) -> bool:
+    def outline(self, nodes: list[fx.Node], tag: str, kind: str, role: str = "select") -> bool:
         """Replace `nodes` (in graph order; their names start with `tag`) by one call; False (and
-        nothing changed) when the group reads a value that is not a tensor. Inside the subgraph,
-        names say `kind` instead of the site, so that every layer's group reads the same."""
+        nothing changed) when the group reads a value that is not a tensor, or one made after its
+        first node by a node outside it. Inside the subgraph, names say `kind` instead of `tag`, so
+        that every layer's group reads the same."""
         inside = set(nodes)
         inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside))
-        if any(not _tensor_or_unknown(a) for a in inputs):
+        if any(not _tensor_or_unknown(a) for a in inputs) or not _made_before(inputs, nodes[0]):
             return False
         outputs = [n for n in nodes if any(u not in inside for u in n.users)]
-        attr = self._shared(nodes, inputs, outputs, tag, kind)
+        attr = self._shared(nodes, inputs, outputs, tag, kind, role)
         g = self.gm.graph
         with g.inserting_before(nodes[0]):
             fn = g.get_attr(attr)
-            fn.name = g._graph_namespace.create_name(f"{tag}_select_fn", None)
-            result = call(g, torch.ops.higher_order.invoke_subgraph, fn, attr, *inputs, name=f"{tag}_select_call")
+            fn.name = g._graph_namespace.create_name(f"{tag}_{role}_fn", None)
+            result = call(g, torch.ops.higher_order.invoke_subgraph, fn, attr, *inputs, name=f"{tag}_{role}_call")
             outs = [call(g, operator.getitem, result, i, name=f"{o.name}_out") for i, o in enumerate(outputs)]
         for o, new in zip(outputs, outs):
             o.replace_all_uses_with(new)
         for n in reversed(nodes):
             g.erase_node(n)
-        for o, new in zip(outputs, outs):  # the outputs keep their names (theirs are free now)
+        for o, new in zip(outputs, outs):  # the outputs keep their names (free now) and records
             new.name = o.name
+            new.meta.update(o.meta)
         return True
 
-    def _shared(self, nodes, inputs, outputs, tag: str, kind: str) -> str:
+    def _shared(self, nodes, inputs, outputs, tag: str, kind: str, role: str) -> str:
         """The attribute of the subgraph for this group: keyed by its code with neutral names
         (names never decide sharing) and the shapes of its inputs."""
         neutral = _subgraph(self.gm, nodes, inputs, outputs, lambda i, n: f"v{i}")
@@ -61,16 +69,104 @@ class Outliner:
         shapes = [(tuple(v.shape), v.dtype) if isinstance(v := value(a), torch.Tensor) else None for a in inputs]
         key = hashlib.sha1(f"{neutral.code}\n{shapes}".encode()).hexdigest()
         if key not in self.subgraphs:
-            attr = f"pp_{kind}_select_{len(self.subgraphs)}"
+            attr = f"pp_{kind}_{role}_{len(self.subgraphs)}"
             self.gm.register_module(attr, _subgraph(self.gm, nodes, inputs, outputs,
                                                     lambda i, n: _readable(n.name, tag, kind)))
             self.subgraphs[key] = attr
         return self.subgraphs[key]
 
 
+def outlined(flat: fx.GraphModule, selections: list[tuple[list[str], str, str]],
+             layer_of_site: dict[str, str] | None) -> fx.GraphModule:
+    """`flat` (a rewritten graph, nothing outlined) with its repeated code outlined: given
+    `layer_of_site` (each site's tag -> its layer's tag), each decoder layer's segments first (for
+    Inductor: see the module's docstring); then each selection in `selections` ((its nodes'
+    names, its site's tag, its kind)) that no segment took. Layers outline a copy: the segments
+    take nodes the sites name, which the pass's result keeps for inspection."""
+    layers = layer_of_site is not None
+    gm = copy_graph(flat) if layers else flat
+    by_name = {n.name: n for n in gm.graph.nodes}
+    outliner = Outliner(gm)
+    if layers:
+        for nodes, tag in layer_segments(gm.graph, layer_of_site):
+            outliner.outline(nodes, tag, "layer", "segment")
+    for names, tag, kind in selections:
+        nodes = [by_name[name] for name in names]
+        if not any(n._erased for n in nodes):
+            outliner.outline(nodes, tag, kind)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def layer_segments(g: fx.Graph, layer_of_tag: dict[str, str]) -> list[tuple[list[fx.Node], str]]:
+    """Each decoder layer's nodes (by module path, or, for the nodes the pass made, by the site tag
+    their names start with: `layer_of_tag` maps a site's tag to its layer's tag), in graph order,
+    cut at every node that writes in place, anywhere in the graph: (nodes, layer tag) per segment
+    of at least `_MIN_SEGMENT` nodes. Outline these before any selection: Inductor does not lower
+    a subgraph that calls another."""
+    open_: dict[str, list[fx.Node]] = {}
+    segments: list[tuple[list[fx.Node], str]] = []
+
+    def close_all():
+        segments.extend((nodes, tag) for tag, nodes in open_.items() if len(nodes) >= _MIN_SEGMENT)
+        open_.clear()
+
+    for n in g.nodes:
+        if n.op in ("placeholder", "output"):
+            continue
+        if _writes_in_place(n):
+            close_all()
+            continue
+        tag = _layer_tag(n, layer_of_tag)
+        if tag is not None:
+            open_.setdefault(tag, []).append(n)
+    close_all()
+    return segments
+
+
+_MIN_SEGMENT = 4  # fewer nodes than this stay inline: nothing to share
+
+
+def _layer_tag(n: fx.Node, layer_of_tag: dict[str, str]) -> str | None:
+    if n.op == "get_attr":  # constants differ per layer: they enter a shared subgraph as inputs
+        return None
+    info = layer_of(n)
+    if info is not None:
+        return info[0].replace(".", "_")
+    return next((layer for site, layer in layer_of_tag.items() if n.name.startswith(site + "_")), None)
+
+
+def _writes_in_place(n: fx.Node) -> bool:
+    """A node that mutates an input: an op whose schema says so, a method or function whose name
+    ends with `_` (`index_copy_`, the pass's `ops.ema_update_`)."""
+    if n.op == "call_method":
+        return n.target.endswith("_")
+    if n.op != "call_function":
+        return n.op == "call_module"  # a module may hold state: never inside a group, never crossed
+    schema = getattr(n.target, "_schema", None)
+    if schema is not None:
+        return schema.is_mutable
+    if isinstance(n.target, torch._ops.HigherOrderOperator):
+        return n.target is not torch.ops.higher_order.invoke_subgraph
+    return getattr(n.target, "__name__", "").endswith("_")
+
+
+def _made_before(inputs: list[fx.Node], first: fx.Node) -> bool:
+    """Every input is made before `first`, where the call will stand."""
+    later = set()
+    n = first
+    while n is not None and n.op != "root":
+        later.add(n)
+        n = n.next
+    return not any(a in later for a in inputs)
+
+
 def _subgraph(root: fx.GraphModule, nodes, inputs, outputs, name) -> fx.GraphModule:
     sub = fx.Graph()
     env = {a: sub.placeholder(f"in_{i}") for i, a in enumerate(inputs)}
+    for a in inputs:  # what Dynamo recorded: the AOT autograd cache's check reads it (a tensor's method)
+        env[a].meta.update({k: a.meta[k] for k in ("example_value", "val") if k in a.meta})
     for i, n in enumerate(nodes):
         env[n] = sub.node_copy(n, lambda a: env[a])
         env[n].name = sub._graph_namespace.create_name(name(i, n), None)

@@ -33,7 +33,7 @@ from .cost import cannot_pay
 from .dims import Unsupported, check_resizable
 from .graph import GraphInputs, NodeFailed, call, copy_graph, graph_inputs, refresh_values
 from .history import History
-from .outline import Outliner
+from .outline import outlined
 from .probe import check_sides
 from .rewrite import compact, compact_final, site_labels
 from .seam import KEPT, SHARE, Seam, parse, slot_name
@@ -58,6 +58,7 @@ class PassResult:
     seq_len: object = 0
     seam: Seam = field(default_factory=Seam)
     phase: str = "forward"
+    compiled: fx.GraphModule | None = None  # what runs: gm, or, for Inductor, gm with its layers outlined
 
     @property
     def selected_sites(self) -> list[str]:
@@ -86,12 +87,14 @@ class PassResult:
 
 def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: "Calibration | None" = None,
              real: RealTensor | None = None, phase: str = "forward",
-             stored: frozenset[str] = frozenset(), derived: dict | None = None) -> PassResult:
+             stored: frozenset[str] = frozenset(), derived: dict | None = None,
+             for_inductor: bool = False) -> PassResult:
     """Rewrite a copy of `gm` for `phase` (see PHASES). Static policies need `calibration` and
     `real` (the real weights, which they score and pre-slice once); `stored`: the sites whose
     selection a prefill stored (what a decode graph can reuse); `derived`: the constants made from
     weights alone, kept across the passes of one model so that its graphs share them
-    (compact.derived). Nothing a site does can fail the pass: a site the rules do not cover stays
+    (compact.derived); `for_inductor`: also make the graph Inductor compiles (`PassResult.compiled`,
+    layers outlined). Nothing a site does can fail the pass: a site the rules do not cover stays
     dense, with the reason in its status, and so does a rewritten site that does not run on the
     graph's example values (the last check, when the values are recorded): the pass then runs
     again without it."""
@@ -101,7 +104,7 @@ def run_pass(gm: fx.GraphModule, config: PPConfig, *, calibration: "Calibration 
     while True:
         try:
             return _Pass(gm, config, calibration, real, phase, stored, {} if derived is None else derived,
-                         failed).run()
+                         failed, for_inductor).run()
         except _SiteFailed as e:
             failed[e.site] = e.status
 
@@ -116,14 +119,15 @@ class _Pass:
     """One run of the pass over a copy of the graph."""
 
     def __init__(self, gm, config: PPConfig, calibration, real, phase: str, stored: frozenset[str],
-                 derived: dict, failed: dict[str, Dense]):
+                 derived: dict, failed: dict[str, Dense], for_inductor: bool = False):
         self.gm = copy_graph(gm)
         self.g, self.config, self.phase, self.stored, self.failed = self.gm.graph, config, phase, stored, failed
         self.calibration, self.real, self.derived = calibration, real, derived
+        self.for_inductor = for_inductor
         self.selector = selector_for(config.policy) if config.policy.prunes else None
         self.history = None  # made in run(), with the seam
         self.updates: list[tuple[str, fx.Node]] = []
-        self.groups: list[tuple[list[fx.Node], str, str]] = []  # each site's selection nodes, to outline
+        self.groups: list[tuple[list[str], str, str]] = []  # each site's selection (node names, tag, kind)
 
     def run(self) -> PassResult:
         sites, problems, n_layers = prepare(self.gm)
@@ -208,7 +212,7 @@ class _Pass:
             with g.inserting_before(sel.anchor):  # a prefill stores every compact weight, for its decode steps
                 compacted = compacting.compact_weights(ctx, site, sel, kv_whole, tag, sel.final_only and not stores)
         if sel.outline:  # constants (get_attr, at the graph's start) enter the subgraph as inputs
-            self.groups.append(([n for n in g.nodes if n not in before and n.op != "get_attr"], tag, site.kind))
+            self.groups.append(([n.name for n in g.nodes if n not in before and n.op != "get_attr"], tag, site.kind))
         seam.output(slot_name(KEPT, site.name), sel.kept)
         if stores:
             with g.inserting_before(sel.anchor):
@@ -235,13 +239,18 @@ class _Pass:
         for name, node in self.updates:  # state updates are outputs too: no pass drops them as dead code
             seam.output(name, node)
         seam.close(g)
-        outliner = Outliner(self.gm)
-        for nodes, tag, kind in self.groups:
-            outliner.outline(nodes, tag, kind)
         g.lint()
         self.gm.recompile()
-        if self.gi is None:  # nothing was rewritten
-            return
+        if self.gi is not None:  # something was rewritten: record the values it makes
+            self._refresh(sites)
+        if self.for_inductor:  # a copy: the sites keep naming the nodes of self.gm
+            layer_of_site = {tag_of(s): s.name.rsplit(".", 1)[0].replace(".", "_") for s in sites}
+            self.result.compiled = outlined(self.gm, self.groups, layer_of_site)
+        outlined(self.gm, self.groups, None)
+        if not self.for_inductor:
+            self.result.compiled = self.gm
+
+    def _refresh(self, sites: list[Site]) -> None:
         try:
             refresh_values(self.gm)
         except NodeFailed as e:
@@ -251,7 +260,6 @@ class _Pass:
             cause = e.__cause__ or e
             raise _SiteFailed(site.name, Dense(Reason.DOES_NOT_RUN, f"{type(cause).__name__}: "
                                                                    f"{str(cause).splitlines()[0][:160]}")) from e
-
 
 def _plan(sites: list[Site], config: PPConfig, n_layers: int, gi: GraphInputs) -> None:
     """Each site's sizes, what the config leaves dense, and every kept count."""
