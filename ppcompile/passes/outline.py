@@ -23,7 +23,7 @@ import re
 import torch
 from torch import fx
 
-from .graph import call, copy_graph
+from .graph import call
 from .sites import layer_of, recorded, value
 
 
@@ -63,31 +63,28 @@ class Outliner:
     def _shared(self, nodes, inputs, outputs, tag: str, kind: str, role: str) -> str:
         """The attribute of the subgraph for this group: keyed by its code with neutral names
         (names never decide sharing) and the shapes of its inputs."""
-        neutral = _subgraph(self.gm, nodes, inputs, outputs, lambda i, n: f"v{i}")
+        neutral = _subgraph(nodes, inputs, outputs, lambda i, n: f"v{i}")  # its code only: no module
         # Inputs the pass made (history, valid) have no recorded value; their shapes follow from the
         # graph's batch and sequence and from the site's weights, whose shapes are in the key.
         shapes = [(tuple(v.shape), v.dtype) if isinstance(v := value(a), torch.Tensor) else None for a in inputs]
-        key = hashlib.sha1(f"{neutral.code}\n{shapes}".encode()).hexdigest()
+        key = hashlib.sha1(f"{neutral.python_code('self').src}\n{shapes}".encode()).hexdigest()
         if key not in self.subgraphs:
             attr = f"pp_{kind}_{role}_{len(self.subgraphs)}"
-            self.gm.register_module(attr, _subgraph(self.gm, nodes, inputs, outputs,
-                                                    lambda i, n: _readable(n.name, tag, kind)))
+            sub = _subgraph(nodes, inputs, outputs, lambda i, n: _readable(n.name, tag, kind))
+            self.gm.register_module(attr, fx.GraphModule(self.gm, sub))
             self.subgraphs[key] = attr
         return self.subgraphs[key]
 
 
-def outlined(flat: fx.GraphModule, selections: list[tuple[list[str], str, str]],
-             layer_of_site: dict[str, str] | None) -> fx.GraphModule:
-    """`flat` (a rewritten graph, nothing outlined) with its repeated code outlined: given
-    `layer_of_site` (each site's tag -> its layer's tag), each decoder layer's segments first (for
-    Inductor: see the module's docstring); then each selection in `selections` ((its nodes'
-    names, its site's tag, its kind)) that no segment took. Layers outline a copy: the segments
-    take nodes the sites name, which the pass's result keeps for inspection."""
-    layers = layer_of_site is not None
-    gm = copy_graph(flat) if layers else flat
+def outlined(gm: fx.GraphModule, selections: list[tuple[list[str], str, str]],
+             layer_of_site: dict[str, str] | None = None) -> fx.GraphModule:
+    """`gm` (a rewritten graph, nothing outlined), its repeated code outlined in place: given
+    `layer_of_site` (each site's tag -> its layer's tag), each decoder layer's segments first (what
+    Inductor compiles: see the module's docstring); then each selection in `selections` ((its
+    nodes' names, its site's tag, its kind)) that no segment took."""
     by_name = {n.name: n for n in gm.graph.nodes}
     outliner = Outliner(gm)
-    if layers:
+    if layer_of_site is not None:
         for nodes, tag in layer_segments(gm.graph, layer_of_site):
             outliner.outline(nodes, tag, "layer", "segment")
     for names, tag, kind in selections:
@@ -162,7 +159,7 @@ def _made_before(inputs: list[fx.Node], first: fx.Node) -> bool:
     return not any(a in later for a in inputs)
 
 
-def _subgraph(root: fx.GraphModule, nodes, inputs, outputs, name) -> fx.GraphModule:
+def _subgraph(nodes, inputs, outputs, name) -> fx.Graph:
     sub = fx.Graph()
     env = {a: sub.placeholder(f"in_{i}") for i, a in enumerate(inputs)}
     for a in inputs:  # what Dynamo recorded: the AOT autograd cache's check reads it (a tensor's method)
@@ -171,7 +168,7 @@ def _subgraph(root: fx.GraphModule, nodes, inputs, outputs, name) -> fx.GraphMod
         env[n] = sub.node_copy(n, lambda a: env[a])
         env[n].name = sub._graph_namespace.create_name(name(i, n), None)
     sub.output(tuple(env[o] for o in outputs))
-    return fx.GraphModule(root, sub)
+    return sub
 
 
 def _readable(name: str, tag: str, kind: str) -> str:

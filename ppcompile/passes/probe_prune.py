@@ -241,14 +241,13 @@ class _Pass:
         seam.close(g)
         g.lint()
         self.gm.recompile()
-        if self.gi is not None:  # something was rewritten: record the values it makes
-            self._refresh(sites)
-        if self.for_inductor:  # a copy: the sites keep naming the nodes of self.gm
+        if self.gi is not None:  # something was rewritten: record the values it makes (inlined, the
+            self._refresh(sites)  # selections propagate in half the time they take outlined)
+        self.result.compiled = self.gm
+        if self.for_inductor:  # on a copy: the sites keep naming self.gm's nodes
             layer_of_site = {tag_of(s): s.name.rsplit(".", 1)[0].replace(".", "_") for s in sites}
-            self.result.compiled = outlined(self.gm, self.groups, layer_of_site)
-        outlined(self.gm, self.groups, None)
-        if not self.for_inductor:
-            self.result.compiled = self.gm
+            self.result.compiled = outlined(copy_graph(self.gm), self.groups, layer_of_site)
+        outlined(self.gm, self.groups)
 
     def _refresh(self, sites: list[Site]) -> None:
         try:
