@@ -1,4 +1,5 @@
 """Outlining: a group of nodes becomes one invoke_subgraph call; identical groups share a subgraph."""
+import pytest
 import torch
 from torch import fx
 
@@ -75,10 +76,12 @@ def _named_graph(*steps):
     return g
 
 
-def test_layer_segments_group_a_layers_nodes_and_cut_at_every_write_in_place():
+# relu_ writes its input (its schema says so); a collective's order is every rank's
+@pytest.mark.parametrize("cut", [torch.ops.aten.relu_.default, torch.ops._c10d_functional.wait_tensor.default])
+def test_layer_segments_group_a_layers_nodes_and_cut_at_every_write_in_place_and_collective(cut):
     layer_of_site = {"layer_0_mlp": "layer_0", "layer_1_mlp": "layer_1"}
-    relu, write = torch.relu, torch.ops.aten.relu_.default  # relu_ writes its input (its schema says so)
-    g = _named_graph(*[(f"layer_0_mlp_{i}", relu) for i in range(5)], ("layer_0_mlp_update", write),
+    relu = torch.relu
+    g = _named_graph(*[(f"layer_0_mlp_{i}", relu) for i in range(5)], ("layer_0_mlp_update", cut),
                      *[(f"layer_0_mlp_after_{i}", relu) for i in range(2)],  # too few to share
                      *[(f"layer_1_mlp_{i}", relu) for i in range(4)], ("other", relu))
     segments = outline_module.layer_segments(g, layer_of_site)

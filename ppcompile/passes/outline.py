@@ -98,12 +98,15 @@ def outlined(gm: fx.GraphModule, selections: list[tuple[list[str], str, str]],
 
 def layer_segments(g: fx.Graph, layer_of_tag: dict[str, str]) -> list[tuple[list[fx.Node], str]]:
     """Each decoder layer's nodes (by module path, or, for the nodes the pass made, by the site tag
-    their names start with: `layer_of_tag` maps a site's tag to its layer's tag), in graph order,
-    cut at every node that writes in place, anywhere in the graph: (nodes, layer tag) per segment
+    their names hold: `layer_of_tag` maps a site's tag to its layer's tag), in graph order,
+    cut at every node that writes in place or communicates, anywhere in the graph: (nodes, layer tag) per segment
     of at least `_MIN_SEGMENT` nodes. Outline these before any selection: Inductor does not lower
     a subgraph that calls another."""
     open_: dict[str, list[fx.Node]] = {}
     segments: list[tuple[list[fx.Node], str]] = []
+    # a site's tag anywhere in a name: the pass's nodes start with it, or with a slot's family
+    # (`stored_<tag>_q_w_t`); the `_` after it keeps layer 3's tag out of layer 30's names
+    site_in_name = re.compile(r"(?:^|_)(" + "|".join(map(re.escape, layer_of_tag)) + r")_") if layer_of_tag else None
 
     def close_all():
         segments.extend((nodes, tag) for tag, nodes in open_.items() if len(nodes) >= _MIN_SEGMENT)
@@ -112,10 +115,10 @@ def layer_segments(g: fx.Graph, layer_of_tag: dict[str, str]) -> list[tuple[list
     for n in g.nodes:
         if n.op in ("placeholder", "output"):
             continue
-        if _writes_in_place(n):
+        if _cuts(n):
             close_all()
             continue
-        tag = _layer_tag(n, layer_of_tag)
+        tag = _layer_tag(n, layer_of_tag, site_in_name)
         if tag is not None:
             open_.setdefault(tag, []).append(n)
     close_all()
@@ -125,22 +128,27 @@ def layer_segments(g: fx.Graph, layer_of_tag: dict[str, str]) -> list[tuple[list
 _MIN_SEGMENT = 4  # fewer nodes than this stay inline: nothing to share
 
 
-def _layer_tag(n: fx.Node, layer_of_tag: dict[str, str]) -> str | None:
+def _layer_tag(n: fx.Node, layer_of_tag: dict[str, str], site_in_name: re.Pattern | None) -> str | None:
     if n.op == "get_attr":  # constants differ per layer: they enter a shared subgraph as inputs
         return None
     info = layer_of(n)
     if info is not None:
         return info[0].replace(".", "_")
-    return next((layer for site, layer in layer_of_tag.items() if n.name.startswith(site + "_")), None)
+    m = site_in_name.search(n.name) if site_in_name else None
+    return layer_of_tag[m.group(1)] if m else None
 
 
-def _writes_in_place(n: fx.Node) -> bool:
-    """A node that mutates an input: an op whose schema says so, a method or function whose name
-    ends with `_` (`index_copy_`, the pass's `ops.ema_update_`)."""
+def _cuts(n: fx.Node) -> bool:
+    """A node no segment holds or spans: one that mutates an input (an op whose schema says so, a
+    method or function whose name ends with `_`: `index_copy_`, the pass's `ops.ema_update_`), or
+    a collective (every rank runs them in the order traced; Inductor schedules them itself)."""
     if n.op == "call_method":
         return n.target.endswith("_")
     if n.op != "call_function":
         return n.op == "call_module"  # a module may hold state: never inside a group, never crossed
+    op = getattr(n.target, "_qualified_op_name", None) or getattr(getattr(n.target, "_schema", None), "name", "")
+    if op.split("::")[0] in ("_c10d_functional", "c10d"):
+        return True
     schema = getattr(n.target, "_schema", None)
     if schema is not None:
         return schema.is_mutable
