@@ -260,6 +260,7 @@ class _Pass:
             raise _SiteFailed(site.name, Dense(Reason.DOES_NOT_RUN, f"{type(cause).__name__}: "
                                                                    f"{str(cause).splitlines()[0][:160]}")) from e
 
+
 def _plan(sites: list[Site], config: PPConfig, n_layers: int, gi: GraphInputs) -> None:
     """Each site's sizes, what the config leaves dense, and every kept count."""
     policy = config.policy
