@@ -4,7 +4,7 @@ same config loads the compiled code instead of compiling it again.
 Inductor's FX graph cache and AOT autograd cache are on by default (under $TORCHINDUCTOR_CACHE_DIR,
 by default /tmp/torchinductor_<user>). The AOT autograd cache refuses a graph that calls a plain
 Python function (torch/_functorch/_aot_autograd/autograd_cache.py, `is_cacheable_function`), and the
-rewritten graphs call ppcompile's own tensor functions (ops.ema_update_, the probe designs' token
+rewritten graphs call ppcompile's own tensor functions (ops.ema_rows, the probe designs' token
 choices, ...): every new process then traced, partitioned and ran the joint-graph passes again.
 `cacheable()` marks every function of ppcompile's modules cacheable, tagged with the hash of
 ppcompile's source: the tag enters both caches' keys (through Inductor's config), so a changed

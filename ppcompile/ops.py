@@ -271,30 +271,33 @@ def position_energy(x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.
     return probe_energy(x, valid), present  # the same masked mean over dim 0
 
 
-def ema_update_(history: torch.Tensor, kept: torch.Tensor, x: torch.Tensor,
-                valid: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
-    """In place, for kept channels only: H[t, j] += weight * (mean_b x[b, t, j]^2 - H[t, j]).
+def ema_rows(history: torch.Tensor, kept: torch.Tensor, x: torch.Tensor,
+             valid: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """The kept channels' new history columns: H[t, j] + weight * (mean_b x[b, t, j]^2 - H[t, j]).
+    The graph writes them back with `history.index_copy_(1, kept, rows)`: computing them apart
+    from the write keeps the work in the layer's outlined segment (passes/outline.py).
 
     history (L, C) is this call's rows of the table; x (B, L, k) the compact input of the final
     projection; `weight` a 0-d tensor: 1 - momentum normally, 0 on the warm-up batch, 1 for the
-    first batch of an unseeded history. Positions with no real token are left alone.
+    first batch of an unseeded history. Positions with no real token keep their value.
+    -> (L, k)
     """
     new, present = position_energy(x, valid)  # (L, k), (L,)
     old = history.index_select(1, kept)  # (L, k)
-    step = torch.where(present.unsqueeze(-1), weight * (new - old), 0.0)
-    return history.index_copy_(1, kept, old + step)
+    return old + torch.where(present.unsqueeze(-1), weight * (new - old), 0.0)
 
 
-def ema_update_every_(history: torch.Tensor, energy: torch.Tensor, valid: torch.Tensor | None,
-                      weight: torch.Tensor) -> torch.Tensor:
-    """In place, every channel: H[t, j] += weight * (E[t, j] - H[t, j]), where E (L, C) is the
+def ema_step(history: torch.Tensor, energy: torch.Tensor, valid: torch.Tensor | None,
+             weight: torch.Tensor) -> torch.Tensor:
+    """Every channel's history step, weight * (E[t, j] - H[t, j]), where E (L, C) is the
     per-position energy of the block's own activations (probe_energy over the whole batch): where
-    every channel ran, every channel's history learns from it (no gather, no scatter). Positions
-    with no real token are left alone; `weight` as in ema_update_."""
+    every channel ran, every channel's history learns from it (no gather, no scatter). The graph
+    adds it with `history.add_(step)`. Positions with no real token get 0; `weight` as in ema_rows.
+    -> (L, C)"""
     step = weight * (energy - history)  # (L, C)
     if valid is not None:
         step = torch.where(valid.any(0).unsqueeze(-1), step, 0.0)
-    return history.add_(step)
+    return step
 
 
 def ema_weight(step: torch.Tensor, seeded: torch.Tensor, momentum: float) -> torch.Tensor:

@@ -93,7 +93,8 @@ def test_budget_positions_is_the_largest_count_within_the_budget():
 def test_ema_touches_kept_channels_only():
     H = torch.ones(2, 4)
     x = torch.tensor([[[2.0, 4.0], [0.0, 2.0]]])  # (B=1, L=2, k=2): compact input of channels 1, 3
-    ops.ema_update_(H, torch.tensor([1, 3]), x, None, torch.tensor(0.5))
+    kept = torch.tensor([1, 3])
+    H.index_copy_(1, kept, ops.ema_rows(H, kept, x, None, torch.tensor(0.5)))  # as the graph writes it
     # kept: 1 + 0.5 * (x^2 - 1); others untouched
     assert H.tolist() == [[1.0, 2.5, 1.0, 8.5], [1.0, 0.5, 1.0, 2.5]]
 
@@ -102,9 +103,9 @@ def test_ema_of_every_channel_from_the_energy_leaves_pad_positions_alone():
     H = torch.ones(3, 2)
     E = torch.tensor([[3.0, 5.0], [9.0, 1.0], [7.0, 7.0]])  # (L=3, C=2): the per-position energy
     valid = torch.tensor([[True, True, False], [True, False, False]])  # position 2: pads only
-    ops.ema_update_every_(H, E, valid, torch.tensor(0.5))
+    H.add_(ops.ema_step(H, E, valid, torch.tensor(0.5)))  # as the graph writes it
     assert H.tolist() == [[2.0, 3.0], [5.0, 1.0], [1.0, 1.0]]  # 1 + 0.5 * (E - 1); the pad row untouched
-    ops.ema_update_every_(H, E, None, torch.tensor(0.0))  # the warm-up call: nothing moves
+    H.add_(ops.ema_step(H, E, None, torch.tensor(0.0)))  # the warm-up call: nothing moves
     assert H.tolist() == [[2.0, 3.0], [5.0, 1.0], [1.0, 1.0]]
 
 
@@ -118,7 +119,7 @@ def test_ema_warmup_weight_is_zero_and_pads_do_not_count():
     H = torch.zeros(2, 1)
     x = torch.tensor([[[2.0], [3.0]], [[4.0], [5.0]]])  # (B=2, L=2, 1)
     valid = torch.tensor([[True, False], [True, False]])  # position 1 is padding everywhere
-    ops.ema_update_(H, torch.tensor([0]), x, valid, torch.tensor(1.0))
+    H.index_copy_(1, torch.tensor([0]), ops.ema_rows(H, torch.tensor([0]), x, valid, torch.tensor(1.0)))
     assert H.tolist() == [[10.0], [0.0]]  # mean of 4 and 16; position 1 untouched
 
 

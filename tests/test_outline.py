@@ -1,4 +1,6 @@
 """Outlining: a group of nodes becomes one invoke_subgraph call; identical groups share a subgraph."""
+import copy
+
 import pytest
 import torch
 from torch import fx
@@ -89,6 +91,52 @@ def test_layer_segments_group_a_layers_nodes_and_cut_at_every_write_in_place_and
         ([f"layer_0_mlp_{i}" for i in range(5)], "layer_0"), ([f"layer_1_mlp_{i}" for i in range(4)], "layer_1")]
 
 
+def _graph_writing_an_input(*, view_first: bool, read_after: bool):
+    """x -> three relus -> (buf written in place with the last) -> three relus; `view_first` adds a
+    view of buf to the layer before the write, `read_after` a node reading buf after it."""
+    g = fx.Graph()
+    x, buf = g.placeholder("x"), g.placeholder("buf")
+    x.meta["val"], buf.meta["val"] = torch.randn(4), torch.zeros(4)
+    node = x
+    names = [f"layer_0_mlp_{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        if i == 3:
+            if view_first:
+                view = g.call_function(torch.Tensor.view, (buf, 4))
+                view.name = "layer_0_mlp_view"
+            g.call_function(torch.ops.aten.copy_.default, (buf, node)).name = "layer_0_mlp_store"
+            if read_after:
+                node = g.call_function(torch.add, (node, buf))
+                node.name = "layer_0_mlp_read"
+        node = g.call_function(torch.relu, (node,))
+        node.name = name
+    g.output(node)
+    return g
+
+
+@pytest.mark.parametrize("view_first, read_after, expected", [
+    (False, False, [[f"layer_0_mlp_{i}" for i in range(6)]]),  # one segment across the write
+    # reading buf after the write starts a new segment (the three nodes before are too few)
+    (False, True, [["layer_0_mlp_read"] + [f"layer_0_mlp_{i}" for i in range(3, 6)]]),
+    (True, False, [[f"layer_0_mlp_{i}" for i in range(3)] + ["layer_0_mlp_view"]]),  # a view of buf ends it
+])
+def test_a_write_of_a_graph_input_stays_outside_and_the_segment_goes_on_unless_it_reads_what_was_written(
+        view_first, read_after, expected):
+    g = _graph_writing_an_input(view_first=view_first, read_after=read_after)
+    segments = outline_module.layer_segments(g, {"layer_0_mlp": "layer_0"})
+    assert [[n.name for n in nodes] for nodes, _ in segments] == expected
+    assert all(tag == "layer_0" for _, tag in segments)
+    # outlined and run, the write still lands in buf, and the output is the inline graph's
+    x = torch.randn(4)
+    inline, buf_inline = fx.GraphModule(torch.nn.Module(), g), torch.zeros(4)
+    want = inline(x, buf_inline)
+    gm = outline_module.outlined(fx.GraphModule(torch.nn.Module(), copy.deepcopy(g)), [], {"layer_0_mlp": "layer_0"})
+    buf = torch.zeros(4)
+    torch.testing.assert_close(gm(x, buf), want, rtol=0, atol=0)
+    torch.testing.assert_close(buf, buf_inline, rtol=0, atol=0)
+    assert any(n.target is torch.ops.higher_order.invoke_subgraph for n in gm.graph.nodes)
+
+
 def _run(model, ids, backend):
     c = pp.compile(model, 0.4, backend=backend, **TINY)
     with torch.no_grad():
@@ -97,8 +145,9 @@ def _run(model, ids, backend):
 
 
 def test_inductor_gets_each_pruned_layer_as_shared_segments_and_results_match_the_eager_route(monkeypatch):
-    """Inductor's graph: every pruned layer after the first calls the same segments (cut at its history writes);
-    run as is (Inductor replaced by the graph's own forward), it gives the eager route's values."""
+    """Inductor's graph: every pruned layer after the first calls the same one segment (its history
+    writes stay outside, after it); run as is (Inductor replaced by the graph's own forward), it
+    gives the eager route's values."""
     import torch._inductor.compile_fx as compile_fx_module
     given = []
     monkeypatch.setattr(compile_fx_module, "compile_fx", lambda gm, example: given.append(gm) or gm.forward)
@@ -119,7 +168,10 @@ def test_inductor_gets_each_pruned_layer_as_shared_segments_and_results_match_th
         if n.target is torch.ops.higher_order.invoke_subgraph:
             called.setdefault(int(n.name.split("_")[2]), []).append(n.args[1])
     pruned = range(1, result.n_layers)
-    assert set(called) == set(range(result.n_layers)) and all(len(called[i]) >= 2 for i in pruned)
+    assert set(called) == set(range(result.n_layers)) and all(len(called[i]) == 1 for i in pruned)
+    updates = [n for n in gm.graph.nodes if n.name.endswith("_history_update")]
+    assert len(updates) == len(result.selected_sites)  # outside every segment, each after its layer's call
+    assert all(n.args[0].op == "placeholder" for n in updates)
     # one copy of a pruned layer's code (the first one's reads what a dense layer left: its own)
     assert all(called[i] == called[2] for i in pruned[1:]) and len(dict(gm.named_children())) <= 5
     assert not any(s.final._erased for s in result.sites)  # the result's graph is whole: explain reads it

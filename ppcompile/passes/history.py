@@ -8,6 +8,7 @@ where the block ran every channel to select (its own activations), of every chan
 """
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from .. import ops
@@ -34,17 +35,20 @@ class History:
         (its output name, its node)."""
         x_final = final_input(self.g, site, gi, tag)
         with self.g.inserting_after(site.final):
-            upd = call(self.g, ops.ema_update_, history, channels, x_final, gi.valid, self.weight,
-                       name=f"{tag}_history_update")
-        return slot_name(UPDATE, site.name), upd
+            rows = call(self.g, ops.ema_rows, history, channels, x_final, gi.valid, self.weight, name=f"{tag}_history_rows")
+        return slot_name(UPDATE, site.name), self._write(torch.ops.aten.index_copy_.default, rows, history, 1, channels, rows, tag=tag)
 
     def update_every(self, site: Site, gi: GraphInputs, history: fx.Node, energy: fx.Node, tag: str) -> tuple[str, fx.Node]:
         """The in-place EMA update of every channel from the per-position `energy` (L, C) of the
         block's own activations, where the selection computed it (select.own_activations)."""
         with self.g.inserting_after(site.final):
-            upd = call(self.g, ops.ema_update_every_, history, energy, gi.valid, self.weight,
-                       name=f"{tag}_history_update")
-        return slot_name(UPDATE, site.name), upd
+            step = call(self.g, ops.ema_step, history, energy, gi.valid, self.weight, name=f"{tag}_history_step")
+        return slot_name(UPDATE, site.name), self._write(torch.ops.aten.add_.Tensor, step, history, step, tag=tag)
+
+    def _write(self, op, after: fx.Node, *args, tag: str) -> fx.Node:
+        """The one in-place write of the history (its new values computed apart: see ops.ema_rows)."""
+        with self.g.inserting_after(after):
+            return call(self.g, op, *args, name=f"{tag}_history_update")
 
     def advance(self) -> list[tuple[str, fx.Node]]:
         """The call's step and seeded flag advanced, last in the graph; nothing without a history."""

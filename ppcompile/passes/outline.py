@@ -4,15 +4,15 @@ Decoder layers repeat: inlined, Inductor lowers, fuses, generates and compiles t
 per layer, so compile time grows with depth, and a pruned layer (probe, selection, compact
 matmuls, history) has more of it than a dense one. Outlined, the groups with the same code and
 the same input shapes share one identifier, and Inductor compiles that subgraph once per graph.
-Two granularities, the coarser first: each decoder layer, in segments cut at every node that
-writes a tensor in place (`layer_segments`); then, where a layer could not be outlined, each
-site's selection (probe -> score -> top-k -> weight gathers).
+Two granularities, the coarser first: each decoder layer, in segments (`layer_segments`); then,
+where a layer could not be outlined, each site's selection (probe -> score -> top-k -> weight
+gathers).
 
-Invariants: the group's values and their order are unchanged (the subgraph is a copy of the
-nodes); no group holds a node that writes in place, and no node that writes in place falls
-between a group's nodes (so every read and write keeps its order); a group that reads a value
-other than a tensor or a dynamic size, or a value made after its first node by a node outside
-it, is left inline.
+Invariants: the group's values are unchanged (the subgraph is a copy of the nodes); no group
+holds a node that writes in place; a write in place between a group's nodes writes graph inputs
+only, none of the group's nodes after it reads them, and none before it views them (so every read
+sees what it saw inline); a group that reads a value other than a tensor or a dynamic size, or a
+value made after its first node by a node outside it, is left inline.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import re
 
 import torch
 from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .graph import call
 from .sites import layer_of, recorded, value
@@ -98,34 +99,71 @@ def outlined(gm: fx.GraphModule, selections: list[tuple[list[str], str, str]],
 
 def layer_segments(g: fx.Graph, layer_of_tag: dict[str, str]) -> list[tuple[list[fx.Node], str]]:
     """Each decoder layer's nodes (by module path, or, for the nodes the pass made, by the site tag
-    their names hold: `layer_of_tag` maps a site's tag to its layer's tag), in graph order,
-    cut at every node that writes in place or communicates, anywhere in the graph: (nodes, layer tag) per segment
-    of at least `_MIN_SEGMENT` nodes. Outline these before any selection: Inductor does not lower
-    a subgraph that calls another."""
-    open_: dict[str, list[fx.Node]] = {}
+    their names hold: `layer_of_tag` maps a site's tag to its layer's tag), in graph order, in
+    segments of at least `_MIN_SEGMENT` nodes: (nodes, layer tag) per segment. Outline these before
+    any selection: Inductor does not lower a subgraph that calls another.
+
+    A segment's call stands where its first node stood, so a node between its first and last
+    nodes that it does not hold runs after all of them. A write in place of graph inputs only
+    (`_inputs_written`: a prefill's stores, a history's update) stays outside and the segment goes
+    on across it, unless the segment holds a view of what it writes; a later node that reads what
+    it wrote (or its result, or anything else made after the segment opened) starts a new segment.
+    Any other write in place and every collective cut every open segment."""
+    pos = {n: i for i, n in enumerate(g.nodes)}
+    open_: dict[str, _Segment] = {}
     segments: list[tuple[list[fx.Node], str]] = []
     # a site's tag anywhere in a name: the pass's nodes start with it, or with a slot's family
     # (`stored_<tag>_q_w_t`); the `_` after it keeps layer 3's tag out of layer 30's names
     site_in_name = re.compile(r"(?:^|_)(" + "|".join(map(re.escape, layer_of_tag)) + r")_") if layer_of_tag else None
 
-    def close_all():
-        segments.extend((nodes, tag) for tag, nodes in open_.items() if len(nodes) >= _MIN_SEGMENT)
-        open_.clear()
+    def close(tag):
+        nodes = open_.pop(tag).nodes
+        if len(nodes) >= _MIN_SEGMENT:
+            segments.append((nodes, tag))
 
     for n in g.nodes:
         if n.op in ("placeholder", "output"):
             continue
+        written = _inputs_written(n)
+        if written is not None:
+            for tag, seg in list(open_.items()):
+                if any(_aliases(m, w) for m in seg.nodes for w in written):
+                    close(tag)
+                else:
+                    seg.written.extend(written)
+            continue
         if _cuts(n):
-            close_all()
+            for tag in list(open_):
+                close(tag)
             continue
         tag = _layer_tag(n, layer_of_tag, site_in_name)
-        if tag is not None:
-            open_.setdefault(tag, []).append(n)
-    close_all()
+        if tag is None:
+            continue
+        if tag in open_ and open_[tag].must_end_before(n, pos):
+            close(tag)
+        open_.setdefault(tag, _Segment(pos[n])).add(n)
+    for tag in list(open_):
+        close(tag)
     return segments
 
 
 _MIN_SEGMENT = 4  # fewer nodes than this stay inline: nothing to share
+
+
+class _Segment:
+    def __init__(self, start: int):
+        self.start, self.nodes, self.members = start, [], set()
+        self.written: list[fx.Node] = []  # graph inputs written in place since it opened (outside it)
+
+    def add(self, n: fx.Node) -> None:
+        self.nodes.append(n)
+        self.members.add(n)
+
+    def must_end_before(self, n: fx.Node, pos: dict[fx.Node, int]) -> bool:
+        """`n` reads a value made after the segment opened by a node outside it (the call, where
+        its first node stood, would run before that value exists), or a tensor written since."""
+        return any((a not in self.members and pos[a] > self.start) or any(_aliases(a, w) for w in self.written)
+                   for a in n.all_input_nodes)
 
 
 def _layer_tag(n: fx.Node, layer_of_tag: dict[str, str], site_in_name: re.Pattern | None) -> str | None:
@@ -138,10 +176,52 @@ def _layer_tag(n: fx.Node, layer_of_tag: dict[str, str], site_in_name: re.Patter
     return layer_of_tag[m.group(1)] if m else None
 
 
+def _inputs_written(n: fx.Node) -> list[fx.Node] | None:
+    """The graph inputs `n` writes in place, where the tensors it writes are known and all of
+    them are graph inputs (a prefill's stores into its slots, a history's update); else None.
+    Known: an op's schema, an in-place method's self, `x[i] = y`'s x."""
+    if n.op == "call_method" and n.target.endswith("_"):
+        targets = [n.args[0]]
+    elif n.op != "call_function":
+        return None
+    elif n.target is operator.setitem:
+        targets = [n.args[0]]
+    elif (schema := getattr(n.target, "_schema", None)) is not None:
+        if not schema.is_mutable:
+            return None
+        arguments = [(i, a) for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+        targets = [n.args[i] if i < len(n.args) else n.kwargs.get(a.name) for i, a in arguments]
+    else:
+        return None
+    if targets and all(isinstance(t, fx.Node) and t.op == "placeholder" and value(t) is not None for t in targets):
+        return targets
+    return None
+
+
+def _aliases(n: fx.Node, written: fx.Node) -> bool:
+    """`n`'s value shares memory with the graph input `written` (it is the input or a view of
+    it), by their recorded fake values; a node with no recorded tensor is assumed to."""
+    if n is written:
+        return True
+    v = recorded(n)
+    if isinstance(v, (tuple, list)):
+        return any(isinstance(t, torch.Tensor) and _same_storage(t, value(written)) for t in v)
+    if v is None:
+        return any(_aliases(a, written) for a in n.all_input_nodes)
+    return isinstance(v, torch.Tensor) and _same_storage(v, value(written))
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        return StorageWeakRef(a.untyped_storage()) == StorageWeakRef(b.untyped_storage())
+    except (NotImplementedError, RuntimeError):  # no storage to compare (a sparse or subclass tensor): assume so
+        return True
+
+
 def _cuts(n: fx.Node) -> bool:
-    """A node no segment holds or spans: one that mutates an input (an op whose schema says so, a
-    method or function whose name ends with `_`: `index_copy_`, the pass's `ops.ema_update_`), or
-    a collective (every rank runs them in the order traced; Inductor schedules them itself)."""
+    """A node no segment holds or spans: one that mutates a tensor `_inputs_written` cannot name (an
+    op whose schema says so, a method or function whose name ends with `_`, `x[i] = y`), or a
+    collective (every rank runs them in the order traced; Inductor schedules them itself)."""
     if n.op == "call_method":
         return n.target.endswith("_")
     if n.op != "call_function":
@@ -154,7 +234,7 @@ def _cuts(n: fx.Node) -> bool:
         return schema.is_mutable
     if isinstance(n.target, torch._ops.HigherOrderOperator):
         return n.target is not torch.ops.higher_order.invoke_subgraph
-    return getattr(n.target, "__name__", "").endswith("_")
+    return n.target is operator.setitem or getattr(n.target, "__name__", "").endswith("_")
 
 
 def _made_before(inputs: list[fx.Node], first: fx.Node) -> bool:
