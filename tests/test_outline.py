@@ -91,7 +91,11 @@ def test_layer_segments_group_a_layers_nodes_and_cut_at_every_write_in_place_and
         ([f"layer_0_mlp_{i}" for i in range(5)], "layer_0"), ([f"layer_1_mlp_{i}" for i in range(4)], "layer_1")]
 
 
-def _graph_writing_an_input(*, view_first: bool, read_after: bool):
+def _copy_into(g, buf, node):
+    return g.call_function(torch.ops.aten.copy_.default, (buf, node))
+
+
+def _graph_writing_an_input(*, view_first: bool, read_after: bool, write=_copy_into):
     """x -> three relus -> (buf written in place with the last) -> three relus; `view_first` adds a
     view of buf to the layer before the write, `read_after` a node reading buf after it."""
     g = fx.Graph()
@@ -104,7 +108,7 @@ def _graph_writing_an_input(*, view_first: bool, read_after: bool):
             if view_first:
                 view = g.call_function(torch.Tensor.view, (buf, 4))
                 view.name = "layer_0_mlp_view"
-            g.call_function(torch.ops.aten.copy_.default, (buf, node)).name = "layer_0_mlp_store"
+            write(g, buf, node).name = "layer_0_mlp_store"
             if read_after:
                 node = g.call_function(torch.add, (node, buf))
                 node.name = "layer_0_mlp_read"
@@ -135,6 +139,12 @@ def test_a_write_of_a_graph_input_stays_outside_and_the_segment_goes_on_unless_i
     torch.testing.assert_close(gm(x, buf), want, rtol=0, atol=0)
     torch.testing.assert_close(buf, buf_inline, rtol=0, atol=0)
     assert any(n.target is torch.ops.higher_order.invoke_subgraph for n in gm.graph.nodes)
+
+
+def test_a_collective_that_writes_a_graph_input_still_cuts():
+    g = _graph_writing_an_input(view_first=False, read_after=False, write=lambda g, buf, node: g.call_function(
+        torch.ops._c10d_functional.all_reduce_.default, (buf, "sum", "0")))
+    assert outline_module.layer_segments(g, {"layer_0_mlp": "layer_0"}) == []  # 3 and 3: too few each
 
 
 def _run(model, ids, backend):

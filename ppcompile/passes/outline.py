@@ -179,7 +179,9 @@ def _layer_tag(n: fx.Node, layer_of_tag: dict[str, str], site_in_name: re.Patter
 def _inputs_written(n: fx.Node) -> list[fx.Node] | None:
     """The graph inputs `n` writes in place, where the tensors it writes are known and all of
     them are graph inputs (a prefill's stores into its slots, a history's update); else None.
-    Known: an op's schema, an in-place method's self, `x[i] = y`'s x."""
+    Known: an op's schema, an in-place method's self, `x[i] = y`'s x. Never a collective."""
+    if _collective(n):
+        return None
     if n.op == "call_method" and n.target.endswith("_"):
         targets = [n.args[0]]
     elif n.op != "call_function":
@@ -226,8 +228,7 @@ def _cuts(n: fx.Node) -> bool:
         return n.target.endswith("_")
     if n.op != "call_function":
         return n.op == "call_module"  # a module may hold state: never inside a group, never crossed
-    op = getattr(n.target, "_qualified_op_name", None) or getattr(getattr(n.target, "_schema", None), "name", "")
-    if op.split("::")[0] in ("_c10d_functional", "c10d"):
+    if _collective(n):
         return True
     schema = getattr(n.target, "_schema", None)
     if schema is not None:
@@ -235,6 +236,11 @@ def _cuts(n: fx.Node) -> bool:
     if isinstance(n.target, torch._ops.HigherOrderOperator):
         return n.target is not torch.ops.higher_order.invoke_subgraph
     return n.target is operator.setitem or getattr(n.target, "__name__", "").endswith("_")
+
+
+def _collective(n: fx.Node) -> bool:
+    op = getattr(n.target, "_qualified_op_name", None) or getattr(getattr(n.target, "_schema", None), "name", "")
+    return n.op == "call_function" and op.split("::")[0] in ("_c10d_functional", "c10d")
 
 
 def _made_before(inputs: list[fx.Node], first: fx.Node) -> bool:
