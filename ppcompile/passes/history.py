@@ -36,18 +36,19 @@ class History:
         x_final = final_input(self.g, site, gi, tag)
         with self.g.inserting_after(site.final):
             rows = call(self.g, ops.ema_rows, history, channels, x_final, gi.valid, self.weight, name=f"{tag}_history_rows")
-        return slot_name(UPDATE, site.name), self._write(torch.ops.aten.index_copy_.default, rows, history, 1, channels, rows, tag=tag)
+        return slot_name(UPDATE, site.name), self._write(torch.ops.aten.index_copy_.default, history, 1, channels, rows, tag=tag)
 
     def update_every(self, site: Site, gi: GraphInputs, history: fx.Node, energy: fx.Node, tag: str) -> tuple[str, fx.Node]:
         """The in-place EMA update of every channel from the per-position `energy` (L, C) of the
         block's own activations, where the selection computed it (select.own_activations)."""
         with self.g.inserting_after(site.final):
             step = call(self.g, ops.ema_step, history, energy, gi.valid, self.weight, name=f"{tag}_history_step")
-        return slot_name(UPDATE, site.name), self._write(torch.ops.aten.add_.Tensor, step, history, step, tag=tag)
+        return slot_name(UPDATE, site.name), self._write(torch.ops.aten.add_.Tensor, history, step, tag=tag)
 
-    def _write(self, op, after: fx.Node, *args, tag: str) -> fx.Node:
-        """The one in-place write of the history (its new values computed apart: see ops.ema_rows)."""
-        with self.g.inserting_after(after):
+    def _write(self, op, *args, tag: str) -> fx.Node:
+        """The one in-place write of the history, right after its new values (the last of `args`),
+        which are computed apart: see ops.ema_rows."""
+        with self.g.inserting_after(args[-1]):
             return call(self.g, op, *args, name=f"{tag}_history_update")
 
     def advance(self) -> list[tuple[str, fx.Node]]:
