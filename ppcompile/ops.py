@@ -43,6 +43,12 @@ def _positions(energy: torch.Tensor, k_t) -> torch.Tensor:
     return torch.cat([first, kept_t[1:]])
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True: attend) as the additive one scaled_dot_product_attention
+    makes of it: 0 where True, -inf where False, in `dtype`."""
+    return torch.where(mask, 0.0, float("-inf")).to(dtype)
+
+
 def packed_mask(mask: torch.Tensor | None, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """The attention mask of a packed probe row (1, k) of tokens from several sequences: a token
     attends to the tokens of its own sequence at its position or before (causal at their true

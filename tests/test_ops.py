@@ -190,6 +190,18 @@ def test_token_energy_and_history_zero_pads_so_they_fuse_to_nothing():
     assert torch.allclose(ops.fuse_history(energy, hist), ops.fuse_history(energy[:1], hist[:1]))
 
 
+def test_an_additive_mask_is_zero_where_attended_minus_inf_elsewhere_and_attention_reads_it_alike():
+    mask = torch.tensor([[True, False], [True, True]])
+    made = ops.additive_mask(mask, torch.bfloat16)
+    assert made.dtype == torch.bfloat16 and made.tolist() == [[0.0, float("-inf")], [0.0, 0.0]]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    causal = torch.ones(5, 5, dtype=torch.bool).tril().expand(2, 1, 5, 5)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+    got = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=ops.additive_mask(causal, q.dtype))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_a_packed_rows_mask_keeps_each_sequence_apart_and_causal():
     rows, positions = torch.tensor([[0, 0, 1, 1, 2]]), torch.tensor([[1, 3, 0, 2, 3]])
     allowed = ops.packed_mask(None, rows, positions)[0, 0]  # own sequence, at or before

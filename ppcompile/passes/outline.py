@@ -24,6 +24,7 @@ import torch
 from torch import fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from .additive_mask import additive_masks
 from .graph import call
 from .sites import layer_of, recorded, value
 
@@ -81,11 +82,13 @@ def outlined(gm: fx.GraphModule, selections: list[tuple[list[str], str, str]],
              layer_of_site: dict[str, str] | None = None) -> fx.GraphModule:
     """`gm` (a rewritten graph, nothing outlined), its repeated code outlined in place: given
     `layer_of_site` (each site's tag -> its layer's tag), each decoder layer's segments first (what
-    Inductor compiles: see the module's docstring); then each selection in `selections` ((its
+    Inductor compiles: see the module's docstring), a boolean mask the layers share made additive
+    before them (additive_mask.py); then each selection in `selections` ((its
     nodes' names, its site's tag, its kind)) that no segment took."""
     by_name = {n.name: n for n in gm.graph.nodes}
     outliner = Outliner(gm)
     if layer_of_site is not None:
+        additive_masks(gm.graph)  # made once for all layers, not once in each layer's subgraph
         for nodes, tag in layer_segments(gm.graph, layer_of_site):
             outliner.outline(nodes, tag, "layer", "segment")
     for names, tag, kind in selections:

@@ -1,0 +1,59 @@
+"""A boolean attention mask that several attentions read becomes additive once, where it is made.
+
+Inductor lowers each CPU flash attention on a boolean mask with the mask made additive first
+(0 where True, -inf where False), in the query's dtype. Inline, the layers read one mask node, and
+Inductor makes it once. Outlined (outline.py), each layer's subgraph gets the boolean mask as an
+input and makes its own copy: at batch 8 x 512 in bf16, a 4 MiB tensor written once per layer.
+Made here, in the graph, right after the mask, every attention reads the same additive tensor.
+The values are the ones Inductor would make: the attentions' results are unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import torch
+from torch import fx
+
+from .. import ops
+from .graph import call
+from .sites import SDPA, SDPA_PARAMS, value
+
+
+def additive_masks(g: fx.Graph) -> int:
+    """Each boolean mask that two or more SDPA calls of `g` read as their `attn_mask`, made
+    additive once in the query's dtype, and those calls reading it: the number of masks made."""
+    readers: dict[tuple[fx.Node, torch.dtype], list[tuple[fx.Node, str | int]]] = defaultdict(list)
+    for n in g.nodes:
+        if n.op != "call_function" or n.target not in SDPA:
+            continue
+        key, mask = _argument(n, "attn_mask")
+        _, query = _argument(n, "query")
+        m, q = value(mask), value(query)
+        if isinstance(mask, fx.Node) and m is not None and m.dtype == torch.bool and q is not None:
+            readers[mask, q.dtype].append((n, key))
+    made = 0
+    for (mask, dtype), uses in readers.items():
+        if len(uses) < 2:
+            continue
+        with g.inserting_after(mask):
+            additive = call(g, ops.additive_mask, mask, dtype, name=f"{mask.name}_additive")
+        m = value(mask)
+        with getattr(m, "fake_mode", None) or contextlib.nullcontext():
+            additive.meta["example_value"] = ops.additive_mask(m, dtype)
+        for n, key in uses:
+            if isinstance(key, int):
+                n.update_arg(key, additive)
+            else:
+                n.update_kwarg(key, additive)
+        made += 1
+    return made
+
+
+def _argument(n: fx.Node, name: str) -> tuple[str | int, object]:
+    """(where `n` holds the SDPA parameter `name`: its kwarg or its position, the argument)."""
+    i = SDPA_PARAMS.index(name)
+    if name in n.kwargs:
+        return name, n.kwargs[name]
+    return (i, n.args[i]) if i < len(n.args) else (name, None)
+
