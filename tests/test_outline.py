@@ -195,3 +195,30 @@ def test_the_eager_route_outlines_each_selection_once_per_block_kind():
     assert sorted(name for name, _ in result.gm.named_children()) == ["pp_attention_select_0", "pp_mlp_select_1"]
     calls = [n for n in result.gm.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
     assert len(calls) == len(result.selected_sites) == 2 * (result.n_layers - 1)
+
+
+def test_nothing_is_outlined_for_inductors_cpp_wrapper_which_cannot_call_a_subgraph(monkeypatch):
+    import torch._inductor.compile_fx as compile_fx_module
+    given = []
+    monkeypatch.setattr(compile_fx_module, "compile_fx", lambda gm, example: given.append(gm) or gm.forward)
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    model = random_model("llama-gqa")
+    with torch._inductor.config.patch(cpp_wrapper=True):
+        inline = _run(model, ids, "inductor")
+    assert not any(n.target is torch.ops.higher_order.invoke_subgraph for n in given[-1].graph.nodes)
+    assert len(model.pp.passes[-1].selected_sites) == 2 * (model.pp.passes[-1].n_layers - 1)
+    torch._dynamo.reset()
+    torch.testing.assert_close(inline, _run(random_model("llama-gqa"), ids, "eager"), rtol=0, atol=0)
+
+
+@pytest.mark.inductor
+def test_inductors_cpp_wrapper_compiles_and_runs_a_pruned_model():
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    model = random_model("llama-gqa")
+    with torch._inductor.config.patch(cpp_wrapper=True):
+        got = _run(model, ids, "inductor")
+    assert model.pp.runtime.counts["graph_runs"] == 2 and model.pp.passes[-1].selected_sites
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, _run(random_model("llama-gqa"), ids, "eager"), rtol=1e-4, atol=1e-4)

@@ -78,6 +78,13 @@ class Outliner:
         return self.subgraphs[key]
 
 
+def cpp_wrapper() -> bool:
+    """Inductor writes its C++ wrapper (TORCHINDUCTOR_CPP_WRAPPER=1), which has no code for a call
+    of a subgraph (torch 2.13): nothing is outlined for it."""
+    from torch._inductor import config
+    return bool(config.cpp_wrapper)
+
+
 def outlined(gm: fx.GraphModule, selections: list[tuple[list[str], str, str]],
              layer_of_site: dict[str, str] | None = None) -> fx.GraphModule:
     """`gm` (a rewritten graph, nothing outlined), its repeated code outlined in place: given

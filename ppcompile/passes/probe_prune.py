@@ -33,7 +33,7 @@ from .cost import cannot_pay
 from .dims import Unsupported, check_resizable
 from .graph import GraphInputs, NodeFailed, call, copy_graph, graph_inputs, refresh_values
 from .history import History
-from .outline import outlined
+from .outline import cpp_wrapper, outlined
 from .probe import check_sides
 from .rewrite import compact, compact_final, site_labels
 from .seam import KEPT, SHARE, Seam, parse, slot_name
@@ -246,7 +246,8 @@ class _Pass:
         self.result.compiled = self.gm
         if self.for_inductor:  # on a copy: the sites keep naming self.gm's nodes
             layer_of_site = {tag_of(s): s.name.rsplit(".", 1)[0].replace(".", "_") for s in sites}
-            self.result.compiled = outlined(copy_graph(self.gm), self.groups, layer_of_site)
+            graph = copy_graph(self.gm)  # Inductor's C++ wrapper cannot call a subgraph: inline there
+            self.result.compiled = graph if cpp_wrapper() else outlined(graph, self.groups, layer_of_site)
         outlined(self.gm, self.groups)
 
     def _refresh(self, sites: list[Site]) -> None:
