@@ -186,27 +186,36 @@ def _layer_tag(n: fx.Node, layer_of_tag: dict[str, str], site_in_name: re.Patter
     return layer_of_tag[m.group(1)] if m else None
 
 
-def _inputs_written(n: fx.Node) -> list[fx.Node] | None:
-    """The graph inputs `n` writes in place, where the tensors it writes are known and all of
-    them are graph inputs (a prefill's stores into its slots, a history's update); else None.
-    Known: an op's schema, an in-place method's self, `x[i] = y`'s x. Never a collective."""
-    if _collective(n):
-        return None
-    if n.op == "call_method" and n.target.endswith("_"):
-        targets = [n.args[0]]
-    elif n.op != "call_function":
-        return None
-    elif n.target is operator.setitem:
-        targets = [n.args[0]]
-    elif (schema := getattr(n.target, "_schema", None)) is not None:
+def _writes(n: fx.Node) -> list | None:
+    """What `n` writes in place: [] for nothing; the tensors, where they are known (an op's schema,
+    an in-place method's self, `x[i] = y`'s x); None where it may write what cannot be named (a
+    module, which may hold state; a higher-order op but invoke_subgraph; a mutable op whose schema
+    names nothing written; a function named like an in-place one)."""
+    if n.op == "call_method":
+        return [n.args[0]] if n.target.endswith("_") else []
+    if n.op != "call_function":
+        return None if n.op == "call_module" else []
+    if n.target is operator.setitem:
+        return [n.args[0]]
+    schema = getattr(n.target, "_schema", None)
+    if schema is not None:
         if not schema.is_mutable:
-            return None
-        arguments = [(i, a) for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
-        targets = [n.args[i] if i < len(n.args) else n.kwargs.get(a.name) for i, a in arguments]
-    else:
-        return None
-    if targets and all(isinstance(t, fx.Node) and t.op == "placeholder" and value(t) is not None for t in targets):
-        return targets
+            return []
+        written = [n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+                   for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+        return written or None
+    if isinstance(n.target, torch._ops.HigherOrderOperator):
+        return [] if n.target is torch.ops.higher_order.invoke_subgraph else None
+    return None if getattr(n.target, "__name__", "").endswith("_") else []
+
+
+def _inputs_written(n: fx.Node) -> list[fx.Node] | None:
+    """The graph inputs `n` writes in place, where it writes only graph inputs and `_writes` names
+    them (a prefill's stores into its slots, a history's update); else None. Never a collective."""
+    written = _writes(n)
+    if written and not _collective(n) and all(
+            isinstance(t, fx.Node) and t.op == "placeholder" and value(t) is not None for t in written):
+        return written
     return None
 
 
@@ -231,21 +240,9 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _cuts(n: fx.Node) -> bool:
-    """A node no segment holds or spans: one that mutates a tensor `_inputs_written` cannot name (an
-    op whose schema says so, a method or function whose name ends with `_`, `x[i] = y`), or a
-    collective (every rank runs them in the order traced; Inductor schedules them itself)."""
-    if n.op == "call_method":
-        return n.target.endswith("_")
-    if n.op != "call_function":
-        return n.op == "call_module"  # a module may hold state: never inside a group, never crossed
-    if _collective(n):
-        return True
-    schema = getattr(n.target, "_schema", None)
-    if schema is not None:
-        return schema.is_mutable
-    if isinstance(n.target, torch._ops.HigherOrderOperator):
-        return n.target is not torch.ops.higher_order.invoke_subgraph
-    return n.target is operator.setitem or getattr(n.target, "__name__", "").endswith("_")
+    """A node no segment holds or spans: one that writes in place what `_inputs_written` does not
+    take, or a collective (every rank runs them in the order traced; Inductor schedules them itself)."""
+    return _collective(n) or _writes(n) != []
 
 
 def _collective(n: fx.Node) -> bool:
