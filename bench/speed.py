@@ -7,6 +7,10 @@ run eagerly, all in one process and interleaved, so that the ratios are honest o
 
 --pp FIELD=VALUE: a PPConfig field for the pp methods (e.g. --pp probe_budget=0.015); the rows
 record them.
+--logits last: time the forward as generate()'s prefill runs it, the last position's logits only
+(logits_to_keep=1), instead of every position's (a perplexity's; the default). At 8 x 512 with
+SmolLM2's 49152-token vocabulary, every position's logits are a 400 MB output whose product and
+first touch both methods pay alike.
 --dtype: the model's dtype; by default the one a user who wants speed runs (`auto`: bfloat16 on
 CUDA and on a CPU with a bf16 matrix unit, else float32), so that pp is measured against the
 fastest dense. --busy: time every method a second time while another CPU-bound process runs
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import statistics
 import subprocess
@@ -148,11 +153,14 @@ def _compile_seconds() -> float:
 
 def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], methods: list[str], reps: int,
               device: torch.device, profile: bool = False, busy: bool = False,
-              pp_options: dict | None = None, caches: bool = False) -> list[dict]:
+              pp_options: dict | None = None, caches: bool = False, logits: str = "all") -> list[dict]:
     """Every method (a label: protocol.label) at every ratio on one (batch, seq), against one dense
     baseline, interleaved; with `busy`, the rounds again beside another CPU-bound process.
-    `pp_options`: PPConfig fields for the pp methods (pp, pp backend=eager, pp dynamic=true)."""
+    `pp_options`: PPConfig fields for the pp methods (pp, pp backend=eager, pp dynamic=true).
+    `logits`: "all" (every position's, as a perplexity needs) or "last" (the last position's, as
+    generate()'s prefill asks for: logits_to_keep=1)."""
     pp_options = pp_options or {}
+    call = {"use_cache": False, **({"logits_to_keep": 1} if logits == "last" else {})}
     methods = [canonical(m) for m in methods]
     policy_of = {m: parse_label(m)[0] for m in methods}
     gen = torch.Generator().manual_seed(0)
@@ -169,7 +177,7 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
         policy = policy_of[m]
         if m not in dense_methods and (m, r) not in flops:
             own = {k: v for k, v in parse_label(m)[2].items() if k in PPConfig.__dataclass_fields__}
-            flops[m, r] = pp.explain(model, ids, r, policy=policy,
+            flops[m, r] = pp.explain(model, {"input_ids": ids, **call}, r, policy=policy,
                                      calibration=cal if get_policy(policy).needs_calibration else None,
                                      **{**(pp_options if policy == "pp" else {}), **own}).flops
     torch._dynamo.reset()  # the captures above are not among the measured models
@@ -193,7 +201,7 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
             for key, fn in fns.items():  # compile + the first call
                 start, before = time.perf_counter(), compile_time.snapshot()
                 with contextlib.nullcontext() if caches else own.use(key):
-                    fn(input_ids=ids, use_cache=False)
+                    fn(input_ids=ids, **call)
                 _sync(device)
                 rows[key][prefix + "first_call_s"] = time.perf_counter() - start
                 rows[key][prefix + "compile_phases"] = compile_time.phases_since(before)
@@ -201,7 +209,7 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
         if profile:  # where each method's time goes: torch's profiler, one steady call
             for (m, r), fn in fns.items():
                 with torch.profiler.profile() as prof:
-                    fn(input_ids=ids, use_cache=False)
+                    fn(input_ids=ids, **call)
                     _sync(device)
                 print(f"\n# profile: {m}, batch {batch}, seq {seq}, ratio {r}: {_profile_totals(prof)}\n"
                       + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=90),
@@ -209,14 +217,14 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
         for rep in range(reps):
             for key, fn in fns.items():
                 with PeakMemory(device) as mem:  # the peak of a steady call: the first round's
-                    rows[key]["times"].append(_timed(fn, ids, device))
+                    rows[key]["times"].append(_timed(fn, ids, device, call))
                 if rep == 0:
                     rows[key]["peak_mib"] = mem.mib
         if busy:
             with busy_machine():
                 for rep in range(reps):
                     for key, fn in fns.items():
-                        rows[key].setdefault("busy_times", []).append(_timed(fn, ids, device))
+                        rows[key].setdefault("busy_times", []).append(_timed(fn, ids, device, call))
     for (m, r), fn in fns.items():  # every timed call of a pruned method ran pruned, or nothing is reported
         if m not in dense_methods:
             policy, _, options = parse_label(m)
@@ -233,7 +241,7 @@ def run_shape(model, vocab: int, batch: int, seq: int, ratios: list[float], meth
         busy_s = statistics.median(row["busy_times"]) if busy else None
         f = flops.get((m, r))
         ratio_flops = f["pruned"] / f["dense"] if f else 1.0
-        out.append({"method": m, "batch": batch, "seq_len": seq, "ratio": r,
+        out.append({"method": m, "batch": batch, "seq_len": seq, "ratio": r, "logits": logits,
                     "seconds": median, "spread": [min(row["times"]), max(row["times"])],
                     "tokens_per_second": batch * seq / median,
                     "vs_dense": median / dense_s if dense_s else None,
@@ -283,10 +291,10 @@ def _added_mib(fn) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
-def _timed(fn, ids: torch.Tensor, device: torch.device) -> float:
+def _timed(fn, ids: torch.Tensor, device: torch.device, call: dict) -> float:
     _sync(device)
     start = time.perf_counter()
-    fn(input_ids=ids, use_cache=False)
+    fn(input_ids=ids, **call)
     _sync(device)
     return time.perf_counter() - start
 
@@ -353,6 +361,8 @@ def table(rows: list[dict]) -> str:
         cols.insert(cols.index("method") + 1, "pruned_blocks")
     if any("run" in r for r in rows):  # a shape run more than once (_numbered_runs)
         cols.insert(cols.index("ratio"), "run")
+    if any(r.get("logits", "all") != "all" for r in rows):  # runs since --logits, one of them "last"
+        cols.insert(cols.index("ratio"), "logits")
     return tabulate([[r.get(c) for c in cols] for r in rows], headers=cols, floatfmt=".3g", tablefmt="github")
 
 
@@ -462,6 +472,9 @@ def main() -> None:
     p.add_argument("--stream", type=int, default=0, help="serve N batches of random shapes instead (see above)")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--logits", choices=("all", "last"), default="all",
+                   help="every position's logits (default, as a perplexity needs) or the last one's "
+                        "(logits_to_keep=1, as generate()'s prefill asks for)")
     p.add_argument("--caches", action="store_true",
                    help="let Inductor reuse compiled graphs from its on-disk caches (then compile_s is not a compile time)")
     args = p.parse_args()
@@ -474,7 +487,9 @@ def main() -> None:
     _warm_inductor(device)
     dtype = parse_dtype(args.dtype, device)
     model, vocab = _model(args.model, device, dtype)
-    tag = f"{args.model}_{device.type}{dtype_suffix(dtype)}"
+    tag = f"{args.model}_{device.type}{dtype_suffix(dtype)}" + ("_last-logits" if args.logits == "last" else "")
+    if args.logits == "last" and "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        p.error(f"--logits last: {type(model).__name__}.forward takes no logits_to_keep; use --logits all")
     machine = device_name(device)
     if args.stream:
         # every graph of the stream compiles from scratch, so that compile_s measures compiling
@@ -492,7 +507,7 @@ def main() -> None:
     rows = []
     for batch, seq in args.shapes:
         measured = run_shape(model, vocab, batch, seq, args.ratio, args.methods.split(","), args.reps, device,
-                             args.profile, args.busy, dict(args.pp), args.caches)
+                             args.profile, args.busy, dict(args.pp), args.caches, args.logits)
         for r in measured:
             rows.append({"model": args.model, "dtype": dtype_name(dtype), **r, "pp_options": dict(args.pp),
                          "machine": machine, "torch": torch.__version__})
@@ -501,7 +516,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")
     print("\n\n".join(t for t in (table(rows), matrix(rows), compile_table(rows)) if t))
-    print(f"\n{args.model} ({dtype_name(dtype)}), {machine}, torch {torch.__version__}, median of {args.reps} rounds"
+    print(f"\n{args.model} ({dtype_name(dtype)}, {args.logits} logits), {machine}, torch {torch.__version__}, "
+          f"median of {args.reps} rounds"
           f"{'; busy: beside one CPU-bound process' if args.busy else ''}; JSON: {out}")
 
 
