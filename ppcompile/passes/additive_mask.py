@@ -56,4 +56,3 @@ def _argument(n: fx.Node, name: str) -> tuple[str | int, object]:
     if name in n.kwargs:
         return name, n.kwargs[name]
     return (i, n.args[i]) if i < len(n.args) else (name, None)
-
