@@ -124,7 +124,7 @@ def headline() -> str:
     ppl = {}
     for r in q:
         ppl.setdefault((r["method"], r["ratio"]), []).append(r["ppl"])
-    small, big = "speed_smollm2-135m_cpu_bfloat16.json", "speed_llama-2b-shaped_cpu_bfloat16.json"
+    small, big = "speed_smollm2-135m_cpu_bfloat16_headline.json", "speed_llama-2b-shaped_cpu_bfloat16_mask_run2.json"
     speeds = [{(r["method"], r["ratio"]): r["vs_dense"] for r in _json(f) if (r["batch"], r["seq_len"]) == (8, 512)}
               for f in (small, big)]
     body = []
@@ -138,6 +138,7 @@ def headline() -> str:
                                     "time x dense: SmolLM2, bf16", "time x dense: LLaMA-2B-shaped, bf16"],
                      tablefmt="github")
     r, s = q[0], _json(big)[0]
+    probe = {x["provenance"]["probe"] for f in (small, big) for x in _json(f) if x["method"] == "pp"}
     seeds = sorted({x["calibration"]["seed"] for x in q})
     cal = r["calibration"]
     return (f"{table}\n\nPerplexity: {model_name(r['model'])} in float32, text {r['text']} (the first "
@@ -147,8 +148,9 @@ def headline() -> str:
             f"{r['device']}, torch {r['torch']} (bench/results/quality_smollm2_brown-a.json). Time: one forward call "
             f"of batch 8 x sequence 512 random token ids, relative to dense compiled by torch.compile (Inductor), "
             f"all in bfloat16, medians of rounds with the methods interleaved in one process, ratio per row; "
-            f"SmolLM2 is the model above, LLaMA-2B-shaped is {model_name(s['model'])}; pp with the paper's probe, "
-            f"the default when these ran; {s['machine']}, torch {s['torch']} (bench/results/{small}, bench/results/{big}). "
+            f"SmolLM2 is the model above, LLaMA-2B-shaped is {model_name(s['model'])}; pp with the default probe "
+            f"({', '.join(sorted(probe))}); {s['provenance']['cpu']}, {s['machine']}, torch {s['torch']} "
+            f"(bench/results/{small}, bench/results/{big}). "
             f"Printed by `python bench/results.py`; every figure's section: docs/results.md")
 
 
@@ -189,6 +191,7 @@ def fill(tmp: Path) -> list[str]:
           "speed_smollm2-135m_cpu_bfloat16_segments_after.json")
     speed("mask-bf16-amx", "speed_smollm2-135m_cpu_bfloat16_mask.json", "speed_llama-2b-shaped_cpu_bfloat16_mask.json",
           "speed_llama-2b-shaped_cpu_bfloat16_mask_run2.json")
+    speed("headline-bf16-amx", "speed_smollm2-135m_cpu_bfloat16_headline.json")
     speed("mask-last-logits-bf16-amx", "speed_smollm2-135m_cpu_bfloat16_mask_last-logits.json")
     speed("mask-ab-bf16-amx", "speed_smollm2-135m_cpu_bfloat16_mask_before.json",
           "speed_smollm2-135m_cpu_bfloat16_mask_after.json")
