@@ -3,6 +3,8 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import fx
 
 from ppcompile.models import random_model
 from ppcompile.passes.additive_mask import additive_masks
@@ -60,3 +62,25 @@ def test_a_mask_only_one_attention_reads_is_left_as_it_is():
     assert additive_masks(gm.graph) == 0
     gm.recompile()
     assert gm.code == code
+
+
+def _two_attentions(mask, q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, mask) + F.scaled_dot_product_attention(q, k * 2, v, attn_mask=mask)
+
+
+def test_a_mask_given_as_a_graph_input_read_by_position_and_by_name_is_made_additive_after_the_inputs():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    mask = torch.rand(2, 1, 5, 5, generator=g) > 0.3
+    mask[..., 0] = True  # every query attends somewhere
+    gm = fx.symbolic_trace(_two_attentions)
+    for node, t in zip([n for n in gm.graph.nodes if n.op == "placeholder"], (mask, q, k, v)):
+        node.meta["example_value"] = t
+    assert additive_masks(gm.graph) == 1
+    gm.graph.lint()
+    gm.recompile()
+    nodes = list(gm.graph.nodes)
+    made = next(n for n in nodes if n.name.endswith("_additive"))
+    assert not any(n.op == "placeholder" for n in nodes[nodes.index(made):])  # the inputs come first
+    assert _masks_read(gm) == [made, made]
+    torch.testing.assert_close(gm(mask, q, k, v), _two_attentions(mask, q, k, v), rtol=0, atol=0)

@@ -16,7 +16,7 @@ import torch
 from torch import fx
 
 from .. import ops
-from .graph import call
+from .graph import body_start, call
 from .sites import SDPA, SDPA_PARAMS, value
 
 
@@ -36,7 +36,7 @@ def additive_masks(g: fx.Graph) -> int:
     for (mask, dtype), uses in readers.items():
         if len(uses) < 2:
             continue
-        with g.inserting_after(mask):
+        with g.inserting_before(body_start(g)) if mask.op == "placeholder" else g.inserting_after(mask):
             additive = call(g, ops.additive_mask, mask, dtype, name=f"{mask.name}_additive")
         m = value(mask)
         with getattr(m, "fake_mode", None) or contextlib.nullcontext():
