@@ -8,7 +8,7 @@ from torch import fx
 
 from ppcompile.models import random_model
 from ppcompile.passes.additive_mask import additive_masks
-from ppcompile.passes.sites import SDPA
+from ppcompile.passes.sites import SDPA, sdpa_params
 
 
 def _captured(model, ids, **kwargs):
@@ -26,8 +26,7 @@ def _captured(model, ids, **kwargs):
 
 
 def _masks_read(gm):
-    return [n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
-            for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA]
+    return [sdpa_params(n).get("attn_mask") for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -17,21 +17,21 @@ from torch import fx
 
 from .. import ops
 from .graph import body_start, call
-from .sites import SDPA, SDPA_PARAMS, value
+from .sites import SDPA, sdpa_params, value
 
 
 def additive_masks(g: fx.Graph) -> int:
     """Each boolean mask that two or more SDPA calls of `g` read as their `attn_mask`, made
     additive once in the query's dtype, and those calls reading it: the number of masks made."""
-    readers: dict[tuple[fx.Node, torch.dtype], list[tuple[fx.Node, str | int]]] = defaultdict(list)
+    readers: dict[tuple[fx.Node, torch.dtype], list[fx.Node]] = defaultdict(list)
     for n in g.nodes:
         if n.op != "call_function" or n.target not in SDPA:
             continue
-        key, mask = _argument(n, "attn_mask")
-        _, query = _argument(n, "query")
-        m, q = value(mask), value(query)
-        if isinstance(mask, fx.Node) and m is not None and m.dtype == torch.bool and q is not None:
-            readers[mask, q.dtype].append((n, key))
+        params = sdpa_params(n)
+        mask, q = params.get("attn_mask"), value(params["query"])
+        m = value(mask)
+        if m is not None and m.dtype == torch.bool and q is not None:
+            readers[mask, q.dtype].append(n)
     made = 0
     for (mask, dtype), uses in readers.items():
         if len(uses) < 2:
@@ -41,18 +41,7 @@ def additive_masks(g: fx.Graph) -> int:
         m = value(mask)
         with getattr(m, "fake_mode", None) or contextlib.nullcontext():
             additive.meta["example_value"] = ops.additive_mask(m, dtype)
-        for n, key in uses:
-            if isinstance(key, int):
-                n.update_arg(key, additive)
-            else:
-                n.update_kwarg(key, additive)
+        for n in uses:
+            n.replace_input_with(mask, additive)
         made += 1
     return made
-
-
-def _argument(n: fx.Node, name: str) -> tuple[str | int, object]:
-    """(where `n` holds the SDPA parameter `name`: its kwarg or its position, the argument)."""
-    i = SDPA_PARAMS.index(name)
-    if name in n.kwargs:
-        return name, n.kwargs[name]
-    return (i, n.args[i]) if i < len(n.args) else (name, None)
