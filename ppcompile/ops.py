@@ -278,19 +278,28 @@ def position_energy(x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.
 
 
 def ema_rows(history: torch.Tensor, kept: torch.Tensor, x: torch.Tensor,
-             valid: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
-    """The kept channels' new history columns: H[t, j] + weight * (mean_b x[b, t, j]^2 - H[t, j]).
-    The graph writes them back with `history.index_copy_(1, kept, rows)`: computing them apart
-    from the write keeps the work in the layer's outlined segment (passes/outline.py).
+             valid: torch.Tensor | None, weight: torch.Tensor, unit: int = 1) -> torch.Tensor:
+    """The kept units' new history columns: H[t, j] + weight * (mean_b x[b, t, j]^2 - H[t, j]).
+    The graph writes them back with `units(history, unit).index_copy_(1, kept, rows)`: computing
+    them apart from the write keeps the work in the layer's outlined segment (passes/outline.py).
 
-    history (L, C) is this call's rows of the table; x (B, L, k) the compact input of the final
-    projection; `weight` a 0-d tensor: 1 - momentum normally, 0 on the warm-up batch, 1 for the
-    first batch of an unseeded history. Positions with no real token keep their value.
-    -> (L, k)
+    history (L, C) is this call's rows of the table; `kept` (k,) units of `unit` channels each (a
+    head's head_dim, or 1): a head's channels are read as one run, not one by one; x (B, L, k * unit)
+    the compact input of the final projection; `weight` a 0-d tensor: 1 - momentum normally, 0 on
+    the warm-up batch, 1 for the first batch of an unseeded history. Positions with no real token
+    keep their value.
+    -> (L, k, unit)
     """
-    new, present = position_energy(x, valid)  # (L, k), (L,)
-    old = history.index_select(1, kept)  # (L, k)
-    return old + torch.where(present.unsqueeze(-1), weight * (new - old), 0.0)
+    new, present = position_energy(x, valid)  # (L, k * unit), (L,)
+    new = new.unflatten(1, (-1, unit))  # (L, k, unit)
+    old = units(history, unit).index_select(1, kept)  # (L, k, unit)
+    return old + torch.where(present[:, None, None], weight * (new - old), 0.0)
+
+
+def units(history: torch.Tensor, unit: int) -> torch.Tensor:
+    """The history (L, C) as (L, C / unit, unit), a view: its kept units are gathered and written
+    back along dim 1, so a head moves as one contiguous run of channels."""
+    return history.unflatten(1, (-1, unit))
 
 
 def ema_step(history: torch.Tensor, energy: torch.Tensor, valid: torch.Tensor | None,

@@ -94,9 +94,20 @@ def test_ema_touches_kept_channels_only():
     H = torch.ones(2, 4)
     x = torch.tensor([[[2.0, 4.0], [0.0, 2.0]]])  # (B=1, L=2, k=2): compact input of channels 1, 3
     kept = torch.tensor([1, 3])
-    H.index_copy_(1, kept, ops.ema_rows(H, kept, x, None, torch.tensor(0.5)))  # as the graph writes it
+    ops.units(H, 1).index_copy_(1, kept, ops.ema_rows(H, kept, x, None, torch.tensor(0.5)))  # as the graph writes it
     # kept: 1 + 0.5 * (x^2 - 1); others untouched
     assert H.tolist() == [[1.0, 2.5, 1.0, 8.5], [1.0, 0.5, 1.0, 2.5]]
+
+
+def test_ema_of_kept_heads_moves_each_head_as_its_channels():
+    H = torch.rand(3, 8)  # (L=3, C=8): 4 heads of 2 channels
+    x = torch.rand(2, 3, 4)  # (B=2, L=3, 2 kept heads x 2): the compact input of heads 1 and 3
+    expected = H.clone()
+    for j, c in enumerate([2, 3, 6, 7]):  # heads 1 and 3's channels, by hand
+        expected[:, c] = H[:, c] + 0.25 * (x[:, :, j].pow(2).mean(0) - H[:, c])
+    kept = torch.tensor([1, 3])
+    ops.units(H, 2).index_copy_(1, kept, ops.ema_rows(H, kept, x, None, torch.tensor(0.25), 2))
+    torch.testing.assert_close(H, expected)
 
 
 def test_ema_of_every_channel_from_the_energy_leaves_pad_positions_alone():
@@ -119,7 +130,7 @@ def test_ema_warmup_weight_is_zero_and_pads_do_not_count():
     H = torch.zeros(2, 1)
     x = torch.tensor([[[2.0], [3.0]], [[4.0], [5.0]]])  # (B=2, L=2, 1)
     valid = torch.tensor([[True, False], [True, False]])  # position 1 is padding everywhere
-    H.index_copy_(1, torch.tensor([0]), ops.ema_rows(H, torch.tensor([0]), x, valid, torch.tensor(1.0)))
+    ops.units(H, 1).index_copy_(1, torch.tensor([0]), ops.ema_rows(H, torch.tensor([0]), x, valid, torch.tensor(1.0)))
     assert H.tolist() == [[10.0], [0.0]]  # mean of 4 and 16; position 1 untouched
 
 

@@ -181,7 +181,8 @@ def test_inductor_gets_each_pruned_layer_as_shared_segments_and_results_match_th
     assert set(called) == set(range(result.n_layers)) and all(len(called[i]) == 1 for i in pruned)
     updates = [n for n in gm.graph.nodes if n.name.endswith("_history_update")]
     assert len(updates) == len(result.selected_sites)  # outside every segment, each after its layer's call
-    assert all(n.args[0].op == "placeholder" for n in updates)
+    # each writes a graph input, through a view by units (ops.units) where it writes kept units
+    assert all(n.args[0].op == "placeholder" or n.args[0].args[0].op == "placeholder" for n in updates)
     # one copy of a pruned layer's code (the first one's reads what a dense layer left: its own)
     assert all(called[i] == called[2] for i in pruned[1:]) and len(dict(gm.named_children())) <= 5
     assert not any(s.final._erased for s in result.sites)  # the result's graph is whole: explain reads it

@@ -10,7 +10,7 @@ gathers).
 
 Invariants: the group's values are unchanged (the subgraph is a copy of the nodes); no group
 holds a node that writes in place; a write in place between a group's nodes writes graph inputs
-only, none of the group's nodes after it reads them, and none before it views them (so every read
+(or views of them) only, none of the group's nodes after it reads them, and none before it views them (so every read
 sees what it saw inline); a group that reads a value other than a tensor or a dynamic size, or a
 value made after its first node by a node outside it, is left inline.
 """
@@ -210,13 +210,25 @@ def _writes(n: fx.Node) -> list | None:
 
 
 def _inputs_written(n: fx.Node) -> list[fx.Node] | None:
-    """The graph inputs `n` writes in place, where it writes only graph inputs and `_writes` names
-    them (a prefill's stores into its slots, a history's update); else None. Never a collective."""
+    """The graph inputs `n` writes in place, where it writes only graph inputs or views of them and
+    `_writes` names them (a prefill's stores into its slots, a history's update); else None. Never
+    a collective."""
     written = _writes(n)
-    if written and not _collective(n) and all(
-            isinstance(t, fx.Node) and t.op == "placeholder" and value(t) is not None for t in written):
-        return written
-    return None
+    if not written or _collective(n):
+        return None
+    inputs = [_input_viewed(t) for t in written]
+    return inputs if all(t is not None for t in inputs) else None
+
+
+def _input_viewed(t) -> fx.Node | None:
+    """The graph input `t` is, or is a view of (through ops whose schema says that their result
+    aliases their first argument, and that they write nothing); else None."""
+    while isinstance(t, fx.Node) and t.op == "call_function":
+        schema = getattr(t.target, "_schema", None)
+        if schema is None or schema.is_mutable or not schema.returns or schema.returns[0].alias_info is None:
+            return None
+        t = t.args[0]
+    return t if isinstance(t, fx.Node) and t.op == "placeholder" and value(t) is not None else None
 
 
 def _aliases(n: fx.Node, written: fx.Node) -> bool:

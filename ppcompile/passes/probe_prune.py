@@ -228,8 +228,7 @@ class _Pass:
         if history is not None and sel.energy is not None:  # every channel ran: every channel learns
             self.updates.append(self.history.update_every(site, ctx.gi, history, sel.energy, tag))
         elif history is not None:
-            channels = compacted.channels if compacted is not None else sel.kept
-            self.updates.append(self.history.update(site, ctx.gi, history, channels, tag))
+            self.updates.append(self.history.update(site, ctx.gi, history, sel.kept, tag))
 
     # ---- outputs, outlining, the last check ----
     def _finish(self, sites: list[Site]) -> None:
