@@ -195,6 +195,9 @@ def fill(tmp: Path) -> list[str]:
     speed("mask-last-logits-bf16-amx", "speed_smollm2-135m_cpu_bfloat16_mask_last-logits.json")
     speed("mask-ab-bf16-amx", "speed_smollm2-135m_cpu_bfloat16_mask_before.json",
           "speed_smollm2-135m_cpu_bfloat16_mask_after.json")
+    speed("headviews-bf16-amx", "speed_smollm2-135m_cpu_bfloat16_headviews.json",
+          "speed_smollm2-135m_cpu_bfloat16_headviews_run2.json", "speed_llama-2b-shaped_cpu_bfloat16_headviews.json",
+          "speed_llama-2b-shaped_cpu_bfloat16_headviews_run2.json")
     speed("dynamic-static", "speed_smollm2-135m_dynamic_vs_static_cpu.json")
     stream("stream", "stream_smollm2-135m_b16_l1024_cpu.json", "stream_smollm2-135m_cpu.json")
     generate("generate-smollm2", "generate_smollm2-135m_cpu.json")
