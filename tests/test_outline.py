@@ -141,6 +141,24 @@ def test_a_write_of_a_graph_input_stays_outside_and_the_segment_goes_on_unless_i
     assert any(n.target is torch.ops.higher_order.invoke_subgraph for n in gm.graph.nodes)
 
 
+def _copy_through(op):
+    def write(g, buf, node):
+        target = g.call_function(op, (buf, [4]) if op is torch.ops.aten.view.default else (buf,))
+        target.name = "of_buf"  # untagged: in no layer
+        return g.call_function(torch.ops.aten.copy_.default, (target, node))
+    return write
+
+
+# a write into a view of a graph input writes that input (a history's update through its (L, H,
+# head_dim) view); into a copy of one, it writes no input: it cuts (3 and 3 nodes: too few each)
+@pytest.mark.parametrize("op, expected", [
+    (torch.ops.aten.view.default, [[f"layer_0_mlp_{i}" for i in range(6)]]), (torch.ops.aten.clone.default, [])])
+def test_a_write_into_a_view_of_a_graph_input_is_a_write_of_that_input(op, expected):
+    g = _graph_writing_an_input(view_first=False, read_after=False, write=_copy_through(op))
+    segments = outline_module.layer_segments(g, {"layer_0_mlp": "layer_0"})
+    assert [[n.name for n in nodes] for nodes, _ in segments] == expected
+
+
 def test_a_collective_that_writes_a_graph_input_still_cuts():
     g = _graph_writing_an_input(view_first=False, read_after=False, write=lambda g, buf, node: g.call_function(
         torch.ops._c10d_functional.all_reduce_.default, (buf, "sum", "0")))
@@ -181,7 +199,7 @@ def test_inductor_gets_each_pruned_layer_as_shared_segments_and_results_match_th
     assert set(called) == set(range(result.n_layers)) and all(len(called[i]) == 1 for i in pruned)
     updates = [n for n in gm.graph.nodes if n.name.endswith("_history_update")]
     assert len(updates) == len(result.selected_sites)  # outside every segment, each after its layer's call
-    # each writes a graph input, through a view by units (ops.units) where it writes kept units
+    # each writes a graph input, through its view by units (as ops.units) where it writes kept units
     assert all(n.args[0].op == "placeholder" or n.args[0].args[0].op == "placeholder" for n in updates)
     # one copy of a pruned layer's code (the first one's reads what a dense layer left: its own)
     assert all(called[i] == called[2] for i in pruned[1:]) and len(dict(gm.named_children())) <= 5

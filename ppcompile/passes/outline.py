@@ -10,9 +10,9 @@ gathers).
 
 Invariants: the group's values are unchanged (the subgraph is a copy of the nodes); no group
 holds a node that writes in place; a write in place between a group's nodes writes graph inputs
-(or views of them) only, none of the group's nodes after it reads them, and none before it views them (so every read
-sees what it saw inline); a group that reads a value other than a tensor or a dynamic size, or a
-value made after its first node by a node outside it, is left inline.
+(or views of them) only, none of the group's nodes after it reads them, and none before it views
+them (so every read sees what it saw inline); a group that reads a value other than a tensor or a
+dynamic size, or a value made after its first node by a node outside it, is left inline.
 """
 from __future__ import annotations
 
