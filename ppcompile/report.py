@@ -12,12 +12,13 @@ COLUMNS = ["site", "layer", "kind", "module", "total", "kept", "status", "select
 
 def site_rows(result: PassResult) -> list[dict]:
     """Every site of a pass: layer, kind, final projection's module, units (heads or channels),
-    kept units, status ("pruned" or "dense: <why>", and the reason's name), what selected a pruned
-    site's units ("probe", or "whole batch" where a probe would cost more: select.own_activations);
-    then every block the pass could not match."""
+    kept units, status ("pruned" or "dense: <why>", and the reason's name), what chose a pruned
+    site's units (passes/select.py: "probe"; "whole batch" where a probe would cost more; "prompt",
+    GRIFFIN's dense prompt; "calibration", a static policy's; "prefill" in a decode graph, which reads
+    the selection its prefill stored); then every block the pass could not match."""
     rows = [{"site": s.name, "layer": s.layer, "kind": s.kind, "module": module_path(s.final),
              "total": s.units, "kept": s.kept, **_status(s.status),
-             "selects": "whole batch" if s.whole_batch_probe else "probe" if s.pruned else None} for s in result.sites]
+             "selects": s.selected_by if s.pruned else None} for s in result.sites]
     rows += [{"site": p.name, "layer": p.layer, "kind": p.kind, **_status(p.status)} for p in result.problems]
     return rows
 

@@ -9,6 +9,7 @@ from transformers import DynamicCache, StaticCache
 import ppcompile as pp
 from ppcompile import ops
 from ppcompile.models import random_model
+from ppcompile.report import site_rows
 
 from by_hand import ByHand
 from mutants import MUTANTS, mutate
@@ -90,6 +91,20 @@ def test_decode_executes_the_prefills_selection_as_dense_with_those_columns_zero
         with torch.no_grad():
             whole = ref(out.sequences[:, :-1], attention_mask=mask2).logits[:, ids.shape[1] - 1:]
         torch.testing.assert_close(steps, whole.float(), **tol)
+
+
+@pytest.mark.parametrize("policy, chosen_by", [("pp", "probe"), ("griffin", "prompt"), ("flap", "calibration")])
+def test_the_summary_says_what_chose_the_units_of_each_graph(policy, chosen_by):
+    # a decode graph chooses nothing: it reads what its prefill stored; a static policy's units are
+    # constants every graph rebuilds alike (whole_batch_when_cheaper=False: pp's prefill probes)
+    ids, mask = _prompts()
+    model = random_model("llama-gqa")
+    cal = _calibration() if policy == "flap" else None
+    c = pp.compile(model, 0.4, policy=policy, backend="eager", strict=True, calibration=cal,
+                   whole_batch_when_cheaper=False, **TINY)
+    _generate(c, ids, mask)
+    selects = {r.phase: {row["selects"] for row in site_rows(r) if row["status"] == "pruned"} for r in model.pp.passes}
+    assert selects == {"prefill": {chosen_by}, "decode": {"calibration" if policy == "flap" else "prefill"}}
 
 
 def test_decode_graph_reads_the_stored_weights_and_gathers_none():

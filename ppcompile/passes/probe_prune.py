@@ -37,7 +37,7 @@ from .outline import cpp_wrapper, outlined
 from .probe import check_sides
 from .rewrite import compact, compact_final, site_labels
 from .seam import KEPT, SHARE, Seam, parse, slot_name
-from .select import RealTensor, SelectContext, first_projection, selector_for, tag_of
+from .select import PREFILL, RealTensor, SelectContext, first_projection, selector_for, tag_of
 from .sites import Site, Unmatched
 from .status import Dense, Reason
 from .unfuse import prepare
@@ -196,7 +196,7 @@ class _Pass:
         g, seam, tag = self.g, self.result.seam, tag_of(site)
         lab, kv_whole = ctx.labels[site.name]
         if self._reuses:
-            site.pruned_flops = compacting.pruned_fraction(site, kv_whole)
+            site.pruned_flops, site.selected_by = compacting.pruned_fraction(site, kv_whole), PREFILL
             with g.inserting_before(first_projection(site)):
                 weights, kept = compacting.reused(g, seam, site, kv_whole)
             compact(g, site, lab, weights, kept, True, tag)  # K/V whole in decode
@@ -205,7 +205,7 @@ class _Pass:
         before = set(g.nodes)
         sel = self.selector.build(ctx, site, history)  # a static policy's first build sets every kept count
         site.pruned_flops = 0.0 if sel.runs_dense else compacting.pruned_fraction(site, kv_whole, sel.final_only)
-        site.whole_batch_probe = sel.final_only
+        site.selected_by = sel.by or self.config.policy.name
         stores = self.phase == "prefill" and not self.selector.fixed
         compacted = None
         if stores or not sel.runs_dense:

@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 
 RealTensor = Callable[[fx.Node], "torch.Tensor | None"]  # a weight node -> its real tensor, if known
 
+# What chose a pruned site's units, as model.pp.summary() names it (`selects`); made here alone. A
+# decode graph reads the selection its prefill stored (PREFILL); a builder of a policy of one's own
+# that names none is shown under its policy's name.
+PROBE, WHOLE_BATCH, PROMPT, CALIBRATION, PREFILL = "probe", "whole batch", "prompt", "calibration", "prefill"
+
 
 @dataclass
 class Selection:
@@ -44,6 +49,7 @@ class Selection:
     final_only: bool = False  # the call runs its first projections dense; only the final one is compact
     outline: bool = False  # its nodes go in a subgraph every layer of the same shape shares
     energy: fx.Node | None = None  # (L, C) per position, every channel: the history learns from it (own activations)
+    by: str | None = None  # what chose the units (PROBE, WHOLE_BATCH, ...); None: the policy, by name
 
 
 @dataclass
@@ -136,7 +142,7 @@ def probed(ctx: SelectContext, site: Site, history: fx.Node | None) -> Selection
     with g.inserting_before(anchor):
         energy, share = probe_energy(ctx, site, lab, design, history, tag)
         kept = _top_units(ctx, site, energy, tag)
-    return Selection(kept, anchor, share=share, outline=True)
+    return Selection(kept, anchor, share=share, outline=True, by=PROBE)
 
 
 def whole_batch_pays(ctx: SelectContext, site: Site, design) -> bool:
@@ -161,7 +167,8 @@ def own_activations(ctx: SelectContext, site: Site, history: fx.Node | None) -> 
         per_position = call(g, ops.probe_energy, act, gi.valid, name=f"{tag}_own_energy")  # (L, C)
         energy, share = fused_energy(g, per_position, history, ctx.config.telemetry, tag)  # history: (L, C)
         kept = _top_units(ctx, site, energy, tag)
-    return Selection(kept, site.final, share=share, outline=True, final_only=True, energy=per_position)
+    return Selection(kept, site.final, share=share, outline=True, final_only=True, energy=per_position,
+                     by=WHOLE_BATCH)
 
 
 def _top_units(ctx: SelectContext, site: Site, energy: fx.Node, tag: str) -> fx.Node:
@@ -186,4 +193,4 @@ def prompt_activations(ctx: SelectContext, site: Site, history: fx.Node | None) 
         act = final_input(g, site, ctx.gi, tag)
         scores = call(g, ops.activation_scores, act, ctx.gi.valid, name=f"{tag}_score")
         kept = call(g, ops.top_indices, scores, site.kept, ctx.config.shards, name=f"{tag}_select")
-    return Selection(kept, site.final, runs_dense=True)
+    return Selection(kept, site.final, runs_dense=True, by=PROMPT)

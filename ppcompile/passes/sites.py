@@ -46,7 +46,7 @@ class Site:
     batch: object = 0  # the graph's batch and sequence sizes (ints, or symbols of a dynamic graph)
     seq_len: object = 0
     pruned_flops: float = 0.0  # the fraction of the block's projection FLOPs a call prunes
-    whole_batch_probe: bool = False  # its own activations select (a probe would cost more): select.own_activations
+    selected_by: str | None = None  # what chose its units, a pruned site's (select.PROBE, select.WHOLE_BATCH, ...)
 
     @property
     def pruned(self) -> bool:

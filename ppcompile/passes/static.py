@@ -16,7 +16,7 @@ from .. import baselines
 from ..baselines import StaticChoice
 from ..policies import StaticPolicy
 from .compact import const, unit_cost
-from .select import SelectContext, Selection, first_projection, register_selector, tag_of
+from .select import CALIBRATION, SelectContext, Selection, first_projection, register_selector, tag_of
 from .sites import Site
 
 
@@ -24,7 +24,7 @@ from .sites import Site
 def calibrated(ctx: SelectContext, site: Site, history) -> Selection:
     choice = ctx.once("static", lambda: static_choices(ctx))[site.name]
     kept = const(ctx.g, f"{tag_of(site)}_kept", choice.kept)
-    return Selection(kept, first_projection(site), kept_now=choice.kept, bias=choice.bias)
+    return Selection(kept, first_projection(site), kept_now=choice.kept, bias=choice.bias, by=CALIBRATION)
 
 
 def static_choices(ctx: SelectContext) -> dict[str, StaticChoice]:
