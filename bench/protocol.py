@@ -75,6 +75,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_bf16() -> str:
+    """What runs the CPU's bf16 matmuls, by torch's own detection: "AMX" (tiles), "AVX-512 BF16"
+    (dot products only: about half AMX's rate on the matmuls here, so pp's fixed costs weigh less),
+    or "none". Two CPUs of one model name can differ in it."""
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX"
+    return "AVX-512 BF16" if torch.cpu._is_avx512_bf16_supported() else "none"
+
+
 def provenance(compiled=None, *, dtype, config: PPConfig | None = None) -> dict:
     """What a row was measured with: `compiled` (what pp.compile returned, or its Session) or
     `config`; neither: the model unpruned (dense, plain or through torch.compile). `options` are
@@ -94,7 +103,7 @@ def provenance(compiled=None, *, dtype, config: PPConfig | None = None) -> dict:
             out["graph"] = "dynamic" if session.passes[-1].dynamic else "static"
     out.update(dtype=dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."),
                torch=torch.__version__, transformers=transformers.__version__, cpu=cpu_model(),
-               threads=torch.get_num_threads())
+               cpu_bf16=cpu_bf16(), threads=torch.get_num_threads())
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
     return out

@@ -64,8 +64,16 @@ def _one(rows: list[dict], key: str, default=None) -> str:
 def _provenance(rows: list[dict], files: list[str], command: str) -> str:
     models = "; ".join(model_name(m) for m in sorted({r["model"] for r in rows}))
     dtype = _one(rows, "dtype", "float32") + (" (an empty dtype cell: float32)" if any("dtype" not in r for r in rows) else "")
-    return (f"{models}; {dtype}; {_one(rows, 'machine')}, "
+    return (f"{models}; {dtype}; {_one(rows, 'machine')}{_cpus(rows)}, "
             f"torch {_one(rows, 'torch')}; from {', '.join(files)}. Printed by `{command}`")
+
+
+def _cpus(rows: list[dict]) -> str:
+    """", on CPU (its bf16 unit)" for the rows that recorded them (provenance.cpu, .cpu_bf16), so that a
+    block says which machine it ran on; "" for rows older than that record."""
+    seen = {(p["cpu"], p.get("cpu_bf16")) for r in rows if (p := r.get("provenance") or {}).get("cpu")}
+    named = sorted(f"{cpu} ({unit})" if unit else cpu for cpu, unit in seen)
+    return f", on {' and '.join(named)}" if named else ""
 
 
 # ---- the blocks speed.py and generate.py print without provenance
@@ -195,6 +203,10 @@ def fill(tmp: Path) -> list[str]:
     speed("mask-last-logits-bf16-amx", "speed_smollm2-135m_cpu_bfloat16_mask_last-logits.json")
     speed("mask-ab-bf16-amx", "speed_smollm2-135m_cpu_bfloat16_mask_before.json",
           "speed_smollm2-135m_cpu_bfloat16_mask_after.json")
+    speed("targets-bf16-avx512", *(f"speed_{m}_cpu_bfloat16_avx512_targets_run{i}.json"
+                                   for m in ("smollm2-135m", "llama-2b-shaped") for i in (1, 2, 3)))
+    speed("batch1-reps40-bf16-avx512", "speed_smollm2-135m_cpu_bfloat16_avx512_batch1_reps40.json")
+    speed("cost-breakeven-bf16-avx512", "speed_smollm2-135m_cpu_bfloat16_avx512_breakeven.json")
     speed("headviews-bf16-amx", "speed_smollm2-135m_cpu_bfloat16_headviews.json",
           "speed_smollm2-135m_cpu_bfloat16_headviews_run2.json", "speed_llama-2b-shaped_cpu_bfloat16_headviews.json",
           "speed_llama-2b-shaped_cpu_bfloat16_headviews_run2.json")

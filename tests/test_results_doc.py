@@ -31,3 +31,15 @@ def test_regeneration_reproduces_the_committed_files(tmp_path):
     assert list(_blocks((ROOT / "README.md").read_text())) == ["vllm", "headline"]
     assert len(_blocks((ROOT / "docs/results.md").read_text())) > 1
 
+
+
+def test_a_block_names_the_cpu_and_its_bf16_unit_that_its_rows_recorded():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        results = __import__("results")
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    amx = {"provenance": {"cpu": "Xeon", "cpu_bf16": "AMX"}}
+    rows = [amx, amx, {"provenance": {"cpu": "EPYC", "cpu_bf16": "AVX-512 BF16"}}, {"provenance": {"cpu": "Old"}}, {}]
+    assert results._cpus(rows) == ", on EPYC (AVX-512 BF16) and Old and Xeon (AMX)"
+    assert results._cpus([{}, {"provenance": {}}]) == ""  # rows from before the record: nothing claimed

@@ -34,8 +34,11 @@ FIXED = 1 << 16  # a site's dozen small kernels (scores, top-k, index arithmetic
 # float32, 96: on an AVX2 CPU SmolLM2's MLPs pruned at batch 1 did not pay at 128 tokens (1.01-1.07x
 # dense over three runs) and did at 256 (0.95x) (docs/results.md, "The cost rule"): c between 69 and
 # 121 puts the rule's break-even between the two; 96 puts it at about 190 tokens. 2-byte dtypes, 256:
-# bf16 matmuls on AVX-512 BF16 run about 4x an fp32 one there; an estimate, not yet measured against
-# the rule. Elsewhere (CUDA), 512: not measured.
+# on a CPU with AVX-512 BF16 and no AMX, SmolLM2 at batch 1 with every block pruned ran 0.97x, 1.01x
+# and 0.93x dense at 256, 512 and 1024 tokens (docs/results.md, "The cost rule in bf16"): within
+# that machine's +-4% below 1024. 256 prunes those MLPs from about 970 tokens and the attention
+# from about 2000, so what it leaves dense costs at most that spread. Not measured on AMX, whose
+# faster matmuls may want a larger c. Elsewhere (CUDA), 512: not measured.
 AUTO_COST = {("cpu", 4): 96, ("cpu", 2): 256}
 AUTO_COST_ELSEWHERE = 512
 
