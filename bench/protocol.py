@@ -77,8 +77,8 @@ def cpu_model() -> str:
 
 def cpu_bf16() -> str:
     """What runs the CPU's bf16 matmuls, by torch's own detection: "AMX" (tiles), "AVX-512 BF16"
-    (dot products only: about half AMX's rate on the matmuls here, so pp's fixed costs weigh less),
-    or "none". Two CPUs of one model name can differ in it."""
+    (dot products only: slower matmuls, so pp's own work weighs less), or "none". Two CPUs of one
+    model name can differ in it."""
     if torch.cpu._is_amx_tile_supported():
         return "AMX"
     return "AVX-512 BF16" if torch.cpu._is_avx512_bf16_supported() else "none"

@@ -216,6 +216,7 @@ def fill(tmp: Path) -> list[str]:
     generate("generate-llama", "generate_llama-2b-shaped_cpu.json")
     generate("generate-llama-24l", "generate_llama-2b-shaped-24l_cpu.json")
     generate("generate-bfloat16", "generate_smollm2-135m_cpu_bfloat16.json")
+    generate("generate-bfloat16-avx512", "generate_smollm2-135m_cpu_bfloat16_avx512.json")
     generate("continuation", "continuation_smollm2-135m.json")
     vllm("vllm", "vllm_serve_smollm2-135m_cpu.json")
     _run("shards", "--from-json", RES / "shards_smollm2_brown-a.json")

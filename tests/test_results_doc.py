@@ -4,6 +4,7 @@ files in the checkout, so a second run changes nothing. No model runs: only the 
 --from-json / --report paths."""
 from __future__ import annotations
 
+import importlib
 import re
 import subprocess
 import sys
@@ -32,11 +33,10 @@ def test_regeneration_reproduces_the_committed_files(tmp_path):
     assert len(_blocks((ROOT / "docs/results.md").read_text())) > 1
 
 
-
 def test_a_block_names_the_cpu_and_its_bf16_unit_that_its_rows_recorded():
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        results = __import__("results")
+        results = importlib.import_module("results")
     finally:
         sys.path.remove(str(ROOT / "bench"))
     amx = {"provenance": {"cpu": "Xeon", "cpu_bf16": "AMX"}}
