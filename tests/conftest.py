@@ -1,4 +1,7 @@
+import importlib
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,21 @@ os.environ["PPCOMPILE_GATHER_COST"] = "0"
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: a second torch thread would share it
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def bench_module():
+    """Import a script of bench/ by name: its scripts import each other by name, as they do when run,
+    so bench/ is on sys.path only while one is imported."""
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+
+    def load(name: str):
+        sys.path.insert(0, bench)
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(bench)
+    return load
 
 
 @pytest.fixture(autouse=True)

@@ -2,10 +2,7 @@
 configs (eager route): ratio 0 is the dense model, and at 0.4 every block past the skipped layer
 prunes and gives the dense model with the pruned heads/channels zeroed at the final projections'
 inputs (whatever the weight layout: nn.Linear, GPT-2's Conv1D, Falcon's x @ W.T)."""
-import importlib
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -96,17 +93,11 @@ def test_execution_of_its_own_selection_equals_dense_with_those_inputs_zeroed(na
     ("olmo2", ("partly",), ["slices or reduces a batch/sequence/head dimension"]),  # q/k norms over all heads
     ("diffllama", ("partly",), ["more than one attention op in the block"]),
 ])
-def test_sweep_subset_never_crashes_and_names_every_dense_block(model_type, outcome, reasons):
+def test_sweep_subset_never_crashes_and_names_every_dense_block(model_type, outcome, reasons, bench_module):
     """A fast part of bench/archs.py: model types whose blocks the pass cannot all rewrite (a
     router's chain of linears; no attention; a norm over all heads; two attention ops in a block)
     end pruned where they can and dense with their reason elsewhere, never raising."""
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    sys.path.insert(0, str(bench))
-    try:
-        archs = importlib.import_module("archs")
-    finally:
-        sys.path.remove(str(bench))
-    row = archs.sweep_one(model_type)
+    row = bench_module("archs").sweep_one(model_type)
     assert row["outcome"] in outcome, row
     for why in reasons:
         assert any(why in key for key in row["dense"]), (why, row["dense"])

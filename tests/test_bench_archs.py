@@ -1,10 +1,8 @@
 """bench/archs.py's classify: a child process's end (exit status, its stage lines, its stderr) as an
 outcome, so that a crash of the pass, the memory limit and the time limit are told from a model
 transformers cannot build."""
-import importlib
 import json
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,12 +11,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
-def archs():
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module("archs")
-    finally:
-        sys.path.remove(str(BENCH))
+def archs(bench_module):
+    return bench_module("archs")
 
 
 def _stages(*names):

@@ -1,7 +1,6 @@
 """ppcompile.methods: every registered policy is an eval method or refused with its reason, and a
 method's label reads back as what it names (bench/results/ JSON labels of earlier runs too)."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -64,13 +63,8 @@ def test_a_label_reads_back_as_the_method_it_names(args, options, text):
 
 
 @pytest.fixture
-def protocol():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import protocol
-        yield protocol
-    finally:
-        sys.path.remove(str(BENCH))
+def protocol(bench_module):
+    return bench_module("protocol")
 
 
 def test_every_method_label_in_the_results_reads_and_earlier_spellings_read_as_labels(protocol):

@@ -4,7 +4,6 @@ files in the checkout, so a second run changes nothing. No model runs: only the 
 --from-json / --report paths."""
 from __future__ import annotations
 
-import importlib
 import re
 import subprocess
 import sys
@@ -33,12 +32,8 @@ def test_regeneration_reproduces_the_committed_files(tmp_path):
     assert len(_blocks((ROOT / "docs/results.md").read_text())) > 1
 
 
-def test_a_block_names_the_cpu_and_its_bf16_unit_that_its_rows_recorded():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        results = importlib.import_module("results")
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+def test_a_block_names_the_cpu_and_its_bf16_unit_that_its_rows_recorded(bench_module):
+    results = bench_module("results")
     amx = {"provenance": {"cpu": "Xeon", "cpu_bf16": "AMX"}}
     rows = [amx, amx, {"provenance": {"cpu": "EPYC", "cpu_bf16": "AVX-512 BF16"}}, {"provenance": {"cpu": "Old"}}, {}]
     assert results._cpus(rows) == ", on EPYC (AVX-512 BF16) and Old and Xeon (AMX)"
